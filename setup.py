@@ -1,0 +1,82 @@
+"""Build script for dinovmf.
+
+The Python package lives in ``dinovmf/``; the Triton kernels live in ``kernels/`` and are installed as
+``dinovmf.kernels`` (PyPI already has an unrelated top-level ``kernels`` package, so we never expose
+that name). The C++ CPU extension ``dinovmf._C`` is built everywhere; the CUDA extension
+``dinovmf._C_cuda`` only where a CUDA-enabled torch and nvcc are both present.
+
+Install with ``pip install --no-build-isolation -e .`` (the Makefile does this): building against the
+torch that is already installed avoids pip fetching a second, CUDA, torch into an isolated build env.
+"""
+import os
+import re
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "dinovmf", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def extensions():
+    """C++ (always) and CUDA (when possible) extensions; none if torch is not importable."""
+    if os.environ.get("DINOVMF_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    exts = []
+    cpu_src = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(HERE, "csrc")))
+               if f.endswith(".cpp") and not f.endswith("_cuda.cpp")]
+    if cpu_src:
+        exts.append(CppExtension("dinovmf._C", cpu_src, extra_compile_args={"cxx": cxx},
+                                 extra_link_args=["-fopenmp"]))
+    cuda_src = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(HERE, "csrc")))
+                if f.endswith(".cu") or f.endswith("_cuda.cpp")]
+    want_cuda = os.environ.get("DINOVMF_CUDA", "auto")
+    has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
+    if cuda_src and (want_cuda == "1" or (want_cuda == "auto" and has_cuda)):
+        exts.append(CUDAExtension("dinovmf._C_cuda", cuda_src,
+                                  extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                                      "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="dinovmf",
+    version=read_version(),
+    description="Fast, trustworthy DINO-vMF / iBOT-vMF self-supervised pretraining",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dinovmf", "dinovmf.*"]) + ["dinovmf.kernels", "dinovmf.configs"],
+    package_dir={"dinovmf.kernels": "kernels", "dinovmf.configs": "configs"},
+    package_data={"dinovmf.configs": ["*.yaml"]},
+    install_requires=[
+        # The Makefile installs torch==2.13.0 (CPU) first and constrains pip to the installed torch, so
+        # this range never pulls a second (CUDA) torch; a user's existing CUDA torch satisfies it too.
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "safetensors",
+    ],
+    extras_require={
+        "triton": ["triton==3.9.0"],
+        "ffcv": ["ffcv==1.0.2"],
+        "test": ["pytest", "scipy", "mpmath"],
+    },
+    entry_points={"console_scripts": ["dinovmf = dinovmf.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

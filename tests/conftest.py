@@ -1,0 +1,27 @@
+"""Shared pytest set-up.
+
+Without a GPU, Triton kernels run through the interpreter; the variable must be set before triton is
+first imported, which is why it is set here rather than in a fixture.
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def seed():
+    """Seed torch's generators so a test sees the same random inputs every run."""
+    torch.manual_seed(0)
+    return 0
+
+
+requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
