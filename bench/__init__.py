@@ -1,0 +1,1 @@
+"""Microbenchmarks and throughput measurements; every script records through `bench.harness`."""
