@@ -1,0 +1,191 @@
+"""Image folder -> FFCV .beton (`dinovmf prepare`), and `resolve_dataset` for the trainer.
+
+A .beton holds two fields, `image` (RGBImageField: raw pixels for small images, JPEG above
+`RAW_MAX_PIXELS`) and `label` (IntField). Class sub-folders give labels (sorted names -> 0..C-1); a
+flat folder gives label -1. Every image is decoded once before writing, so a corrupt or unreadable
+file is skipped and reported instead of killing FFCV's writer processes halfway through. The file is
+written beside OUT under a temporary name and renamed into place, so OUT is either absent, the old
+file, or the complete new one.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Images up to this many pixels are stored raw (exact, and decoding is a memcpy); larger ones as JPEG.
+RAW_MAX_PIXELS = 256 * 256
+JPEG_QUALITY = 90
+FIELDS = ("image", "label")
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_dataset` wrote."""
+    out: Path
+    num_images: int
+    class_names: list[str]
+    corrupt: list[Path] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.num_images} images"
+                 + (f" in {self.num_classes} classes" if self.class_names else " (unlabelled, label -1)")
+                 + f" to {self.out}"]
+        if self.corrupt:
+            lines.append(f"skipped {len(self.corrupt)} corrupt or unreadable image(s):")
+            lines += [f"  {p}" for p in self.corrupt]
+        return "\n".join(lines)
+
+
+def list_images(src: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of an image folder; class sub-folders or a flat folder (label -1)."""
+    def images_in(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    classes = sorted(d.name for d in src.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and images_in(d))
+    if classes:
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            found = images_in(src / name)
+            files += found
+            labels += [label] * len(found)
+        return files, labels, classes
+    files = images_in(src)
+    return files, [-1] * len(files), []
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of an image file (any mode converted to RGB); raises on a bad file."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_rgb(path)
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad files; any of them means skip
+        return False
+
+
+class _ImageList:
+    """The indexable dataset FFCV's writer reads: (uint8 HWC image, label)."""
+
+    def __init__(self, files: list[Path], labels: list[int]):
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return load_rgb(self.files[i]), int(self.labels[i])
+
+
+def _resolve_src(src: str | os.PathLike) -> Path:
+    if str(src) in ("embedded", "embedded:train", "embedded:val"):
+        from .embedded import ensure_embedded
+        return ensure_embedded()[str(src).partition(":")[2] or "train"]
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(f"source {str(src)!r} does not exist (give an image folder or 'embedded')")
+    if not path.is_dir():
+        raise ValueError(f"source {str(src)!r} is not a folder (give an image folder or 'embedded')")
+    return path
+
+
+def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                    max_resolution: int | None = None, num_workers: int | None = None,
+                    progress: bool = True) -> PrepareReport:
+    """Write the images under `src` (a folder, or `embedded`) to the FFCV file `out`.
+
+    Raises FileNotFoundError for a missing source, ValueError for a source without readable images
+    or a bad argument, FileExistsError when `out` exists and not `force`.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    if max_resolution is not None and int(max_resolution) < 1:
+        raise ValueError(f"max_resolution must be a positive number of pixels, got {max_resolution}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
+    if out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a folder; give a file name such as data.beton")
+    src_dir = _resolve_src(src)
+    files, labels, classes = list_images(src_dir)
+    if not files:
+        raise ValueError(f"source {str(src_dir)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
+        ok = list(tqdm(pool.map(_readable, files), total=len(files), desc="checking images",
+                       disable=not progress))
+    corrupt = [f for f, good in zip(files, ok) if not good]
+    files = [f for f, good in zip(files, ok) if good]
+    labels = [lab for lab, good in zip(labels, ok) if good]
+    if not files:
+        raise ValueError(f"source {str(src_dir)!r}: all {len(corrupt)} images are corrupt or unreadable")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fields = {
+        "image": RGBImageField(write_mode="smart", max_resolution=max_resolution,
+                               smart_threshold=RAW_MAX_PIXELS * 3, jpeg_quality=JPEG_QUALITY),
+        "label": IntField(),
+    }
+    try:
+        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+            _ImageList(files, labels), chunksize=64)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return PrepareReport(out=out, num_images=len(files), class_names=classes, corrupt=corrupt)
+
+
+def resolve_dataset(spec: str | os.PathLike, workdir: str | os.PathLike, split: str = "train") -> Path:
+    """A dataset the loaders can read, from a config value.
+
+    `spec` is `embedded` (its `split`; or `embedded:train` / `embedded:val` explicitly), a `.beton`
+    file (returned as is), or an image folder (prepared into `workdir/<folder name>.beton` once and
+    reused). Without FFCV an image folder is returned as is: the PIL loader reads folders.
+    """
+    from .ffcv_loader import ffcv_available
+
+    spec_s = str(spec)
+    if spec_s.startswith("embedded"):
+        name, _, which = spec_s.partition(":")
+        which = which or split
+        if name != "embedded" or which not in ("train", "val"):
+            raise ValueError(f"dataset spec {spec_s!r}: use embedded, embedded:train or embedded:val")
+        from .embedded import ensure_embedded
+        folder = ensure_embedded()[which]
+        target = folder.parent / f"{which}.beton"  # cached beside the images, shared by runs
+    else:
+        path = Path(spec)
+        if path.is_file() and path.suffix == ".beton":
+            return path
+        if not path.exists():
+            raise FileNotFoundError(f"dataset {spec_s!r} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"dataset {spec_s!r} is neither a .beton file nor an image folder")
+        folder = path
+        target = Path(workdir) / f"{path.resolve().name}.beton"
+    if not ffcv_available():
+        return folder
+    if not target.exists():
+        report = prepare_dataset(folder, target, progress=False)
+        if report.corrupt:
+            print(report.summary())
+    return target
