@@ -1,0 +1,160 @@
+"""Multi-head self-attention with pluggable kernels, and the block-diagonal layout for packed crops.
+
+Backends (chosen per model by `attn_backend`):
+- `sdpa`     `torch.nn.functional.scaled_dot_product_attention` (default; flash / memory-efficient
+             kernels on GPU, a fused CPU kernel here).
+- `xformers` `xformers.ops.memory_efficient_attention`; only when xformers imports, and the error
+             is raised when the model is built, not in the middle of the first training step.
+- `math`     softmax(Q K^T / sqrt(d)) V written out: the reference the others are tested against.
+
+Every kernel takes q, k, v as [B, L, H, d] (xformers' "BMHK" layout, which is what the fused qkv
+projection yields without a copy) and returns [B, L, H, d].
+
+Packed mode: all crops of one image are concatenated into one sequence and attention is restricted
+to the diagonal blocks (a token only sees tokens of its own crop), so one kernel call covers every
+resolution. `BlockDiagonalLayout` describes the segments; xformers skips the off-diagonal blocks
+(BlockDiagonalMask), sdpa and math get a boolean [L, L] mask and still pay for the full L x L.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+
+
+@lru_cache(maxsize=1)
+def _xformers_ops():
+    """`xformers.ops`, or None when xformers is not installed (or fails to import)."""
+    try:
+        return importlib.import_module("xformers.ops")
+    except Exception:  # noqa: BLE001 - a broken install (CUDA mismatch...) counts as unavailable
+        return None
+
+
+def xformers_available() -> bool:
+    """True when `xformers.ops.memory_efficient_attention` can be imported."""
+    return _xformers_ops() is not None
+
+
+def check_attention_backend(name: str) -> str:
+    """Validate an attention backend name; raises at model-build time rather than at first use.
+
+    ValueError for an unknown name, RuntimeError when `xformers` is asked for but cannot be imported.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "xformers" and not xformers_available():
+        raise RuntimeError("attn_backend='xformers' needs the xformers package, which cannot be "
+                           "imported here; use attn_backend='sdpa' (default) or install xformers")
+    return name
+
+
+class BlockDiagonalLayout:
+    """Segments of a packed sequence: tokens attend only within their own segment.
+
+    `segment_lengths` are the token counts of the crops packed into one sequence of length
+    L = sum(segment_lengths); every sequence of the batch has the same layout. The boolean mask
+    and the xformers bias are built once per device / batch size and cached, since all blocks of a
+    forward pass share them.
+    """
+
+    def __init__(self, segment_lengths: Sequence[int]):
+        lengths = [int(n) for n in segment_lengths]
+        if not lengths or any(n < 1 for n in lengths):
+            raise ValueError(f"segment_lengths must be positive ints, got {list(segment_lengths)}")
+        self.segment_lengths = lengths
+        self.total_length = sum(lengths)
+        self._masks: dict[torch.device, torch.Tensor] = {}
+        self._xformers_bias: dict[int, object] = {}
+
+    def bool_mask(self, device: torch.device) -> torch.Tensor:
+        """[L, L] bool, True where query i may attend to key j (same segment)."""
+        device = torch.device(device)
+        if device not in self._masks:
+            segment_id = torch.repeat_interleave(
+                torch.arange(len(self.segment_lengths), device=device),
+                torch.tensor(self.segment_lengths, device=device))
+            self._masks[device] = segment_id[:, None] == segment_id[None, :]
+        return self._masks[device]
+
+    def xformers_bias(self, batch: int):
+        """xformers BlockDiagonalMask over the batch flattened into one sequence of B * L tokens."""
+        if batch not in self._xformers_bias:
+            ops = _xformers_ops()
+            self._xformers_bias[batch] = ops.fmha.BlockDiagonalMask.from_seqlens(
+                self.segment_lengths * batch)
+        return self._xformers_bias[batch]
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference attention: softmax(q k^T / sqrt(d)) v, q/k/v [B, L, H, d], mask [L, L] bool or None."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch's fused scaled_dot_product_attention; q/k/v [B, L, H, d], mask [L, L] bool or None."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
+    """xformers memory_efficient_attention; packed sequences are flattened to one [1, B*L] sequence
+    so that BlockDiagonalMask skips the off-diagonal blocks entirely."""
+    ops = _xformers_ops()
+    if layout is None:
+        return ops.memory_efficient_attention(q, k, v)
+    B, L, H, d = q.shape
+    flat = [t.reshape(1, B * L, H, d) for t in (q, k, v)]
+    out = ops.memory_efficient_attention(*flat, attn_bias=layout.xformers_bias(B))
+    return out.reshape(B, L, H, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+           layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
+    """Dispatch q/k/v [B, L, H, d] to `backend`, block-diagonal when `layout` is given."""
+    if layout is not None and layout.total_length != q.shape[1]:
+        raise ValueError(f"layout covers {layout.total_length} tokens but the sequence has {q.shape[1]}")
+    if backend == "xformers":
+        return xformers_attention(q, k, v, layout)
+    mask = None if layout is None else layout.bool_mask(q.device)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, mask)
+    if backend == "math":
+        return math_attention(q, k, v, mask)
+    raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (`qkv`, `proj`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = check_attention_backend(backend)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        out = attend(q, k, v, self.backend, layout)
+        return self.proj(out.reshape(B, L, D))

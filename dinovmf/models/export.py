@@ -1,0 +1,209 @@
+"""Export the teacher backbone of a training checkpoint to safetensors with timm key names.
+
+The teacher (the EMA network) is what DINO evaluates and releases. The backbone's parameters already
+carry timm's `vit_base_patch16_224` names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
+`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`; `reg_token` with registers),
+so the export strips the wrapper prefix and drops `mask_token`, which only iBOT training uses.
+
+Written next to each other: `OUT.safetensors` (tensors; the config is also in its metadata, so the
+file is self-describing) and `OUT.json` (the config, readable without tooling). Both are written to a
+temporary file and renamed, so an interrupted export never leaves a truncated file under the name.
+
+Layout note for timm users: with registers, `pos_embed` covers CLS + patches only and the registers
+get no position embedding (DINOv2); timm's `reg_tokens` with `no_embed_class=False` expects
+registers inside `pos_embed`, so only register-free exports load into timm's classic ViT as is.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .vit import LAYER_NORM_EPS, VisionTransformer, build_backbone
+
+FORMAT = "dinovmf.vit"
+FORMAT_VERSION = 1
+METADATA_KEY = "dinovmf_config"
+# Parameters used only in training, not part of the exported (timm) layout.
+TRAINING_ONLY_KEYS = ("mask_token",)
+# Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add to state_dict keys.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# build_backbone kwargs that define the architecture (the rest only affect training or kernels).
+ARCHITECTURE_ARGS = ("name", "patch_size", "img_size", "num_register_tokens")
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _read_checkpoint(ckpt_path: Path) -> dict:
+    if not ckpt_path.is_file():
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    try:
+        # weights_only=False: training checkpoints hold RNG states (numpy arrays, tuples). Only
+        # export checkpoints you trust; torch.load of a pickle can run code.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - zip/pickle errors: not a torch checkpoint
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be read: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dict (got {type(ckpt).__name__})")
+    missing = [k for k in ("teacher", "model_args") if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dinovmf training checkpoint: "
+                         f"missing {missing}")
+    return ckpt
+
+
+def _architecture_args(model_args: dict) -> dict:
+    """The architecture-defining build_backbone kwargs of `model_args` (ValueError if malformed)."""
+    if not isinstance(model_args, dict) or "name" not in model_args:
+        raise ValueError(f"model_args must be a dict of build_backbone kwargs with a 'name', "
+                         f"got {model_args!r}")
+    known = set(inspect.signature(build_backbone).parameters)
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"model_args has keys build_backbone does not take: {unknown}")
+    return {k: model_args[k] for k in ARCHITECTURE_ARGS if k in model_args}
+
+
+def teacher_backbone_state(teacher_state: dict) -> dict[str, torch.Tensor]:
+    """`backbone.*` entries of a MultiCropWrapper state_dict, prefix (and DDP/compile wrappers) removed."""
+    out = {}
+    for key, value in teacher_state.items():
+        key = _strip_wrappers(key)
+        if key.startswith("backbone."):
+            out[_strip_wrappers(key[len("backbone."):])] = value
+    if not out:
+        raise ValueError("the checkpoint's 'teacher' state has no 'backbone.*' entries")
+    return out
+
+
+def backbone_config(model: VisionTransformer, arch_args: dict) -> dict:
+    """JSON-serialisable description of an exported backbone (rebuild args + timm layout facts)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key_layout": "timm vit_base_patch16_224",
+        "model_args": {**{"patch_size": model.patch_size, "img_size": model.img_size,
+                          "num_register_tokens": model.num_register_tokens}, **arch_args},
+        "embed_dim": model.embed_dim,
+        "depth": model.depth,
+        "num_heads": model.num_heads,
+        "mlp_ratio": model.mlp_ratio,
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "class_token": True,
+        "pos_embed_covers": "cls+patches",  # registers have no position embedding
+        "num_classes": 0,
+    }
+
+
+def _uninitialised_backbone(**arch_args) -> VisionTransformer:
+    """A backbone with allocated but unset parameters: every one is about to be overwritten by a
+    state_dict, so the random initialisation (most of the build time) is skipped."""
+    with torch.device("meta"):
+        model = build_backbone(**arch_args)
+    return model.to_empty(device="cpu")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path over `path` (same directory, so atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write the teacher backbone of training checkpoint `ckpt_path` to `out_path` (.safetensors)
+    and its config to the `.json` beside it; returns the safetensors path.
+
+    The state is loaded into a freshly built backbone first, so a checkpoint whose weights do not
+    match its `model_args` fails here with a ValueError instead of producing an unloadable file.
+    """
+    from safetensors.torch import save_file
+
+    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
+    ckpt = _read_checkpoint(ckpt_path)
+    arch_args = _architecture_args(ckpt["model_args"])
+    state = teacher_backbone_state(ckpt["teacher"])
+
+    model = _uninitialised_backbone(**arch_args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"teacher backbone of {str(ckpt_path)!r} does not match model_args "
+                         f"{arch_args}: {e}") from None
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if k not in TRAINING_ONLY_KEYS}
+    config = backbone_config(model, arch_args)
+    if "step" in ckpt:
+        config["step"] = int(ckpt["step"])
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(config)}))
+    json_path = out_path.with_suffix(".json")
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out_path
+
+
+def _read_config(path: Path) -> dict:
+    """The export config: `<path>.json` when present, else the safetensors metadata."""
+    from safetensors import safe_open
+
+    json_path = path.with_suffix(".json")
+    if json_path.is_file():
+        config = json.loads(json_path.read_text())
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if METADATA_KEY not in meta:
+            raise ValueError(f"{str(path)!r} has no {json_path.name} and no dinovmf config in its "
+                             "metadata; it was not written by export_teacher_backbone")
+        config = json.loads(meta[METADATA_KEY])
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r}: config format is {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_backbone(path: str | os.PathLike, attn_backend: str = "sdpa") -> VisionTransformer:
+    """Rebuild a backbone written by `export_teacher_backbone`; returned in eval mode on the CPU."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"backbone file {str(path)!r} does not exist")
+    config = _read_config(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    model = _uninitialised_backbone(**config["model_args"], attn_backend=attn_backend)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{str(path)!r} does not match its config {config['model_args']}: {e}") from None
+    missing = [k for k in missing if k not in TRAINING_ONLY_KEYS]
+    if missing or unexpected:
+        raise ValueError(f"{str(path)!r} does not match its config {config['model_args']}: "
+                         f"missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        model.mask_token.zero_()  # not exported; its fresh-model value
+    return model.eval()
