@@ -1,0 +1,111 @@
+"""Benchmark: end-to-end training-step throughput (images/s) and MFU of DINO-vMF multi-crop training.
+
+    python -m bench.bench_train                       # GPU: ViT-B/16, 2 x 224 + 10 x 96, K=65536
+    python -m bench.bench_train --arch vit_tiny       # what a CPU box can run (few steps)
+    python -m bench.bench_train --batch 32 64 --steps 300 --warmup 30 --compile
+
+One step is exactly the trainer's (`dinovmf.train._train_step`): teacher forward on the global crops,
+student forward + backward on all crops, the DINO-vMF loss through the selected backend, gradient
+clipping, fused AdamW, EMA update, under bf16 autocast on GPU. The crops are random tensors already on
+the device, so the number is the model + loss + optimizer ceiling, not the data path's (see
+bench_data.py). MFU counts matmul FLOPs with the models' counters (`training_flops_per_image`)
+against the device's dense bf16 peak (on CPU: a measured fp32 matmul rate, labelled as such).
+
+Goal on one H100 SXM: 900 images/s for ViT-B/16 (about 45% MFU). Results are written with the device
+name; CPU rows are CPU rows and say nothing about a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.harness import record
+from dinovmf.config import load_config
+from dinovmf.monitor import peak_flops
+from dinovmf.objectives import build_objective, build_ssl_model
+from dinovmf.schedules import build_schedules
+from dinovmf.train import _train_step, build_optimizer, last_layer_params, training_flops_per_image
+
+
+def bench_config(arch: str, batch: int, args):
+    overrides = [f"model.arch={arch}", f"train.batch_size={batch}", f"crops.global_size={args.global_size}",
+                 f"crops.local_size={args.local_size}", f"crops.n_local={args.n_local}",
+                 f"model.out_dim={args.out_dim}", f"loss.backend={args.backend}", f"train.compile={args.compile}",
+                 "steps=1000000", "optim.freeze_last_layer=0", "model.patch_size=16"]
+    return load_config("vit_b16_in1k", overrides)
+
+
+def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    student = build_ssl_model(cfg, cfg.model.drop_path).to(device)
+    teacher = build_ssl_model(cfg, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    objective = build_objective(cfg).to(device)
+    optimizer = build_optimizer(student, cfg, device)
+    train_module, teacher_fwd = student, teacher
+    if cfg.train.compile:
+        train_module, teacher_fwd = torch.compile(student), torch.compile(teacher)
+    sched = build_schedules(cfg, steps_per_epoch=1000)
+    B = cfg.train.batch_size
+    crops = ([torch.randn(B, 3, cfg.crops.global_size, cfg.crops.global_size, device=device) for _ in range(2)]
+             + [torch.randn(B, 3, cfg.crops.local_size, cfg.crops.local_size, device=device)
+                for _ in range(cfg.crops.n_local)])
+    frozen = last_layer_params(student)
+
+    def step(i):
+        return _train_step(cfg, i, sched.at(1000 + i), crops, train_module, student, teacher_fwd, teacher,
+                           objective, optimizer, frozen, None)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for i in range(warmup):  # compilation, autotuning, allocator warm-up
+        step(i)
+    sync()
+    warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        metrics = step(warmup + i)  # metrics are Python floats: one host sync per step, as in training
+    sync()
+    dt = time.perf_counter() - t0
+    flops = training_flops_per_image(cfg, student)
+    peak, peak_source = peak_flops(device)
+    img_s = B * steps / dt
+    row = {"arch": cfg.model.arch, "batch": B, "crops": f"2x{cfg.crops.global_size}+{cfg.crops.n_local}x"
+           f"{cfg.crops.local_size}", "K": cfg.model.out_dim, "compile": cfg.train.compile, "steps": steps,
+           "warmup_s": round(warm_s, 2), "step_ms": 1000 * dt / steps, "images_per_s": img_s,
+           "gflop_per_image": flops / 1e9, "mfu": img_s * flops / peak, "peak": peak_source,
+           "loss": metrics["loss"]}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return row
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["vit_base"] if cuda else ["vit_tiny"])
+    p.add_argument("--batch", type=int, nargs="+", default=[64] if cuda else [4], help="per-GPU batch sizes")
+    p.add_argument("--steps", type=int, default=300 if cuda else 3)
+    p.add_argument("--warmup", type=int, default=30 if cuda else 1)
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--n-local", type=int, default=10)
+    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cpp, cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
+    p.add_argument("--name", default="train_throughput", help="results file stem in bench/results/")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    rows = [run_one(bench_config(arch, b, args), args.steps, args.warmup, device)
+            for arch in args.arch for b in args.batch]
+    record(args.name, rows, x="batch", y="images_per_s", group="arch",
+           title="DINO-vMF multi-crop training step throughput", device=device)
+
+
+if __name__ == "__main__":
+    main()

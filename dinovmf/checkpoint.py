@@ -1,0 +1,131 @@
+"""Atomic training checkpoints: `out_dir/checkpoints/step_XXXXXXX.pt`, the last k kept.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then renamed
+over its final name with `os.replace` (atomic on POSIX within one filesystem), and the directory is
+fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
+set of checkpoints or the new one, never a truncated `step_*.pt` that `--resume auto` would pick.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step_(\d{7,})\.pt$")
+
+
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(out_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `directory`, oldest first (temp files ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically (temp file in the same dir, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Never leave a half-written temp file behind, whatever interrupted the write.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; returns the deleted paths."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    found = list_checkpoints(directory)
+    doomed = [p for _, p in found[:-keep_last]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def save_checkpoint(state: dict, out_dir: str | os.PathLike, keep_last: int) -> Path:
+    """Write `state` (must hold "step") as out_dir/checkpoints/step_N.pt and prune to `keep_last`."""
+    if "step" not in state:
+        raise ValueError("checkpoint state needs a 'step' entry")
+    path = atomic_save(state, checkpoint_path(out_dir, int(state["step"])))
+    prune_checkpoints(checkpoint_dir(out_dir), keep_last)
+    return path
+
+
+def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike) -> Path | None:
+    """`auto` -> the newest checkpoint in out_dir (None if there is none); a path -> that file."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        return latest_checkpoint(checkpoint_dir(out_dir))
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(f"--resume: checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # pickle / zip errors: the file is not a torch checkpoint
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{str(path)!r} is not a dinovmf training checkpoint (no 'step' entry)")
+    return state
+
+
+def rng_state() -> dict:
+    """Every generator a training step draws from (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,355 @@
+"""Training configuration: dataclass defaults <- YAML preset <- dotted command-line overrides.
+
+A preset is either a name (``demo``, ``vit_b16_in1k``: a YAML file shipped as the data package
+``dinovmf.configs``) or a path to a YAML file. Overrides are ``key=value`` strings with dotted keys
+(``optim.lr=1e-3``, ``data.val=embedded``); values are parsed as YAML and then coerced to the field's
+declared type, so ``1e-3`` is a float even though YAML 1.1 would read it as a string. Any unknown key,
+in a YAML file or an override, is an error that names the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("dino", "dino_vmf", "ibot_vmf")
+CENTERINGS = ("logit", "prob", "sinkhorn", "none")
+
+
+@dataclass
+class DataConfig:
+    train: str = "embedded"          # `embedded`, an image folder (prepared into the run dir) or a .beton
+    val: str | None = None           # same forms; when set, kNN runs at the end of training
+    num_workers: int = 2
+    loader: str = "auto"             # auto (FFCV for a .beton when importable), ffcv, pil
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"          # build_backbone name: vit_tiny, vit_small, vit_base, vit_large
+    patch_size: int = 16
+    drop_path: float = 0.1
+    attn_backend: str = "sdpa"
+    num_register_tokens: int = 0
+    out_dim: int = 65536             # K, the number of prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256        # p, the sphere the prototypes live on
+    head_layers: int = 3
+    norm_last_layer: bool | None = None  # None: by method (dino -> True, *_vmf -> False)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4                 # per 256 images; scaled by global batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    clip_grad: float = 3.0           # 0 disables clipping
+    freeze_last_layer: float = 1.0   # epochs during which the prototypes get no update
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 10
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass
+class LossConfig:
+    centering: str | None = None     # None: by method (dino -> logit, *_vmf -> prob)
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    koleo_weight: float = 0.0
+    backend: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64             # per process
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    compile: bool = False
+    amp: str = "auto"                # auto (bf16 on CUDA, off on CPU), bf16, none
+    seed: int = 0
+    time_limit_min: float | None = None  # wall-clock budget: stop training (save, then evaluate) when spent
+    probes: bool = False             # activation / gradient statistics in the metrics (stability probes)
+    utilisation_every: int = 0       # steps between prototype-utilisation metrics; 0: at log steps
+    debug_nan_step: int | None = None  # testing hook: make the loss NaN at this step
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 128
+    image_size: int | None = None    # None: crops.global_size
+    baseline: bool = False           # also evaluate a random-init teacher (the demo's comparison)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"            # auto (nccl on CUDA, gloo on CPU), nccl, gloo
+    fsdp: bool = False               # FSDP2 fully_shard per block instead of DDP (ViT-L)
+
+
+@dataclass
+class Config:
+    method: str = "dino_vmf"
+    steps: int | None = None         # total optimisation steps; None: epochs x len(loader)
+    epochs: int = 100                # defines the schedules' length when steps is None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    @property
+    def norm_last_layer(self) -> bool:
+        """Unit prototypes for plain DINO; free prototype norms for the vMF methods."""
+        if self.model.norm_last_layer is not None:
+            return self.model.norm_last_layer
+        return self.method == "dino"
+
+    @property
+    def centering(self) -> str:
+        if self.loss.centering is not None:
+            return self.loss.centering
+        return "logit" if self.method == "dino" else "prob"
+
+    @property
+    def vmf(self) -> bool:
+        return self.method in ("dino_vmf", "ibot_vmf")
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def available_presets() -> list[str]:
+    """Names accepted by `--config NAME` (the YAML files in dinovmf.configs)."""
+    root = importlib.resources.files("dinovmf.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(name_or_path: str) -> tuple[dict, str]:
+    """The YAML mapping for a preset name or a file path, and where it came from."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config: file {name_or_path!r} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        resource = importlib.resources.files("dinovmf.configs") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            names = available_presets()
+            close = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"config: no preset named {name_or_path!r}{hint} (presets: {', '.join(names)};"
+                             " or pass a path to a .yaml file)")
+        text, source = resource.read_text(), f"preset {name_or_path!r}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {source} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {source} must be a YAML mapping of keys, got {type(data).__name__}")
+    return data, source
+
+
+def _unknown_key(key: str, valid: list[str], source: str) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"config: unknown key {key!r} in {source}{hint}")
+
+
+def all_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every dotted key a config has (`optim.lr`, `steps`, ...)."""
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value, hint, key: str):
+    """Convert a YAML-parsed value to the field's annotated type, or raise naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config: {key} expects {len(args)} values (e.g. {key}=0.4,1.0), got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"config: {key} expects true/false, got {value!r}")
+    if hint is int:
+        # Reject bools (an int subclass) and fractional floats rather than silently truncating.
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"config: {key} expects an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config: {key} expects an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config: {key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config: {key} expects a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config: {key} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Config, key: str, raw, source: str) -> None:
+    """Set dotted `key` on `cfg` to `raw` (coerced), or raise with the closest valid key."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise _unknown_key(key, all_keys(), source)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ValueError(f"config: {key!r} is a group; set one of its keys, e.g. "
+                                 f"{[k for k in all_keys() if k.startswith(key + '.')][0]}=...")
+            hint = typing.get_type_hints(type(obj))[part]
+            setattr(obj, part, _coerce(raw, hint, key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise _unknown_key(key, all_keys(), source)
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            items += _flatten(v, f"{prefix}{k}.")
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def config_from_dict(data: dict, source: str = "dict") -> Config:
+    """A Config from a nested mapping (a YAML preset or a checkpoint's "config"), validated."""
+    cfg = Config()
+    for key, value in _flatten(data):
+        _set(cfg, key, value, source)
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> Config:
+    """Defaults, then the preset (name or YAML path; None: defaults only), then `key=value` overrides."""
+    cfg = Config()
+    if name_or_path is not None:
+        data, source = _read_preset(name_or_path)
+        for key, value in _flatten(data):
+            _set(cfg, key, value, source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"config: override {item!r} must look like key=value (e.g. steps=100)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        _set(cfg, key.strip(), value, "overrides")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run could use, naming the key."""
+    if cfg.method not in METHODS:
+        close = difflib.get_close_matches(cfg.method, METHODS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"config: method must be one of {METHODS}, got {cfg.method!r}{hint}")
+    if cfg.loss.centering is not None and cfg.loss.centering not in CENTERINGS:
+        raise ValueError(f"config: loss.centering must be one of {CENTERINGS}, got {cfg.loss.centering!r}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ValueError(f"config: steps must be >= 1, got {cfg.steps}")
+    if cfg.epochs < 1:
+        raise ValueError(f"config: epochs must be >= 1, got {cfg.epochs}")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every,
+                "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
+                "model.out_dim": cfg.model.out_dim, "model.patch_size": cfg.model.patch_size,
+                "crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size,
+                "eval.knn_k": cfg.eval.knn_k, "optim.lr": cfg.optim.lr,
+                "loss.student_temp": cfg.loss.student_temp, "loss.teacher_temp": cfg.loss.teacher_temp,
+                "loss.warmup_teacher_temp": cfg.loss.warmup_teacher_temp,
+                "eval.knn_temperature": cfg.eval.knn_temperature}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"config: {key} must be > 0, got {value}")
+    if cfg.train.time_limit_min is not None and cfg.train.time_limit_min <= 0:
+        raise ValueError(f"config: train.time_limit_min must be > 0 (or null), got {cfg.train.time_limit_min}")
+    if cfg.crops.n_local < 0:
+        raise ValueError(f"config: crops.n_local must be >= 0, got {cfg.crops.n_local}")
+    if cfg.train.amp not in ("auto", "bf16", "none"):
+        raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
+    if cfg.data.loader not in ("auto", "ffcv", "pil"):
+        raise ValueError(f"config: data.loader must be auto, ffcv or pil, got {cfg.data.loader!r}")
+    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
+    if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
+        raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
+                         f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written to the run folder as config.yaml)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

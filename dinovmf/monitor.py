@@ -1,0 +1,206 @@
+"""Training telemetry: progress bar, metrics.jsonl, TensorBoard, throughput / MFU, collapse and probes.
+
+Only the main process writes; other ranks get a `Monitor(enabled=False)` whose methods do nothing, so
+the loop calls it unconditionally.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; MFU is relative to these.
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                  "4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for MFU on `device`.
+
+    GPUs: the data-sheet dense bf16 peak by model name. CPUs have no such number we can trust, so we
+    measure fp32 matmul throughput (the best a ViT step could reach here) for a fraction of a second.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} bf16 data sheet"
+        return float("nan"), f"{name}: unknown peak"
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up (thread pool, allocator)
+    best = 0.0
+    for _ in range(5):  # the best of a few short windows: other processes only ever slow us down
+        start = time.perf_counter()
+        a @ b
+        a @ b
+        best = max(best, 4 * n ** 3 / (time.perf_counter() - start))
+    return best, "measured fp32 matmul on this CPU"
+
+
+class CollapseDetector:
+    """Warns when the teacher's mean entropy stays near log K (uniform outputs: centering dominates)
+    or near 0 (one prototype wins everything: sharpening dominates) for `patience` checks in a row."""
+
+    def __init__(self, num_prototypes: int, high: float = 0.98, low: float = 0.02, patience: int = 3):
+        self.log_k = math.log(num_prototypes)
+        self.high, self.low, self.patience = high, low, patience
+        self._streak, self._kind, self.warned = 0, None, set()
+
+    def check(self, step: int, teacher_entropy: float) -> str | None:
+        """The warning text when collapse is detected at this check (once per kind), else None."""
+        ratio = teacher_entropy / self.log_k
+        kind = "uniform" if ratio > self.high else "one-hot" if ratio < self.low else None
+        self._streak = self._streak + 1 if kind is not None and kind == self._kind else int(kind is not None)
+        self._kind = kind
+        if kind is None or self._streak < self.patience or kind in self.warned:
+            return None
+        self.warned.add(kind)
+        what = ("near log K: the teacher outputs are close to uniform (centering too strong or teacher "
+                "temperature too high)" if kind == "uniform" else
+                "near 0: one prototype takes every sample (teacher temperature too low / centering too weak)")
+        return (f"possible collapse at step {step}: teacher entropy {teacher_entropy:.3f} "
+                f"(log K = {self.log_k:.3f}) is {what}")
+
+
+class ActivationProbe:
+    """Forward hooks recording the RMS and max |x| of each block's output (stability probes).
+
+    Attach to the student's transformer blocks; `read()` returns and clears the last statistics.
+    """
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.stats: dict[str, float] = {}
+        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            x = output.detach().float() if torch.is_tensor(output) else None
+            if x is not None:
+                self.stats[f"probe/act_rms_block{index}"] = x.pow(2).mean().sqrt().item()
+                self.stats[f"probe/act_absmax_block{index}"] = x.abs().max().item()
+        return hook
+
+    def read(self) -> dict[str, float]:
+        out, self.stats = self.stats, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def gradient_probes(named_params) -> dict[str, float]:
+    """Per-group gradient norms (backbone / head / prototypes) and the count of non-finite entries."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    nonfinite = 0
+    for name, p in named_params:
+        if p.grad is None:
+            continue
+        group = ("prototypes" if name.endswith(("head.v", "head.g")) else "head" if "head." in name
+                 else "backbone")
+        groups.setdefault(group, []).append(p.grad.detach().float().norm())
+        nonfinite += int((~torch.isfinite(p.grad)).sum())
+    out = {f"probe/grad_norm_{g}": torch.stack(v).norm().item() for g, v in groups.items()}
+    out["probe/grad_nonfinite"] = float(nonfinite)
+    return out
+
+
+class Monitor:
+    """Progress bar + metrics.jsonl + TensorBoard; computes img/s and MFU between log calls."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 0, images_per_step: int = 1,
+                 flops_per_image: float | None = None, peak: float | None = None, enabled: bool = True,
+                 tensorboard: bool = True, progress: bool = True):
+        self.enabled = enabled
+        self.images_per_step = images_per_step
+        self.flops_per_image, self.peak = flops_per_image, peak
+        self.total_steps = total_steps
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self.bar = self.tb = self.jsonl = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            smoothing=0.1)
+
+    def throughput(self, step: int) -> dict[str, float]:
+        """img/s (global) and MFU since the previous call; resets the window."""
+        now = time.perf_counter()
+        elapsed, steps = now - self._last_time, step - self._last_step
+        self._last_time, self._last_step = now, step
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        out = {"img_per_s": steps * self.images_per_step / elapsed, "step_time_s": elapsed / steps}
+        if self.flops_per_image and self.peak and math.isfinite(self.peak):
+            out["mfu"] = out["img_per_s"] * self.flops_per_image / self.peak
+        return out
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        """Write one record (JSONL + TensorBoard) and show the headline numbers on the bar."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.bar is not None and kind == "train":
+            shown = {k: metrics[k] for k in ("loss", "img_per_s", "mfu", "lr") if k in metrics}
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        """Print above the progress bar (rank 0 only)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def warn(self, step: int, text: str) -> None:
+        """Print a warning and keep it in metrics.jsonl (kind "warning"), where tests and plots find it."""
+        if self.enabled:
+            self.message(f"WARNING: {text}")
+            self.log(step, {"message": text}, kind="warning")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        self.bar = self.tb = self.jsonl = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line from a killed run is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

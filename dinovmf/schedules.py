@@ -1,0 +1,104 @@
+"""Per-step hyper-parameter schedules (DINO's recipe), as pure functions of the step.
+
+Pure functions rather than precomputed arrays (DINO's `cosine_scheduler`) so that a resumed run needs no
+schedule state: the value at step `s` depends only on the config and `s`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def cosine_schedule(step: int, total_steps: int, start: float, end: float,
+                    warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
+    """Linear warm-up from `warmup_start` to `start` over `warmup_steps`, then cosine from `start` to `end`.
+
+    Matches DINO's `cosine_scheduler` (warm-up value at step i is `warmup_start + i (start -
+    warmup_start) / warmup_steps`; cosine over the remaining `total_steps - warmup_steps` steps), and
+    holds `end` past `total_steps`.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    warmup_steps = min(warmup_steps, total_steps)
+    if step < warmup_steps:
+        return warmup_start + (start - warmup_start) * step / warmup_steps
+    span = total_steps - warmup_steps
+    if span <= 0 or step >= total_steps:
+        return end
+    progress = (step - warmup_steps) / span
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Linear from `start` to `end` over `warmup_steps`, then flat at `end` (teacher temperature)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All per-step values of one run; `at(step)` returns them as a dict."""
+
+    total_steps: int
+    steps_per_epoch: int
+    lr: float                      # peak, already scaled by the global batch size
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    weight_decay_end: float
+    momentum: float
+    momentum_end: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    teacher_temp_warmup_steps: int
+    freeze_last_layer_steps: int
+
+    def at(self, step: int) -> dict:
+        return {
+            "lr": cosine_schedule(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps),
+            "wd": cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end),
+            "momentum": cosine_schedule(step, self.total_steps, self.momentum, self.momentum_end),
+            "teacher_temp": linear_warmup(step, self.teacher_temp_warmup_steps,
+                                          self.warmup_teacher_temp, self.teacher_temp),
+            "freeze_last_layer": step < self.freeze_last_layer_steps,
+        }
+
+
+def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+    """The schedules of a run of `cfg` (a `dinovmf.config.Config`) with this loader length and world size.
+
+    The run lasts `cfg.steps` steps, or `cfg.epochs` epochs when `steps` is unset; every schedule spans
+    the run. Epoch-valued settings (warm-ups, last-layer freeze) convert at `steps_per_epoch` and are
+    capped at the run length, so a short test run still ends its warm-ups.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1 (is the dataset smaller than one batch?), "
+                         f"got {steps_per_epoch}")
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+
+    def epochs_to_steps(epochs: float) -> int:
+        return min(total, int(round(epochs * steps_per_epoch)))
+
+    global_batch = cfg.train.batch_size * world_size
+    return Schedules(
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        lr=cfg.optim.lr * global_batch / 256.0,  # the linear scaling rule
+        min_lr=cfg.optim.min_lr,
+        warmup_steps=epochs_to_steps(cfg.optim.warmup_epochs),
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end,
+        momentum=cfg.optim.momentum_teacher,
+        momentum_end=cfg.optim.momentum_teacher_end,
+        teacher_temp=cfg.loss.teacher_temp,
+        warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
+        teacher_temp_warmup_steps=epochs_to_steps(cfg.loss.warmup_teacher_temp_epochs),
+        freeze_last_layer_steps=epochs_to_steps(cfg.optim.freeze_last_layer),
+    )

@@ -1,0 +1,83 @@
+"""Config loading: presets, YAML files, dotted overrides, and the errors for bad input."""
+import pytest
+
+from dinovmf.config import Config, all_keys, available_presets, config_from_dict, dump_yaml, load_config
+
+
+def test_every_preset_loads_and_round_trips():
+    assert {"demo", "vit_s16_in1k", "vit_b16_in1k", "vit_l16_in1k"} <= set(available_presets())
+    for name in available_presets():
+        cfg = load_config(name)
+        assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_are_coerced_to_the_field_type():
+    cfg = load_config("demo", ["optim.lr=1e-3", "steps=7", "crops.global_scale=0.2,1",
+                               "data.val=null", "model.norm_last_layer=true", "train.compile=no"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.steps == 7
+    assert cfg.crops.global_scale == (0.2, 1.0)
+    assert cfg.data.val is None
+    assert cfg.model.norm_last_layer is True and cfg.train.compile is False
+
+
+def test_method_decides_prototype_norms_and_centering():
+    dino, vmf = load_config(None, ["method=dino"]), load_config(None, ["method=dino_vmf"])
+    assert (dino.norm_last_layer, dino.vmf, dino.centering) == (True, False, "logit")
+    assert (vmf.norm_last_layer, vmf.vmf, vmf.centering) == (False, True, "prob")
+    assert load_config(None, ["method=dino", "loss.centering=sinkhorn"]).centering == "sinkhorn"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("steps: 3\noptim:\n  lr: 0.5\n")
+    cfg = load_config(str(path), ["optim.lr=0.25"])
+    assert cfg.steps == 3 and cfg.optim.lr == 0.25
+    assert cfg.model == Config().model  # untouched groups keep the defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "did you mean 'optim.lr'"),
+    ("stesp=3", "did you mean 'steps'"),
+    ("model.achr=vit_tiny", "did you mean 'model.arch'"),
+    ("steps=abc", "steps expects an integer"),
+    ("steps=1.5", "steps expects an integer"),
+    ("train.compile=maybe", "train.compile expects true/false"),
+    ("crops.global_scale=0.4", "expects 2 values"),
+    ("method=dinovmf", "did you mean 'dino_vmf'"),
+    ("optim=3", "is a group"),
+    ("steps", "must look like key=value"),
+    ("train.batch_size=0", "train.batch_size must be > 0"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("demo", [override])
+
+
+def test_unknown_key_in_yaml_suggests_the_closest(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("optim:\n  weight_decya: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key 'optim.weight_decya' in .*typo.yaml.*'optim.weight_decay'"):
+        load_config(str(path))
+
+
+def test_bad_yaml_and_missing_files(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: {lr: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(path))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ValueError, match="did you mean 'demo'"):
+        load_config("dmeo")
+
+
+def test_dump_yaml_reloads(tmp_path):
+    cfg = load_config("vit_b16_in1k", ["steps=11"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(str(path)) == cfg
+    assert "optim.lr" in all_keys() and "data.train" in all_keys()

@@ -1,0 +1,124 @@
+"""A few steps of the real training loop on a tiny config: outputs, schedules, faults, telemetry."""
+import math
+import os
+import signal
+
+import pytest
+import torch
+from _train_utils import read_records, tiny_config, tiny_data
+
+from dinovmf import checkpoint as ckpt
+from dinovmf import train as train_mod
+from dinovmf.cli import main
+from dinovmf.monitor import CollapseDetector
+from dinovmf.objectives import build_ssl_model
+from dinovmf.train import NonFiniteLossError, ema_update, param_groups, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+def test_few_steps_end_to_end(data, tmp_path, capsys):
+    cfg = tiny_config(*data, ["steps=4", "train.ckpt_every=2"])
+    summary = train(cfg, tmp_path)
+
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["img_per_s"] > 0 and 0 < r["mfu"]
+        assert r["proto_norm_min"] <= r["proto_norm_mean"] <= r["proto_norm_max"]
+        assert 1 <= r["unique_prototypes"] <= 64 and 1 <= r["teacher_used_prototypes"] <= 64
+    assert [r["teacher_temp"] for r in records[:3]] == sorted(r["teacher_temp"] for r in records[:3])
+    assert records[0]["lr"] == 0.0 and records[2]["lr"] > 0  # warm-up from 0 over 2 steps
+
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    assert {"step", "config", "student", "teacher", "optimizer", "loss", "rng", "model_args"} <= set(state)
+    assert state["model_args"] == {"name": "vit_tiny", "patch_size": 8, "img_size": 32, "num_register_tokens": 0}
+    assert state["config"]["data"]["train"] == str(data[0])
+    center = next(iter(state["loss"].values()))
+    assert center.shape == (64,) and not torch.allclose(center, torch.full((64,), 1 / 64))  # prob centering moved
+
+    # The teacher is an EMA of the student: different from it, and both moved away from the initialisation.
+    torch.manual_seed(cfg.train.seed)
+    init = build_ssl_model(cfg, 0.0).state_dict()
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(state["teacher"][key], state["student"][key])
+    assert not torch.equal(state["teacher"][key], init[key])
+    # Prototypes are frozen for the first 0.4 epoch = 2 steps: still at init in the step-2 checkpoint.
+    step2 = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_0000002.pt")
+    assert torch.equal(step2["student"]["head.v"], init["head.v"])
+    assert not torch.equal(state["student"]["head.v"], init["head.v"])
+
+    assert 0.0 <= summary["knn_top1"] <= 100.0
+    assert read_records(tmp_path, "eval")[0]["knn_top1"] == summary["knn_top1"]
+    # `dinovmf eval knn` on the final checkpoint reproduces the number the run printed.
+    latest = str(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    assert main(["eval", "knn", latest, "--train", str(data[0]), "--val", str(data[1]), "--loader", "pil"]) == 0
+    assert f"kNN top-1: {summary['knn_top1']:.2f}%" in capsys.readouterr().out
+    for name in ("loss", "prototypes", "throughput", "evaluation"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").is_file() and any((tmp_path / "tensorboard").iterdir())
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    cfg = tiny_config(data[0], None, ["steps=6", "train.ckpt_every=2", "train.debug_nan_step=3"])
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
+        train(cfg, tmp_path)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert read_records(tmp_path, "error")[0]["step"] == 3
+
+
+def test_sigterm_saves_and_exits(data, tmp_path, monkeypatch):
+    real_step = train_mod._train_step
+
+    def step_then_signal(cfg, step, *args):
+        out = real_step(cfg, step, *args)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler pre-empting the job would
+        return out
+
+    monkeypatch.setattr(train_mod, "_train_step", step_then_signal)
+    summary = train(tiny_config(data[0], None, ["steps=6"]), tmp_path)
+    assert summary["interrupted"] and summary["step"] == 2
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_time_limit_stops_after_the_step_that_spends_it(data, tmp_path):
+    summary = train(tiny_config(data[0], None, ["steps=6", "train.time_limit_min=1e-6"]), tmp_path)
+    assert summary["step"] == 1 and not summary["interrupted"]  # a normal end: saved (and evaluated)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [1]
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.9 * t.detach().double() + 0.1 * s.detach().double()
+                for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update(teacher, student, 0.9)
+    for p, e in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_no_weight_decay_on_biases_norms_and_frozen_norms(data):
+    cfg = tiny_config(data[0], None, ["method=dino"])  # norm_last_layer: g is frozen
+    model = build_ssl_model(cfg, 0.0)
+    decay, no_decay = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias"}
+    all_names = {names[id(p)] for g in (decay, no_decay) for p in g["params"]}
+    assert "head.g" not in all_names and "backbone.mask_token" not in all_names
+
+
+def test_collapse_detector():
+    det = CollapseDetector(num_prototypes=1000, patience=2)
+    log_k = math.log(1000)
+    assert det.check(1, 0.5 * log_k) is None
+    assert det.check(2, 0.99 * log_k) is None  # one check is not a trend
+    assert "near log K" in det.check(3, 0.995 * log_k)
+    assert det.check(4, 0.999 * log_k) is None  # warned once per kind
+    assert det.check(5, 0.001) is None and "near 0" in det.check(6, 0.0)
