@@ -32,11 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may sit anywhere on it.
+
+    argparse stops filling a positional list at the first option (`train --config demo steps=5 --out x
+    optim.lr=1` leaves `optim.lr=1` over), so the stragglers are appended to the command's overrides.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    args.print_help = parser.print_help
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if getattr(args, "func", None) is None:
-        parser.print_help()
+        args.print_help()
         return 0
     return int(args.func(args) or 0)
 

@@ -46,3 +46,15 @@ def test_no_top_level_kernels_import():
             if re.match(r"\s*(from|import)\s+kernels\b", line):
                 offenders.append(f"{path.relative_to(REPO)}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_overrides_may_follow_options():
+    args = cli.parse_args(["train", "--config", "demo", "steps=1", "--out", "runs/x", "optim.lr=2e-3"])
+    assert args.overrides == ["steps=1", "optim.lr=2e-3"] and args.out == "runs/x"
+
+
+def test_stray_option_is_still_an_error(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "--config", "demo", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
