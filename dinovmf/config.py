@@ -80,6 +80,17 @@ class LossConfig:
 
 
 @dataclass
+class IBOTConfig:
+    """iBOT-vMF (method=ibot_vmf): masked patch prediction on the global crops (iBOT's recipe defaults)."""
+    shared_head: bool = True         # patch tokens through the CLS head (iBOT ViT-S/B), or a head of their own
+    patch_out_dim: int | None = None  # K of the separate patch head; None: model.out_dim
+    loss_weight: float = 1.0         # weight of the patch loss next to the CLS loss
+    mask_min_ratio: float = 0.0      # per masked image, floor(U[min, max] * patches) patches are masked
+    mask_max_ratio: float = 0.3
+    mask_probability: float = 0.5    # fraction of the global crops that are masked at all
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 64             # per process
     log_every: int = 10
@@ -119,6 +130,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -139,6 +151,13 @@ class Config:
         if self.loss.centering is not None:
             return self.loss.centering
         return "logit" if self.method == "dino" else "prob"
+
+    @property
+    def patch_out_dim(self) -> int:
+        """K of iBOT's patch prototypes: the CLS head's when shared, else ibot.patch_out_dim (or model.out_dim)."""
+        if self.ibot.shared_head or self.ibot.patch_out_dim is None:
+            return self.model.out_dim
+        return self.ibot.patch_out_dim
 
     @property
     def vmf(self) -> bool:
@@ -343,11 +362,29 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
     if cfg.data.loader not in ("auto", "ffcv", "pil"):
         raise ValueError(f"config: data.loader must be auto, ffcv or pil, got {cfg.data.loader!r}")
+    _validate_ibot(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def _validate_ibot(cfg: Config) -> None:
+    ib = cfg.ibot
+    if not 0.0 <= ib.mask_min_ratio <= ib.mask_max_ratio <= 1.0:
+        raise ValueError("config: need 0 <= ibot.mask_min_ratio <= ibot.mask_max_ratio <= 1, got "
+                         f"{ib.mask_min_ratio} and {ib.mask_max_ratio}")
+    if not 0.0 <= ib.mask_probability <= 1.0:
+        raise ValueError(f"config: ibot.mask_probability must be in [0, 1], got {ib.mask_probability}")
+    if ib.patch_out_dim is not None and ib.patch_out_dim < 1:
+        raise ValueError(f"config: ibot.patch_out_dim must be >= 1 (or null), got {ib.patch_out_dim}")
+    if ib.loss_weight < 0:
+        raise ValueError(f"config: ibot.loss_weight must be >= 0, got {ib.loss_weight}")
+    if cfg.method == "ibot_vmf" and cfg.crops.global_size % cfg.model.patch_size:
+        # The masks cover the global crop's patch grid, which must be whole.
+        raise ValueError(f"config: method=ibot_vmf needs crops.global_size ({cfg.crops.global_size}) to be a "
+                         f"multiple of model.patch_size ({cfg.model.patch_size})")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -26,6 +26,8 @@ class SSLModel(MultiCropWrapper):
     def forward(self, crops, masks=None, return_patches: bool = False) -> dict:
         out = dict(super().forward(crops, masks=masks, return_patches=return_patches))
         out["prototypes"] = self.head.prototypes()
+        if self.patch_head is not None:  # iBOT with a separate patch head
+            out["patch_prototypes"] = self.patch_head.prototypes()
         return out
 
 
@@ -44,7 +46,12 @@ def build_ssl_model(cfg, drop_path: float) -> nn.Module:
     head = DINOHead(backbone.embed_dim, out_dim=cfg.model.out_dim, hidden_dim=cfg.model.hidden_dim,
                     bottleneck_dim=cfg.model.bottleneck_dim, nlayers=cfg.model.head_layers,
                     norm_last_layer=cfg.norm_last_layer)
-    return SSLModel(backbone, head)
+    patch_head = None
+    if cfg.method == "ibot_vmf" and not cfg.ibot.shared_head:
+        patch_head = DINOHead(backbone.embed_dim, out_dim=cfg.patch_out_dim, hidden_dim=cfg.model.hidden_dim,
+                              bottleneck_dim=cfg.model.bottleneck_dim, nlayers=cfg.model.head_layers,
+                              norm_last_layer=cfg.norm_last_layer)
+    return SSLModel(backbone, head, patch_head)
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -86,13 +93,60 @@ class DINOObjective(nn.Module):
         return loss, metrics, t_out
 
 
-def _ibot_not_ready(cfg, **_):
-    raise ValueError("method=ibot_vmf is not available in this build yet (its objective registers in "
-                     "dinovmf.objectives.OBJECTIVES); use method=dino_vmf or method=dino")
+class IBOTObjective(nn.Module):
+    """`ibot_vmf`: the DINO-vMF CLS loss plus iBOT's masked patch loss on the global crops.
+
+    The student sees the global crops with iBOT block masks (`dinovmf.masking`), the teacher sees them
+    unmasked; both return patch features through the patch head (the CLS head when `ibot.shared_head`).
+    `IBOTPatchLoss` then trains the student's predictions at the masked positions towards the teacher's
+    patch distributions, with its own center. Total loss: `loss_cls + ibot.loss_weight * loss_patch`.
+
+    Masks are drawn on the CPU from torch's default generator, whose state every checkpoint saves, so a
+    resumed run draws the same masks as an uninterrupted one.
+    """
+
+    def __init__(self, cfg, n_global: int = 2):
+        super().__init__()
+        from dinovmf.ibot import IBOTPatchLoss
+        from dinovmf.loss import DINOLoss
+        from dinovmf.masking import BlockMaskGenerator
+
+        self.n_global, self.amp = n_global, cfg.train.amp
+        self.patch_weight = cfg.ibot.loss_weight
+        self.loss = DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
+                             student_temp=cfg.loss.student_temp, centering=cfg.centering,
+                             center_momentum=cfg.loss.center_momentum, koleo_weight=cfg.loss.koleo_weight,
+                             backend=cfg.loss.backend)
+        self.patch_loss = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
+                                        student_temp=cfg.loss.student_temp, centering=cfg.centering,
+                                        center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
+        self.masks = BlockMaskGenerator(cfg.crops.global_size // cfg.model.patch_size,
+                                        min_ratio=cfg.ibot.mask_min_ratio, max_ratio=cfg.ibot.mask_max_ratio,
+                                        mask_probability=cfg.ibot.mask_probability)
+
+    def forward(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
+                teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
+        """(loss, metrics, teacher outputs) of one batch; see the class docstring."""
+        device = crops[0].device
+        masks = self.masks(self.n_global * crops[0].shape[0]).to(device, non_blocking=True)
+        with autocast_context(device, self.amp):
+            with torch.no_grad():
+                t_out = teacher(crops[:self.n_global], return_patches=True)
+            s_out = student(crops, masks=masks, return_patches=True)
+        loss_cls, metrics = self.loss(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"].float(),
+                                      t_out["prototypes"].float(), teacher_temp, self.n_global)
+        s_proto = s_out.get("patch_prototypes", s_out["prototypes"])
+        t_proto = t_out.get("patch_prototypes", t_out["prototypes"])
+        loss_patch, patch_metrics = self.patch_loss(s_out["patch_z"].float(), t_out["patch_z"].float(), masks,
+                                                    s_proto.float(), t_proto.float(), teacher_temp)
+        loss = loss_cls + self.patch_weight * loss_patch
+        metrics = {**metrics, **patch_metrics, "loss_cls": metrics["loss"],
+                   "loss": metrics["loss"] + self.patch_weight * patch_metrics["loss_patch"]}
+        return loss, metrics, t_out
 
 
 # method name -> constructor(cfg) of its objective module.
-OBJECTIVES = {"dino": DINOObjective, "dino_vmf": DINOObjective, "ibot_vmf": _ibot_not_ready}
+OBJECTIVES = {"dino": DINOObjective, "dino_vmf": DINOObjective, "ibot_vmf": IBOTObjective}
 
 
 def build_objective(cfg) -> nn.Module:

@@ -80,8 +80,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def last_layer_params(model: nn.Module) -> list[nn.Parameter]:
-    """The prototype parameters (v, g of the head), frozen for the first epoch(s)."""
-    return list(D.unwrap(model).head.prototype_parameters())
+    """The prototype parameters (v, g of the head, and of iBOT's patch head), frozen for the first epoch(s)."""
+    model = D.unwrap(model)
+    params = list(model.head.prototype_parameters())
+    if model.patch_head is not None:
+        params += model.patch_head.prototype_parameters()
+    return params
 
 
 class StopSignal:
@@ -355,11 +359,13 @@ def _train_step(cfg, step, values, crops, train_module, student, teacher_fwd, te
 
 
 @torch.no_grad()
-def unique_prototypes(model: nn.Module) -> float:
-    """Unique prototypes (greedy merge within UTILISATION_EPS cosine distance): O(K^2 p), so periodic."""
+def unique_prototypes(model: nn.Module, head: str = "head") -> float:
+    """Unique prototypes (greedy merge within UTILISATION_EPS cosine distance) of `head` ("head", or
+    iBOT's "patch_head"): O(K^2 p), so periodic."""
     from dinovmf.prototypes import prototype_utilisation
 
-    return float(prototype_utilisation(D.unwrap(model).head.prototypes().detach().float(), UTILISATION_EPS))
+    weight = getattr(D.unwrap(model), head).prototypes().detach().float()
+    return float(prototype_utilisation(weight, UTILISATION_EPS))
 
 
 def _log(cfg, step, epoch, metrics, monitor, collapse, student, fsdp: bool) -> None:
@@ -373,6 +379,8 @@ def _log(cfg, step, epoch, metrics, monitor, collapse, student, fsdp: bool) -> N
     every = cfg.train.utilisation_every or cfg.train.log_every
     if not fsdp and step % every == 0:  # FSDP shards W across ranks: skip the O(K^2) count there
         record["unique_prototypes"] = unique_prototypes(student)
+        if D.unwrap(student).patch_head is not None:
+            record["patch_unique_prototypes"] = unique_prototypes(student, "patch_head")
     monitor.log(step, record)
     warning = collapse.check(step, metrics.get("teacher_entropy", float("nan")))
     if warning:
@@ -410,6 +418,11 @@ def training_flops_per_image(cfg, model: nn.Module) -> float:
     student = (N_GLOBAL * backbone.forward_flops(g) + n_local * backbone.forward_flops(l)
                + head.flops(N_GLOBAL + n_local) + logits * (N_GLOBAL + n_local))
     teacher = N_GLOBAL * backbone.forward_flops(g) + head.flops(N_GLOBAL) + logits * N_GLOBAL
+    if cfg.method == "ibot_vmf":  # iBOT: the patch head runs on every patch token of the global crops
+        patch_rows = N_GLOBAL * (g // cfg.model.patch_size) ** 2
+        patch_head = model.patch_head if model.patch_head is not None else head
+        student += patch_head.flops(patch_rows)
+        teacher += patch_head.flops(patch_rows)
     return float(3 * student + teacher)
 
 
