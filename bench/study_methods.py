@@ -1,0 +1,314 @@
+"""A small-scale study of the DINO-vMF papers' claims, on the embedded dataset (CPU-sized).
+
+Five methods, each trained with the demo's recipe (configs/demo.yaml) and the same budget (steps x batch,
+same crops, same schedules), on a small ViT (vit_tiny) and a larger one (vit_small, fewer steps):
+
+    dino             DINO, unit prototypes (norm_last_layer=True), logit centering
+    dino_free_norms  DINO with trainable prototype norms but no vMF normaliser (the unstable variant)
+    dino_vmf         DINO-vMF: free norms + log C_p(kappa) in the logits, probability centering
+    ibot_vmf         iBOT-vMF: DINO-vMF + masked patch loss (shared head)
+    koleo            DINO-vMF + KoLeo-proto on the prototypes
+
+Recorded per run (bench/results/study_methods.csv, via bench.harness): kNN top-1 of the teacher backbone
+(k=20, T=0.07, memory and queries = class-balanced subsets of the embedded train and val splits) next
+to a random-init backbone of the same model; prototype utilisation (unique prototypes by greedy merge
+within cosine distance 1e-3, and used prototypes = teacher argmax winners over the kNN images); the
+prototype-norm spread (std/mean, min, max of ||w_k||); stability (NaN seen, collapse warnings, steps
+completed). bench/results/study_methods.png plots them.
+
+    python -m bench.study_methods                          # the full study (sized for <= 20 min, 2 cores)
+    python -m bench.study_methods --steps-tiny 20 --steps-small 8 --methods dino,dino_vmf   # a quicker look
+    python -m bench.study_methods --methods ibot_vmf --no-record   # in parts: train some runs now ...
+    python -m bench.study_methods --report-only                   # ... and record every run under --out
+
+The scale is tiny (the demo's 32 px crops and K = 1024, a few thousand images seen): the numbers say
+whether the methods run and how their prototypes behave early in training, not what they reach on
+ImageNet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.harness import RESULTS_DIR, record
+
+METHODS = {
+    "dino": ["method=dino"],
+    "dino_free_norms": ["method=dino", "model.norm_last_layer=false"],
+    "dino_vmf": ["method=dino_vmf"],
+    "ibot_vmf": ["method=ibot_vmf", "ibot.shared_head=true"],
+    "koleo": ["method=dino_vmf", "loss.koleo_weight=0.1"],
+}
+MODELS = ("vit_tiny", "vit_small")
+
+# Every run trains the demo's recipe (configs/demo.yaml: ViT on 32 px crops of the embedded images, patch 8,
+# K = 1024, tuned to learn within minutes on 2 CPU cores), changing only what the study controls: the
+# method, the model, the budget (steps x batch) and what must be equal across runs — no wall-clock limit
+# (it would cut runs at different steps), no kNN inside the trainer (the study evaluates every run the same
+# way, below), fp32.
+PRESET = "demo"
+STUDY_OVERRIDES = ["data.val=null", "train.time_limit_min=null", "train.keep_last=1", "train.amp=none",
+                   "optim.freeze_last_layer=0",
+                   "eval.baseline=false"]
+ROW_FILE = "study_row.json"  # each finished run's row, so a study can be run in parts and reported at once
+EVAL_KEYS = ("knn_top1", "unique_prototypes", "used_prototypes", "norm_mean", "norm_std_over_mean",
+             "norm_min", "norm_max")
+KNN_MEMORY_PER_CLASS = 30  # kNN memory: 300 train images, class balanced
+KNN_QUERIES_PER_CLASS = 30  # kNN queries: 300 of the 500 val images, class balanced
+KNN_K, KNN_TEMPERATURE = 20, 0.07
+
+
+def budget_overrides(steps: int, batch_size: int | None) -> list[str]:
+    """The run's length (and batch, if given); the preset's schedules (warm-ups, in epochs) stay as they are."""
+    return [f"steps={steps}", f"train.log_every={max(1, steps // 10)}",
+            # A checkpoint every quarter: a diverged run is evaluated at its last good one.
+            f"train.ckpt_every={max(1, steps // 4)}"] + ([f"train.batch_size={batch_size}"] if batch_size else [])
+
+
+def study_config(method: str, arch: str, steps: int, batch_size: int | None = None):
+    from dinovmf.config import load_config
+
+    return load_config(PRESET, STUDY_OVERRIDES + METHODS[method] + [f"model.arch={arch}"]
+                       + budget_overrides(steps, batch_size))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def load_eval_images(split: str, per_class: int | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-cropped, normalised images [N, 3, s, s] and labels of the embedded `split`: the first
+    `per_class` of every class (None: all), with the EvalLoader's transform (DINO's centre crop)."""
+    from PIL import Image
+
+    from dinovmf.data.augment import normalize, to_float_nchw
+    from dinovmf.data.embedded import ensure_embedded
+    from dinovmf.data.eval_loader import center_box
+    from dinovmf.data.fallback_loader import open_images
+
+    images = open_images(ensure_embedded()[split])
+    taken: dict[int, int] = {}
+    pixels, labels = [], []
+    for i in range(len(images)):
+        label = int(images.labels[i])
+        if per_class is not None and taken.get(label, 0) >= per_class:
+            continue
+        taken[label] = taken.get(label, 0) + 1
+        im = images.image(i)
+        top, left, side = center_box(im.height, im.width)
+        im = im.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + side, top + side))
+        pixels.append(torch.from_numpy(np.asarray(im).copy()))
+        labels.append(label)
+    return normalize(to_float_nchw(torch.stack(pixels), "cpu")), torch.tensor(labels)
+
+
+@torch.no_grad()
+def backbone_features(backbone, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    backbone.eval()
+    return torch.cat([backbone(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def knn_top1(backbone, data) -> float:
+    from dinovmf.eval.knn import knn_classify
+
+    (train_x, train_y), (val_x, val_y) = data
+    result = knn_classify(backbone_features(backbone, train_x), train_y, backbone_features(backbone, val_x),
+                          val_y, k=KNN_K, temperature=KNN_TEMPERATURE)
+    return result["top1"]
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path: Path, cfg, data) -> dict:
+    """kNN, prototype norms and utilisation of a checkpoint's teacher."""
+    from dinovmf.checkpoint import load_checkpoint
+    from dinovmf.objectives import build_ssl_model
+    from dinovmf.prototypes import prototype_utilisation, used_prototypes
+    from dinovmf.train import UTILISATION_EPS
+    from dinovmf.vmf import vmf_logits
+
+    state = load_checkpoint(path)
+    teacher = build_ssl_model(cfg, 0.0)
+    teacher.load_state_dict(state["teacher"])
+    teacher.eval()
+    weight = teacher.head.prototypes().float()
+    norms = torch.linalg.vector_norm(weight, dim=1)
+    (train_x, _), (val_x, _) = data
+    z = teacher.head(backbone_features(teacher.backbone, torch.cat([train_x, val_x])))
+    # The teacher's assignment at its final temperature, uncentered: vMF logits for the vMF methods.
+    scores = vmf_logits(z, weight, cfg.loss.teacher_temp) if cfg.vmf else z @ weight.t()
+    finite = bool(torch.isfinite(weight).all())
+    return {
+        "evaluated_step": int(state["step"]), "knn_top1": knn_top1(teacher.backbone, data),
+        "unique_prototypes": prototype_utilisation(weight, UTILISATION_EPS) if finite else float("nan"),
+        "used_prototypes": used_prototypes(scores) if finite else float("nan"),
+        "norm_mean": norms.mean().item(), "norm_std_over_mean": (norms.std() / norms.mean()).item(),
+        "norm_min": norms.min().item(), "norm_max": norms.max().item(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data) -> dict:
+    """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
+    from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
+    from dinovmf.monitor import read_metrics
+    from dinovmf.train import NonFiniteLossError, train
+
+    cfg = study_config(method, arch, steps, batch_size)
+    out_dir = out_root / arch / method
+    shutil.rmtree(out_dir, ignore_errors=True)
+    started = time.time()
+    error = ""
+    try:
+        if train(cfg, out_dir).get("interrupted"):
+            # The trainer turned SIGTERM / SIGINT into a clean stop: stop the study too.
+            raise SystemExit(f"study stopped by a signal during {arch} / {method}")
+    except NonFiniteLossError as e:
+        error = str(e).split(";")[0]
+    wall = time.time() - started
+
+    records = read_metrics(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").exists() else []
+    train_records = [r for r in records if r.get("kind") == "train"]
+    last = train_records[-1] if train_records else {}
+    nan_seen = bool(error) or any(isinstance(v, float) and not math.isfinite(v)
+                                  for r in train_records for v in r.values())
+    row = {
+        "method": method, "model": arch, "recipe": PRESET, "steps": steps, "batch_size": cfg.train.batch_size,
+        "steps_completed": last.get("step", 0), "wall_s": round(wall, 1),
+        "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" for r in records),
+        "final_loss": last.get("loss", float("nan")), "teacher_entropy": last.get("teacher_entropy", float("nan")),
+        "error": error, **{k: float("nan") for k in EVAL_KEYS}, "evaluated_step": 0,
+    }
+    ckpt = latest_checkpoint(checkpoint_dir(out_dir))
+    if ckpt is not None:
+        row.update(evaluate_checkpoint(ckpt, cfg, data))
+    return row
+
+
+def random_init_knn(arch: str, data) -> float:
+    """kNN of the backbone at the seed every run starts from (train.seed)."""
+    from dinovmf.objectives import build_ssl_model
+
+    cfg = study_config("dino_vmf", arch, 1)
+    torch.manual_seed(cfg.train.seed)
+    return knn_top1(build_ssl_model(cfg, 0.0).backbone, data)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def _series(row: dict) -> str:
+    """One bar series per (model, recipe, budget): a study may hold runs of one model at two budgets."""
+    return f"{row['model']}, {row.get('recipe', PRESET)}, {row['steps']} steps"
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    """Four panels, one bar per (method, series): kNN, used / unique prototypes, norm spread."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    series = list(dict.fromkeys(_series(r) for r in rows))
+    width = 0.8 / len(series)
+    panels = [("knn_top1", "kNN top-1 (%)"), ("used_prototypes", "used prototypes (argmax winners)"),
+              ("unique_prototypes", "unique prototypes (eps = 1e-3)"),
+              ("norm_std_over_mean", "prototype norm std / mean")]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for j, name in enumerate(series):
+            offset = (j - (len(series) - 1) / 2) * width
+            runs = {r["method"]: r for r in rows if _series(r) == name}
+            xs = [i + offset for i, m in enumerate(methods) if m in runs]
+            bars = ax.bar(xs, [float(runs[m][key]) for m in methods if m in runs], width, label=name)
+            for x, m in zip(xs, [m for m in methods if m in runs]):
+                if runs[m].get("nan_seen"):  # diverged: evaluated at its last good checkpoint
+                    ax.annotate("NaN", (x, 0), ha="center", va="bottom", color="red", fontsize=8)
+            if key == "knn_top1" and runs:
+                ax.axhline(next(iter(runs.values()))["knn_top1_random_init"], ls="--", lw=1,
+                           color=bars.patches[0].get_facecolor(), label=f"{name}: random init")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=15, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    batch = sorted({r["batch_size"] for r in rows})
+    fig.suptitle(f"DINO family on the embedded dataset (CPU), equal budget per series, batch {batch}; "
+                 "dashed: random-init kNN", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def collect_rows(out_root: Path) -> list[dict]:
+    """The rows of every finished run under `out_root`, in (model, method) order."""
+    rows = []
+    for arch in MODELS:
+        for method in METHODS:
+            path = out_root / arch / method / ROW_FILE
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--steps-tiny", type=int, default=80)
+    parser.add_argument("--steps-small", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
+    parser.add_argument("--out", default="runs/study_methods", help="run folders (checkpoints, logs, rows)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS)
+    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS)
+    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                        help="append every finished run under --out to the results CSV and plot them "
+                             "(--no-record: only train; lets a study be run in parts)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; record the runs under --out")
+    parser.add_argument("--also-report", action="append", default=[], metavar="DIR",
+                        help="another study folder whose runs are recorded and plotted with these")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    models = [m for m in args.models.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"--methods: unknown method {m!r}; choose from {list(METHODS)}")
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"--models: unknown model {m!r}; choose from {list(MODELS)}")
+    torch.set_num_threads(args.threads)
+    out_root = Path(args.out)
+
+    if not args.report_only:
+        image_size = study_config("dino_vmf", models[0], 1).crops.global_size  # eval at the crop size
+        data = (load_eval_images("train", args.knn_memory_per_class, image_size),
+                load_eval_images("val", args.knn_queries_per_class, image_size))
+        for arch in models:
+            steps = args.steps_tiny if arch == "vit_tiny" else args.steps_small
+            base = random_init_knn(arch, data)
+            for method in methods:
+                print(f"\n### {arch} / {method}: {steps} steps", flush=True)
+                row = run_one(method, arch, steps, args.batch_size, out_root, data)
+                row.update(knn_top1_random_init=base, method_index=list(METHODS).index(method),
+                           knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
+                (out_root / arch / method / ROW_FILE).write_text(json.dumps(row))
+                print(row, flush=True)
+    rows = collect_rows(out_root) + [r for d in args.also_report for r in collect_rows(Path(d))]
+    if args.record and rows:
+        record("study_methods", rows, x="method_index", y="knn_top1", group="model",
+               title="kNN top-1 by method (method_index: "
+                     + ", ".join(f"{i}={m}" for i, m in enumerate(METHODS)) + ")",
+               results_dir=args.results_dir)
+        # The harness drew kNN only; replace its figure with the study's four panels.
+        plot_study(rows, Path(args.results_dir) / "study_methods.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
