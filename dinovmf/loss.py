@@ -16,25 +16,9 @@ import torch
 from dinovmf import backends
 from dinovmf.centering import (TeacherCenter, teacher_distribution,  # noqa: F401 - re-exported
                                teacher_distribution_reference, teacher_temperature)
+from dinovmf.kernels.common import check_ce_inputs
 from dinovmf.prototypes import koleo_proto_loss
 from dinovmf.vmf import vmf_logits
-
-
-def _check_ce_inputs(student_logits, teacher_probs) -> tuple[int, int, int, int]:
-    for name, x in (("student_logits", student_logits), ("teacher_probs", teacher_probs)):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [views, B, K], got shape {tuple(x.shape)}")
-    s, b, k = student_logits.shape
-    t = teacher_probs.shape[0]
-    if teacher_probs.shape[1:] != (b, k):
-        raise ValueError(f"teacher_probs must be [T, B={b}, K={k}], got {tuple(teacher_probs.shape)}")
-    if not 1 <= t <= s:
-        raise ValueError(f"teacher_probs needs 1 <= T <= S={s} views, got T={t}")
-    if s < 2:
-        raise ValueError("student_logits needs S >= 2 views: with one view there is no pair s != t")
-    return s, t, b, k
 
 
 def dino_cross_entropy_reference(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -44,7 +28,8 @@ def dino_cross_entropy_reference(student_logits: torch.Tensor, teacher_probs: to
     differentiated). Accumulates in float32 (float64 if the logits are float64); returns a 0-d tensor
     of that dtype.
     """
-    s, t, b, _ = _check_ce_inputs(student_logits, teacher_probs)
+    check_ce_inputs(student_logits, teacher_probs)
+    (s, b, _), t = student_logits.shape, teacher_probs.shape[0]
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     logits = student_logits.to(acc)
     probs = teacher_probs.detach().to(acc)

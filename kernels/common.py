@@ -23,24 +23,26 @@ def pair_count(S: int, T: int) -> int:
 
 
 def check_ce_inputs(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> None:
-    """Validate `dino_cross_entropy` inputs; raise ValueError naming the offending argument."""
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [S, B, K], got shape {tuple(student_logits.shape)}")
-    if teacher_probs.dim() != 3:
-        raise ValueError(f"teacher_probs must be [T, B, K], got shape {tuple(teacher_probs.shape)}")
+    """Validate `dino_cross_entropy` inputs (every backend and the reference share this); raise
+    ValueError naming the offending argument."""
+    for name, x in (("student_logits", student_logits), ("teacher_probs", teacher_probs)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [views, B, K], got shape {tuple(x.shape)}")
     S, B, K = student_logits.shape
     T = teacher_probs.shape[0]
     if teacher_probs.shape[1:] != (B, K):
         raise ValueError(f"teacher_probs shape {tuple(teacher_probs.shape)} does not match student_logits "
                          f"[S={S}, B={B}, K={K}] in B and K")
-    if T < 1 or S < 1 or B < 1 or K < 1:
+    if T < 1 or B < 1 or K < 1:
         raise ValueError(f"empty input: student_logits {tuple(student_logits.shape)}, "
                          f"teacher_probs {tuple(teacher_probs.shape)}")
-    if pair_count(S, T) == 0:
-        raise ValueError(f"no DINO pairs for S={S} student views and T={T} teacher views")
-    for name, x in (("student_logits", student_logits), ("teacher_probs", teacher_probs)):
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if T > S:
+        raise ValueError(f"teacher_probs needs 1 <= T <= S={S} views, got T={T}")
+    if S < 2:
+        raise ValueError(f"no DINO pairs: student_logits needs S >= 2 views (a view is never paired with "
+                         f"itself), got S={S}")
     if student_logits.device != teacher_probs.device:
         raise ValueError(f"student_logits is on {student_logits.device}, teacher_probs on {teacher_probs.device}")
 
