@@ -61,6 +61,16 @@ def autocast_context(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
+def cls_loss(cfg) -> nn.Module:
+    """The CLS-token `DINOLoss` of `cfg` (shared by every method's objective)."""
+    from dinovmf.loss import DINOLoss
+
+    return DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
+                    student_temp=cfg.loss.student_temp, centering=cfg.centering,
+                    center_momentum=cfg.loss.center_momentum, koleo_weight=cfg.loss.koleo_weight,
+                    backend=cfg.loss.backend)
+
+
 class DINOObjective(nn.Module):
     """`dino` and `dino_vmf`: DINO's cross-entropy between the teacher's distributions on the global
     crops and the student's on every crop (CLS token), with centering and, for vMF, the normaliser.
@@ -71,14 +81,9 @@ class DINOObjective(nn.Module):
 
     def __init__(self, cfg, n_global: int = 2):
         super().__init__()
-        from dinovmf.loss import DINOLoss
-
         self.n_global = n_global
         self.amp = cfg.train.amp
-        self.loss = DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
-                             student_temp=cfg.loss.student_temp, centering=cfg.centering,
-                             center_momentum=cfg.loss.center_momentum, koleo_weight=cfg.loss.koleo_weight,
-                             backend=cfg.loss.backend)
+        self.loss = cls_loss(cfg)
 
     def forward(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
                 teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
@@ -108,15 +113,11 @@ class IBOTObjective(nn.Module):
     def __init__(self, cfg, n_global: int = 2):
         super().__init__()
         from dinovmf.ibot import IBOTPatchLoss
-        from dinovmf.loss import DINOLoss
         from dinovmf.masking import BlockMaskGenerator
 
         self.n_global, self.amp = n_global, cfg.train.amp
         self.patch_weight = cfg.ibot.loss_weight
-        self.loss = DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
-                             student_temp=cfg.loss.student_temp, centering=cfg.centering,
-                             center_momentum=cfg.loss.center_momentum, koleo_weight=cfg.loss.koleo_weight,
-                             backend=cfg.loss.backend)
+        self.loss = cls_loss(cfg)
         self.patch_loss = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
                                         student_temp=cfg.loss.student_temp, centering=cfg.centering,
                                         center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
