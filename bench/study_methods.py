@@ -1,7 +1,8 @@
 """A small-scale study of the DINO-vMF papers' claims, on the embedded dataset (CPU-sized).
 
 Five methods, each trained with the demo's recipe (configs/demo.yaml) and the same budget (steps x batch,
-same crops, same schedules), on a small ViT (vit_tiny) and a larger one (vit_small, fewer steps):
+same crops, same schedules), on a small ViT (vit_tiny) and a larger one (vit_small, fewer steps), both
+with the demo's 4 blocks:
 
     dino             DINO, unit prototypes (norm_last_layer=True), logit centering
     dino_free_norms  DINO with trainable prototype norms but no vMF normaliser (the unstable variant)
@@ -16,14 +17,14 @@ within cosine distance 1e-3, and used prototypes = teacher argmax winners over t
 prototype-norm spread (std/mean, min, max of ||w_k||); stability (NaN seen, collapse warnings, steps
 completed). bench/results/study_methods.png plots them.
 
-    python -m bench.study_methods                          # the full study (sized for <= 20 min, 2 cores)
+    python -m bench.study_methods                          # the full study (about an hour on 2 cores)
     python -m bench.study_methods --steps-tiny 20 --steps-small 8 --methods dino,dino_vmf   # a quicker look
     python -m bench.study_methods --methods ibot_vmf --no-record   # in parts: train some runs now ...
     python -m bench.study_methods --report-only                   # ... and record every run under --out
 
-The scale is tiny (the demo's 32 px crops and K = 1024, a few thousand images seen): the numbers say
-whether the methods run and how their prototypes behave early in training, not what they reach on
-ImageNet.
+The scale is tiny (the demo's 32 px crops and K = 256, 8 epochs of 3000 images for vit_tiny): the
+numbers say whether the methods learn, run stably and how their prototypes behave in a short run, not
+what they reach on ImageNet.
 """
 from __future__ import annotations
 
@@ -48,14 +49,13 @@ METHODS = {
 }
 MODELS = ("vit_tiny", "vit_small")
 
-# Every run trains the demo's recipe (configs/demo.yaml: ViT on 32 px crops of the embedded images, patch 8,
-# K = 1024, tuned to learn within minutes on 2 CPU cores), changing only what the study controls: the
+# Every run trains the demo's recipe (configs/demo.yaml: 4-block ViT on 32 px crops of the embedded images,
+# patch 8, K = 256, tuned to learn within minutes on 2 CPU cores), changing only what the study controls: the
 # method, the model, the budget (steps x batch) and what must be equal across runs — no wall-clock limit
 # (it would cut runs at different steps), no kNN inside the trainer (the study evaluates every run the same
 # way, below), fp32.
 PRESET = "demo"
 STUDY_OVERRIDES = ["data.val=null", "train.time_limit_min=null", "train.keep_last=1", "train.amp=none",
-                   "optim.freeze_last_layer=0",
                    "eval.baseline=false"]
 ROW_FILE = "study_row.json"  # each finished run's row, so a study can be run in parts and reported at once
 EVAL_KEYS = ("knn_top1", "unique_prototypes", "used_prototypes", "norm_mean", "norm_std_over_mean",
@@ -259,8 +259,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--steps-tiny", type=int, default=80)
-    parser.add_argument("--steps-small", type=int, default=10)
+    parser.add_argument("--steps-tiny", type=int, default=744, help="default: the demo's 8 epochs")
+    parser.add_argument("--steps-small", type=int, default=465, help="default: 5 epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
     parser.add_argument("--out", default="runs/study_methods", help="run folders (checkpoints, logs, rows)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))

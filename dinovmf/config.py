@@ -33,6 +33,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"          # build_backbone name: vit_tiny, vit_small, vit_base, vit_large
+    depth: int | None = None         # number of blocks; None: the architecture's (12, or 24 for vit_large)
     patch_size: int = 16
     drop_path: float = 0.1
     attn_backend: str = "sdpa"
@@ -65,6 +66,21 @@ class CropsConfig:
     n_local: int = 10
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass
+class AugmentConfig:
+    """Photometric augmentation of the crops: DINO's recipe by default (see dinovmf.data.augment)."""
+    flip_p: float = 0.5
+    jitter_p: float = 0.8            # colour jitter: brightness, contrast, saturation, hue in random order
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1                 # at most 0.5 (half the hue circle)
+    gray_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the crop: DINO's values are for 224 px
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local crops
+    solarize_p: float = 0.2          # second global crop only
 
 
 @dataclass
@@ -129,6 +145,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -362,12 +379,31 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
     if cfg.data.loader not in ("auto", "ffcv", "pil"):
         raise ValueError(f"config: data.loader must be auto, ffcv or pil, got {cfg.data.loader!r}")
+    if cfg.model.depth is not None and cfg.model.depth < 1:
+        raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {cfg.model.depth}")
     _validate_ibot(cfg)
+    _validate_augment(cfg.augment)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def _validate_augment(aug: AugmentConfig) -> None:
+    probabilities = {"flip_p": aug.flip_p, "jitter_p": aug.jitter_p, "gray_p": aug.gray_p,
+                     "solarize_p": aug.solarize_p, **{f"blur_p[{i}]": p for i, p in enumerate(aug.blur_p)}}
+    for key, p in probabilities.items():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"config: augment.{key} must be a probability in [0, 1], got {p}")
+    for key in ("brightness", "contrast", "saturation"):
+        if getattr(aug, key) < 0:
+            raise ValueError(f"config: augment.{key} must be >= 0, got {getattr(aug, key)}")
+    if not 0.0 <= aug.hue <= 0.5:
+        raise ValueError(f"config: augment.hue must be in [0, 0.5], got {aug.hue}")
+    lo, hi = aug.blur_sigma
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"config: augment.blur_sigma must satisfy 0 < low <= high, got {aug.blur_sigma}")
 
 
 def _validate_ibot(cfg: Config) -> None:

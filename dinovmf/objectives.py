@@ -32,9 +32,13 @@ class SSLModel(MultiCropWrapper):
 
 
 def model_args(cfg) -> dict:
-    """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it)."""
-    return {"name": cfg.model.arch, "patch_size": cfg.model.patch_size, "img_size": cfg.crops.global_size,
+    """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it).
+    `depth` only when it overrides the architecture's, so standard models keep the standard args."""
+    args = {"name": cfg.model.arch, "patch_size": cfg.model.patch_size, "img_size": cfg.crops.global_size,
             "num_register_tokens": cfg.model.num_register_tokens}
+    if cfg.model.depth is not None:
+        args["depth"] = cfg.model.depth
+    return args
 
 
 def build_ssl_model(cfg, drop_path: float) -> nn.Module:

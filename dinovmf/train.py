@@ -12,6 +12,7 @@ trajectory of an uninterrupted one step for step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -201,6 +202,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
 
 def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> dict:
     from dinovmf.data import MultiCropConfig, MultiCropLoader
+    from dinovmf.data.augment import dino_view_recipes
 
     device = D.device_for(info)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,8 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> 
     train_path = _prepare_data(cfg.data.train, out_dir, info, "train", cfg.data.loader)
     loader = MultiCropLoader(train_path, cfg.train.batch_size, MultiCropConfig.from_config(cfg.crops), device,
                              seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                             num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader)
+                             num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader,
+                             view_recipes=dino_view_recipes(**dataclasses.asdict(cfg.augment)))
     steps_per_epoch = len(loader)
     sched = build_schedules(cfg, steps_per_epoch, info.world_size)
 
@@ -254,7 +257,8 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> 
     flops = training_flops_per_image(cfg, student)
     peak, peak_source = peak_flops(device) if info.is_main else (float("nan"), "")
     monitor = Monitor(out_dir, sched.total_steps, start_step, images_per_step, flops, peak, enabled=info.is_main)
-    monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.model.patch_size} K={cfg.model.out_dim}"
+    depth = "" if cfg.model.depth is None else f" ({cfg.model.depth} blocks)"
+    monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.model.patch_size}{depth} K={cfg.model.out_dim}"
                     f" | {info.world_size} process(es) on {device.type} | {steps_per_epoch} steps/epoch,"
                     f" {sched.total_steps} steps | {flops / 1e9:.1f} GFLOP/img, MFU vs {peak / 1e12:.2f}"
                     f" TFLOP/s ({peak_source})")

@@ -48,6 +48,13 @@ def test_yaml_file_then_overrides(tmp_path):
     ("optim=3", "is a group"),
     ("steps", "must look like key=value"),
     ("train.batch_size=0", "train.batch_size must be > 0"),
+    ("model.depth=0", "model.depth must be >= 1"),
+    ("augment.hue=0.7", r"augment.hue must be in \[0, 0.5\]"),
+    ("augment.gray_p=1.5", "augment.gray_p must be a probability"),
+    ("augment.blur_p=1,0.1,2", r"augment.blur_p\[2\] must be a probability"),
+    ("augment.blur_sigma=0,1", "augment.blur_sigma must satisfy 0 < low <= high"),
+    ("augment.contrast=-1", "augment.contrast must be >= 0"),
+    ("augment.hues=0.5", "did you mean 'augment.hue'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):

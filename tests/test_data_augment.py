@@ -160,3 +160,29 @@ def test_bad_inputs_raise():
         aug([torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.zeros(3, 4, 4, 3, dtype=torch.uint8)], g)
     with pytest.raises(ValueError, match="multiple"):
         A.augment(torch.zeros(3, 3, 4, 4), [A.GLOBAL1, A.GLOBAL2], g)
+
+
+def test_config_augment_group_builds_the_view_recipes():
+    """`augment.*` keys reach every view; DINO's per-view blur and solarisation split is kept."""
+    import dataclasses
+
+    from dinovmf.config import load_config
+    cfg = load_config(None, ["augment.hue=0.5", "augment.gray_p=0.6", "augment.blur_sigma=0.02,0.3",
+                             "augment.blur_p=0.9,0.3,0", "augment.solarize_p=0.4"])
+    (g1, g2), loc = A.dino_view_recipes(**dataclasses.asdict(cfg.augment))
+    assert (g1.blur_p, g2.blur_p, loc.blur_p) == (0.9, 0.3, 0.0)
+    assert (g1.solarize_p, g2.solarize_p, loc.solarize_p) == (0.0, 0.4, 0.0)
+    assert {r.hue for r in (g1, g2, loc)} == {0.5} and {r.gray_p for r in (g1, g2, loc)} == {0.6}
+    assert (g1.blur_sigma, loc.blur_sigma) == ((0.02, 0.3), (0.02, 0.3))
+    # The config's defaults are DINO's recipes.
+    assert A.dino_view_recipes(**dataclasses.asdict(load_config(None).augment)) == ((A.GLOBAL1, A.GLOBAL2), A.LOCAL)
+
+    b = 2000
+    aug = A.MultiCropAugmentation("cpu", (g1, g2), loc)
+    crops = [torch.randint(0, 256, (b, 6, 6, 3), dtype=torch.uint8) for _ in range(3)]
+    _, params = aug(crops, torch.Generator().manual_seed(0), return_params=True)
+    hue, sigma = params["global"]["hue"].numpy(), params["global"]["sigma"].numpy()
+    assert hue.min() >= -0.5 and hue.max() <= 0.5 and np.abs(hue).mean() > 0.24  # uniform on [-0.5, 0.5]
+    assert sigma.min() >= 0.02 and sigma.max() <= 0.3
+    assert _binomial_ok(params["local"]["gray"].float().mean().item(), 0.6, b)
+    assert params["local"]["blur"].sum() == 0

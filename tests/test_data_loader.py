@@ -129,6 +129,22 @@ def test_fallback_notice_when_ffcv_missing(data, monkeypatch, capsys):
         MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="ffcv")
 
 
+def test_view_recipes_reach_the_pixels(data):
+    """A loader built with all-grayscale, no-jitter recipes hands out gray crops (equal RGB before normalising)."""
+    from dinovmf.data.augment import dino_view_recipes
+    recipes = dino_view_recipes(jitter_p=0.0, gray_p=1.0)
+    loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0,
+                             view_recipes=recipes, **SHARD)
+    crops, _ = next(iter(loader))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for crop in crops:
+        rgb = crop * std + mean
+        torch.testing.assert_close(rgb[:, 0], rgb[:, 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rgb[:, 1], rgb[:, 2], atol=1e-5, rtol=0)
+    default = next(iter(MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0, **SHARD)))[0]
+    assert not torch.allclose((default[0] * std + mean)[:, 0], (default[0] * std + mean)[:, 1], atol=1e-3)
+
+
 def test_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         MultiCropLoader(data[0], 0, CROPS, "cpu")
@@ -160,3 +176,34 @@ def test_pil_loader_reads_an_image_folder_without_ffcv(tmp_path, monkeypatch):
     assert sorted(torch.cat([lab for _, lab in batches]).tolist()) == expected
     images, labels = next(iter(EvalLoader(tmp_path, 12, 16, "cpu", num_workers=0)))
     assert images.shape == (12, 3, 16, 16) and labels.tolist() == expected
+
+
+def test_only_numbas_finalizer_keyerror_is_silenced(monkeypatch):
+    """The unraisable-hook filter drops numba's harmless finalizer KeyError and nothing else."""
+    import sys
+    import types
+
+    from dinovmf.data import ffcv_loader
+
+    def raised_in(filename, name, exc):
+        code = compile(f"def {name}():\n    raise exc\n", filename, "exec")
+        namespace = {"exc": exc}
+        exec(code, namespace)
+        try:
+            namespace[name]()
+        except BaseException as e:  # noqa: BLE001
+            return types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__, object=None,
+                                         exc_type=type(e), err_msg=None)
+
+    numba_file = "/site-packages/numba/core/dispatcher.py"
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ffcv_loader._silence_numba_finalizer_keyerror()
+    ffcv_loader._silence_numba_finalizer_keyerror()  # idempotent: one filter, not a chain of them
+    silenced = raised_in(numba_file, "finalizer", KeyError("sig"))
+    others = [raised_in(numba_file, "finalizer", ValueError("x")),       # another error type
+              raised_in("/site-packages/mylib/dispatcher.py", "finalizer", KeyError("sig")),  # another file
+              raised_in(numba_file, "compile", KeyError("sig"))]         # another function
+    for u in [silenced] + others:
+        sys.unraisablehook(u)
+    assert seen == others

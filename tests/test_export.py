@@ -38,23 +38,23 @@ def make_checkpoint(path, model_args=MODEL_ARGS, prefix="", seed=0):
     return teacher
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_export_round_trip_gives_identical_outputs(tmp_path, registers):
-    args = {**MODEL_ARGS, "num_register_tokens": registers}
+@pytest.mark.parametrize("registers, depth", [(0, None), (2, None), (0, 3)])
+def test_export_round_trip_gives_identical_outputs(tmp_path, registers, depth):
+    args = {**MODEL_ARGS, "num_register_tokens": registers, **({"depth": depth} if depth else {})}
     teacher = make_checkpoint(tmp_path / "ckpt.pt", args).eval()
     out = export_teacher_backbone(tmp_path / "ckpt.pt", tmp_path / "export" / "teacher.safetensors")
 
     assert out == tmp_path / "export" / "teacher.safetensors"
     assert sorted(p.name for p in out.parent.iterdir()) == ["teacher.json", "teacher.safetensors"]
     tensors = load_file(str(out))
-    assert set(tensors) == timm_vit_keys(depth=12, registers=bool(registers))
+    assert set(tensors) == timm_vit_keys(depth=depth or 12, registers=bool(registers))
     for key, value in tensors.items():
         assert torch.equal(value, teacher.backbone.state_dict()[key])
 
     config = json.loads(out.with_suffix(".json").read_text())
     assert config["model_args"] == {"name": "vit_tiny", "patch_size": 16, "img_size": 32,
-                                    "num_register_tokens": registers}
-    assert config["step"] == 7 and config["embed_dim"] == 192 and config["depth"] == 12
+                                    "num_register_tokens": registers, **({"depth": depth} if depth else {})}
+    assert config["step"] == 7 and config["embed_dim"] == 192 and config["depth"] == (depth or 12)
 
     loaded = load_backbone(out)
     assert not loaded.training

@@ -50,6 +50,16 @@ def test_parameter_counts_match_standard_vits(name):
     assert model.mask_token.numel() == model.embed_dim
 
 
+def test_depth_overrides_the_number_of_blocks():
+    shallow = build_backbone("vit_tiny", img_size=32, depth=4)
+    assert len(shallow.blocks) == shallow.depth == 4
+    assert shallow.embed_dim == 192 and shallow.blocks[0].attn.num_heads == 3
+    # The drop-path rates still grow linearly to drop_path_rate over the (now 4) blocks.
+    rates = [b.drop_path.drop_prob for b in build_backbone("vit_tiny", img_size=32, depth=4,
+                                                           drop_path_rate=0.3).blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
 def test_registers_and_patch8_change_the_count_as_expected():
     with torch.device("meta"):
         base = build_backbone("vit_small")
@@ -101,6 +111,9 @@ def test_bad_arguments_raise_clear_errors():
         build_backbone("vit_tiny", img_size=40)
     with pytest.raises(ValueError, match="drop_path_rate"):
         build_backbone("vit_tiny", img_size=32, drop_path_rate=1.5)
+    for depth in (0, 2.5, True):
+        with pytest.raises(ValueError, match="depth"):
+            build_backbone("vit_tiny", img_size=32, depth=depth)
     model = small_vit()
     with pytest.raises(ValueError, match="not divisible"):
         model(torch.randn(1, 3, 24, 32))

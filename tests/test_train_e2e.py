@@ -122,3 +122,19 @@ def test_collapse_detector():
     assert "near log K" in det.check(3, 0.995 * log_k)
     assert det.check(4, 0.999 * log_k) is None  # warned once per kind
     assert det.check(5, 0.001) is None and "near 0" in det.check(6, 0.0)
+
+
+def test_demo_preset_runs_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`make demo`'s command for 3 steps: the embedded data generated on first use, both kNN numbers
+    printed, the evaluation figure written (the full demo is `make demo`: see the README)."""
+    monkeypatch.setenv("DINOVMF_DATA", str(tmp_path / "data"))
+    out = tmp_path / "demo"
+    assert main(["train", "--config", "demo", "--out", str(out), "steps=3", "train.log_every=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 blocks" in printed and "kNN top-1: trained teacher " in printed and "% vs random init " in printed
+    assert (out / "plots" / "evaluation.png").is_file()
+    assert [r["step"] for r in read_records(out)] == [1, 2, 3]
+    evaluation = read_records(out, "eval")[0]
+    assert 0 <= evaluation["knn_top1"] <= 100 and 0 <= evaluation["knn_top1_random_init"] <= 100
+    from dinovmf.data import embedded
+    assert (tmp_path / "data" / f"embedded-v{embedded.VERSION}-{embedded.IMAGE_SIZE}px" / "val").is_dir()

@@ -38,9 +38,19 @@ class ViewRecipe:
     solarize_p: float = 0.0
 
 
-GLOBAL1 = ViewRecipe(blur_p=1.0)
-GLOBAL2 = ViewRecipe(blur_p=0.1, solarize_p=0.2)
-LOCAL = ViewRecipe(blur_p=0.5)
+def dino_view_recipes(blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2,
+                      **common) -> tuple[tuple[ViewRecipe, ViewRecipe], ViewRecipe]:
+    """DINO's (global 1, global 2) and local recipes: blur with probabilities `blur_p` (one per kind of
+    view), solarisation on the second global crop only; `common` (ViewRecipe fields) shared by all.
+    `dino_view_recipes(**dataclasses.asdict(cfg.augment))` builds them from a training config."""
+    blur_sigma = tuple(common.pop("blur_sigma", ViewRecipe.blur_sigma))
+    global1 = ViewRecipe(blur_p=blur_p[0], blur_sigma=blur_sigma, **common)
+    global2 = ViewRecipe(blur_p=blur_p[1], blur_sigma=blur_sigma, solarize_p=solarize_p, **common)
+    local = ViewRecipe(blur_p=blur_p[2], blur_sigma=blur_sigma, **common)
+    return (global1, global2), local
+
+
+(GLOBAL1, GLOBAL2), LOCAL = dino_view_recipes()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,22 @@
 """The embedded default dataset: procedurally generated, labelled images for CPU demos and CI.
 
-Ten classes, five shapes (disk, square, triangle, ring, plus) and five textures (horizontal,
-vertical and diagonal stripes, checkerboard, dot grid), each drawn in a random foreground colour on
-a random background colour, at a random position and scale, with pixel noise. Foreground and
-background colours are drawn from the same distribution and every class covers a similar fraction
-of the image with foreground, so the mean colour says almost nothing about the class: a network has
-to see shape and texture. `tests/test_data_embedded.py` checks both halves of that claim (a
-gradient-histogram kNN is well above chance, a mean-RGB kNN is not).
+Ten classes: five shapes (disk, square, triangle, ring, plus), of which each image holds 3 to 5
+copies of one at random positions and sizes, and five textures (horizontal, vertical and diagonal
+stripes, checkerboard, dot grid) covering the whole image at a random frequency and phase. The
+foreground is one colour per image on a gently graded background; both are muted colours of random
+hue (saturation <= 0.35), the foreground's luma more than 0.3 away from the background's where its
+gradient starts; plus pixel noise.
+
+Why it looks like this (measured with DINO-vMF on a small ViT, see the README):
+- Colour must not be the easiest cue shared by two views of an image. With uniform random RGB
+  colours (version 2) the student learned "which colour pair is this", an instance cue unrelated to
+  the class, and the trained teacher's kNN fell below the random-init baseline. Muted colours and
+  the demo's strong hue jitter (`augment.hue=0.5`) make colour a nuisance the views disagree on.
+- Several instances of a shape, and textures over the whole image, mean that a small random crop
+  (the local views) still shows the class, as on natural images where crops show object parts.
+- Foreground and background colours come from one distribution, so the mean colour says almost
+  nothing about the class. `tests/test_data_embedded.py` checks both halves of that claim (a
+  gradient-histogram kNN is well above chance, a mean-RGB kNN is not).
 
 Every image is a pure function of (split, index), so the dataset is identical on every machine. It
 is written once, as PNG files in class sub-folders named `<label>_<name>` (so `dinovmf prepare`, which
@@ -15,6 +25,7 @@ folder), into a temporary directory that is renamed into place when complete.
 """
 from __future__ import annotations
 
+import colorsys
 import os
 import shutil
 import tempfile
@@ -28,7 +39,7 @@ CLASSES = ("disk", "square", "triangle", "ring", "plus",
 SPLITS = {"train": 3000, "val": 500}
 IMAGE_SIZE = 64
 # Bump when the generator changes, so a cache made by an older version is not reused.
-VERSION = 2
+VERSION = 3
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -40,13 +51,41 @@ def cache_root(root: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dinovmf"
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and background colours, i.i.d. uniform RGB, redrawn until their lumas differ."""
-    luma = np.array([0.299, 0.587, 0.114])
-    while True:
-        fg, bg = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-        if abs(luma @ (fg - bg)) > 0.2:
-            return fg, bg
+LUMA = np.array([0.299, 0.587, 0.114])
+MAX_SATURATION = 0.35
+MIN_LUMA_CONTRAST = 0.3
+
+
+def _colour(rng: np.random.Generator, far_from_luma: float | None = None) -> np.ndarray:
+    """A muted RGB colour of random hue; with `far_from_luma`, one whose luma differs from it by > 0.3."""
+    for _ in range(100):
+        c = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, MAX_SATURATION), rng.uniform(0.05, 1)))
+        if far_from_luma is None or abs(c @ LUMA - far_from_luma) > MIN_LUMA_CONTRAST:
+            return c
+    # A draw misses with p <= 0.7 whatever the background luma (measured), so 100 misses: p < 1e-15.
+    raise AssertionError("no colour far enough in luma")
+
+
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """A linear gradient from a random colour half-way towards another, and the first colour's luma."""
+    c1 = _colour(rng)
+    c2 = c1 + 0.5 * (_colour(rng) - c1)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.clip(0.5 + np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5), 0, 1)[..., None]
+    return c1 * (1 - t) + c2 * t, float(c1 @ LUMA)
+
+
+def _shape_instances(rng: np.random.Generator) -> list[tuple[np.ndarray, float]]:
+    """3 to 5 (centre, radius) pairs inside the image, non-overlapping (a draw that cannot fit is skipped)."""
+    items: list[tuple[np.ndarray, float]] = []
+    for _ in range(rng.integers(3, 6)):
+        for _try in range(30):
+            r = rng.uniform(0.1, 0.16)
+            c = rng.uniform(r, 1 - r, 2)
+            if all(np.hypot(*(c - c0)) > r + r0 + 0.02 for c0, r0 in items):
+                items.append((c, r))
+                break
+    return items
 
 
 def _shape_distance(cls: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -96,21 +135,18 @@ def render_image(split: str, index: int, size: int = IMAGE_SIZE) -> tuple[np.nda
     label = index % len(CLASSES)
     cls = CLASSES[label]
     rng = np.random.default_rng([VERSION, _SPLIT_IDS[split], index])
-    fg, bg = _colour_pair(rng)
     coords = (np.arange(size) + 0.5) / size
     y, x = np.meshgrid(coords, coords, indexing="ij")
-    cx, cy = rng.uniform(0.3, 0.7, 2)
-    pixel = 1.0 / size
+    img, bg_luma = _background(rng, x, y)
+    fg = _colour(rng, far_from_luma=bg_luma)
     if label < 5:
-        r = rng.uniform(0.2, 0.32)
-        sd = _shape_distance(cls, x - cx, y - cy, r)
-        alpha = np.clip(0.5 - sd / pixel, 0.0, 1.0)  # one-pixel anti-aliased edge
+        alpha = np.zeros_like(x)
+        for (cx, cy), r in _shape_instances(rng):
+            sd = _shape_distance(cls, x - cx, y - cy, r)
+            alpha = np.maximum(alpha, np.clip(0.5 - sd * size, 0.0, 1.0))  # one-pixel anti-aliased edge
     else:
-        half = rng.uniform(0.2, 0.3)
-        region = np.maximum(np.abs(x - cx), np.abs(y - cy)) < half
-        alpha = (region & _texture_mask(cls, x, y, rng.uniform(4.0, 7.0), rng.uniform(0, 2 * np.pi)))
-        alpha = alpha.astype(np.float64)
-    img = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
+        alpha = _texture_mask(cls, x, y, rng.uniform(4.0, 7.0), rng.uniform(0, 2 * np.pi)).astype(np.float64)
+    img = img * (1 - alpha[..., None]) + fg * alpha[..., None]
     img += rng.normal(0.0, 0.04, img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 

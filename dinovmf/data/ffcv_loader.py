@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import traceback
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +28,36 @@ def ffcv_available() -> bool:
     """Whether FFCV (and its numba / OpenCV dependencies) imports."""
     try:
         import ffcv.loader  # noqa: F401
-        return True
     except Exception:  # noqa: BLE001 - a broken native dependency raises OSError/ImportError alike
         return False
+    _silence_numba_finalizer_keyerror()
+    return True
+
+
+def is_numba_finalizer_keyerror(exc: BaseException | None, tb) -> bool:
+    """Whether (exc, tb) is the KeyError numba's dispatcher finalizer raises while releasing FFCV's
+    compiled pipeline functions after a loader is garbage collected (seen with numba 0.68 in long
+    processes that build several FFCV loaders, e.g. training then kNN evaluation). The finalizer only
+    drops references to code that is being freed anyway, so the error is harmless, but Python prints
+    it as "Exception ignored in: <finalize object ...>" with a traceback that alarms users."""
+    if not isinstance(exc, KeyError) or tb is None:
+        return False
+    last = traceback.extract_tb(tb)[-1]
+    return last.name == "finalizer" and Path(last.filename).parts[-3:] == ("numba", "core", "dispatcher.py")
+
+
+def _silence_numba_finalizer_keyerror() -> None:
+    """Route exactly that error away from `sys.unraisablehook`; everything else reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dinovmf_numba_filter", False):
+        return
+
+    def hook(unraisable):
+        if not is_numba_finalizer_keyerror(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    hook._dinovmf_numba_filter = True
+    sys.unraisablehook = hook
 
 
 def _multicrop_decoder_class():

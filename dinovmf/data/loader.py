@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from .augment import MultiCropAugmentation, augmentation_generator
+from .augment import MultiCropAugmentation, augmentation_generator, dino_view_recipes
 from .crops import MultiCropConfig
 from .ffcv_loader import ffcv_available
 
@@ -47,12 +47,13 @@ class MultiCropLoader:
     the epoch with `set_epoch` before iterating. `backend`: `auto` (FFCV for a .beton when it
     imports, else PIL with a notice), `ffcv`, or `pil`. `num_workers`: FFCV decoding threads or PIL
     DataLoader processes (default: this rank's share of the CPU cores; 0 decodes in-process for PIL).
+    `view_recipes`: ((global 1, global 2), local) `ViewRecipe`s (default: DINO's, `dino_view_recipes()`).
     """
 
     def __init__(self, path: str | os.PathLike, batch_size: int, crops: MultiCropConfig,
                  device: torch.device | str, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, drop_last: bool = True, backend: str = "auto",
-                 shuffle: bool = True):
+                 shuffle: bool = True, view_recipes=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(crops, MultiCropConfig):
@@ -76,7 +77,8 @@ class MultiCropLoader:
         else:
             from .fallback_loader import PILMultiCropSource
             self.source = PILMultiCropSource(path, num_workers=workers, **args)
-        self.augment = MultiCropAugmentation(self.device)
+        global_recipes, local_recipe = dino_view_recipes() if view_recipes is None else view_recipes
+        self.augment = MultiCropAugmentation(self.device, global_recipes, local_recipe)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration reads (order, crops and augmentation depend on it)."""

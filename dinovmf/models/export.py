@@ -33,7 +33,7 @@ TRAINING_ONLY_KEYS = ("mask_token",)
 # Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add to state_dict keys.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # build_backbone kwargs that define the architecture (the rest only affect training or kernels).
-ARCHITECTURE_ARGS = ("name", "patch_size", "img_size", "num_register_tokens")
+ARCHITECTURE_ARGS = ("name", "patch_size", "img_size", "num_register_tokens", "depth")
 
 
 def _strip_wrappers(key: str) -> str:

@@ -283,9 +283,11 @@ class VisionTransformer(nn.Module):
 
 
 def build_backbone(name: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
-                   num_register_tokens: int = 0, attn_backend: str = "sdpa") -> VisionTransformer:
+                   num_register_tokens: int = 0, attn_backend: str = "sdpa",
+                   depth: int | None = None) -> VisionTransformer:
     """A ViT by name: `vit_tiny` (192/12/3), `vit_small` (384/12/6), `vit_base` (768/12/12),
     `vit_large` (1024/24/16), as width/depth/heads; patch 16 or 8 (any divisor of img_size works).
+    `depth` overrides the architecture's number of blocks (the CPU demo runs a 4-block ViT-Tiny).
 
     `attn_backend` is validated here: an unknown name is a ValueError and `xformers` without the
     package a RuntimeError, before any training starts.
@@ -293,7 +295,11 @@ def build_backbone(name: str, patch_size: int = 16, img_size: int = 224, drop_pa
     if name not in ARCHITECTURES:
         raise ValueError(f"name must be one of {sorted(ARCHITECTURES)}, got {name!r}")
     arch = ARCHITECTURES[name]
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth must be a positive number of blocks (or None for {name}'s {arch.depth}), "
+                         f"got {depth!r}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=arch.embed_dim,
-                             depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio,
+                             depth=arch.depth if depth is None else depth, num_heads=arch.num_heads,
+                             mlp_ratio=arch.mlp_ratio,
                              drop_path_rate=drop_path_rate, num_register_tokens=num_register_tokens,
                              attn_backend=attn_backend)
