@@ -1,0 +1,33 @@
+"""bench/study_methods.py end to end at a toy budget: it trains, evaluates, records, and re-evaluates."""
+import csv
+import json
+
+from bench import study_methods
+
+
+def test_study_trains_records_and_reevaluates(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOVMF_DATA", str(tmp_path / "data"))
+    out, results = tmp_path / "runs", tmp_path / "results"
+    common = ["--models", "vit_tiny", "--methods", "dino,dino_vmf", "--out", str(out),
+              "--results-dir", str(results), "--knn-memory-per-class", "20", "--knn-queries-per-class", "10"]
+    rows = study_methods.main(common + ["--steps-tiny", "2"])
+
+    assert [r["method"] for r in rows] == ["dino", "dino_vmf"]
+    for r in rows:
+        assert r["steps_completed"] == r["evaluated_step"] == 2 and not r["nan_seen"]
+        assert 0 <= r["knn_top1"] <= 100 and (r["knn_memory"], r["knn_queries"]) == (200, 100)
+        assert 1 <= r["used_prototypes"] <= 256 and r["unique_prototypes"] == 256
+    dino, vmf = rows
+    assert abs(dino["norm_min"] - 1) < 1e-6 and abs(dino["norm_max"] - 1) < 1e-6  # DINO: unit prototypes
+    with open(results / "study_methods.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["dino", "dino_vmf"]
+    assert (results / "study_methods.png").stat().st_size > 0
+
+    # --reevaluate: same checkpoints, another kNN memory -> the rows change there and only there.
+    again = study_methods.main(common[:-4] + ["--knn-memory-per-class", "30", "--knn-queries-per-class", "10",
+                                              "--reevaluate", "--no-record"])
+    assert [r["knn_memory"] for r in again] == [300, 300]
+    saved = json.loads((out / "vit_tiny" / "dino_vmf" / study_methods.ROW_FILE).read_text())
+    assert saved["knn_memory"] == 300 and saved["used_prototypes"] == again[1]["used_prototypes"]
+    assert {k: v for k, v in saved.items() if k.startswith("norm")} == {k: v for k, v in vmf.items()
+                                                                         if k.startswith("norm")}
