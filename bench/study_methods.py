@@ -10,6 +10,12 @@ with the demo's 4 blocks:
     ibot_vmf         iBOT-vMF: DINO-vMF + masked patch loss (shared head)
     koleo            DINO-vMF + KoLeo-proto on the prototypes
 
+and two ablations, run only when named in --methods: each method's recipe centers differently (DINO logits,
+DINO-vMF probabilities), so these swap the centering to tell the vMF normaliser's effect from the centering's:
+
+    dino_prob_center       DINO (unit prototypes) with probability centering
+    dino_vmf_logit_center  DINO-vMF with logit centering
+
 Recorded per run (bench/results/study_methods.csv, via bench.harness): kNN top-1 of the teacher backbone
 (k=20, T=0.07, memory and queries = the embedded train and val splits) next to a random-init backbone of
 the same model; prototype utilisation (unique prototypes by greedy merge
@@ -22,6 +28,8 @@ completed). bench/results/study_methods.png plots them.
     python -m bench.study_methods --methods ibot_vmf --no-record   # in parts: train some runs now ...
     python -m bench.study_methods --report-only                   # ... and record every run under --out
     python -m bench.study_methods --reevaluate                    # evaluate finished runs again, record
+    python -m bench.study_methods --methods dino_free_norms,dino_vmf --models vit_tiny \
+        --set optim.lr=9.6e-3 --set optim.clip_grad=0 --name study_stress   # same runs, recipe changed
 
 The scale is tiny (the demo's 32 px crops and K = 256, 8 epochs of 3000 images for vit_tiny): the
 numbers say whether the methods learn, run stably and how their prototypes behave in a short run, not
@@ -47,7 +55,10 @@ METHODS = {
     "dino_vmf": ["method=dino_vmf"],
     "ibot_vmf": ["method=ibot_vmf", "ibot.shared_head=true"],
     "koleo": ["method=dino_vmf", "loss.koleo_weight=0.1"],
+    "dino_prob_center": ["method=dino", "loss.centering=prob"],
+    "dino_vmf_logit_center": ["method=dino_vmf", "loss.centering=logit"],
 }
+STUDY_METHODS = ("dino", "dino_free_norms", "dino_vmf", "ibot_vmf", "koleo")  # the default; the rest: ablations
 MODELS = ("vit_tiny", "vit_small")
 
 # Every run trains the demo's recipe (configs/demo.yaml: 4-block ViT on 32 px crops of the embedded images,
@@ -77,11 +88,18 @@ def budget_overrides(steps: int, batch_size: int | None) -> list[str]:
             f"train.ckpt_every={max(1, steps // 4)}"] + ([f"train.batch_size={batch_size}"] if batch_size else [])
 
 
-def study_config(method: str, arch: str, steps: int, batch_size: int | None = None):
+def study_config(method: str, arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
+    """The demo recipe with the study's fixed overrides, the method's, the model, the budget, and `extra`
+    (--set: a recipe change applied to every run, e.g. a larger learning rate to stress stability)."""
     from dinovmf.config import load_config
 
     return load_config(PRESET, STUDY_OVERRIDES + METHODS[method] + [f"model.arch={arch}"]
-                       + budget_overrides(steps, batch_size))
+                       + budget_overrides(steps, batch_size) + list(extra))
+
+
+def recipe_name(extra) -> str:
+    """The `recipe` column: the preset, plus the --set overrides when there are any."""
+    return " ".join([PRESET, *extra])
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -158,13 +176,14 @@ def evaluate_checkpoint(path: Path, cfg, data) -> dict:
 
 # ------------------------------------------------------------------------------------------- one run
 
-def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data) -> dict:
+def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
+            extra: tuple = ()) -> dict:
     """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
     from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
     from dinovmf.monitor import read_metrics
     from dinovmf.train import NonFiniteLossError, train
 
-    cfg = study_config(method, arch, steps, batch_size)
+    cfg = study_config(method, arch, steps, batch_size, extra)
     out_dir = out_root / arch / method
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.time()
@@ -183,7 +202,8 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     nan_seen = bool(error) or any(isinstance(v, float) and not math.isfinite(v)
                                   for r in train_records for v in r.values())
     row = {
-        "method": method, "model": arch, "recipe": PRESET, "steps": steps, "batch_size": cfg.train.batch_size,
+        "method": method, "model": arch, "recipe": recipe_name(extra), "overrides": list(extra), "steps": steps,
+        "batch_size": cfg.train.batch_size,
         "steps_completed": last.get("step", 0), "wall_s": round(wall, 1),
         "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" for r in records),
         "final_loss": last.get("loss", float("nan")), "teacher_entropy": last.get("teacher_entropy", float("nan")),
@@ -195,11 +215,11 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     return row
 
 
-def random_init_knn(arch: str, data) -> float:
+def random_init_knn(arch: str, data, extra: tuple = ()) -> float:
     """kNN of the backbone at the seed every run starts from (train.seed)."""
     from dinovmf.objectives import build_ssl_model
 
-    cfg = study_config("dino_vmf", arch, 1)
+    cfg = study_config("dino_vmf", arch, 1, extra=extra)
     torch.manual_seed(cfg.train.seed)
     return knn_top1(build_ssl_model(cfg, 0.0).backbone, data)
 
@@ -258,14 +278,16 @@ def reevaluate_runs(out_root: Path, models: list[str], methods: list[str], data)
     from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
 
     for arch in models:
-        base = random_init_knn(arch, data)
         for method in methods:
             path = out_root / arch / method / ROW_FILE
             ckpt = latest_checkpoint(checkpoint_dir(path.parent)) if path.is_file() else None
             if ckpt is None:
                 continue
             row = json.loads(path.read_text())
-            row.update(evaluate_checkpoint(ckpt, study_config(method, arch, row["steps"], row["batch_size"]), data))
+            extra = tuple(row.get("overrides", ()))
+            base = random_init_knn(arch, data, extra)
+            cfg = study_config(method, arch, row["steps"], row["batch_size"], extra)
+            row.update(evaluate_checkpoint(ckpt, cfg, data))
             row.update(knn_top1_random_init=base, knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
             path.write_text(json.dumps(row))
             print(f"{arch} / {method}: kNN {row['knn_top1']:.1f}% (random init {base:.1f}%)", flush=True)
@@ -284,13 +306,19 @@ def collect_rows(out_root: Path) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(STUDY_METHODS),
+                        help="comma-separated, from " + ",".join(METHODS) + " (default: the first five)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps-tiny", type=int, default=744, help="default: the demo's 8 epochs")
     parser.add_argument("--steps-small", type=int, default=465, help="default: 5 epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
     parser.add_argument("--out", default="runs/study_methods", help="run folders (checkpoints, logs, rows)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--name", default="study_methods",
+                        help="results file stem: <results-dir>/<name>.{csv,png}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="a config override applied to every run (repeatable); it names the recipe in "
+                             "the results, so the same method under another recipe is a separate series")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
                         help="default: every train image")
@@ -314,11 +342,16 @@ def main(argv=None) -> list[dict]:
     for m in models:
         if m not in MODELS:
             parser.error(f"--models: unknown model {m!r}; choose from {list(MODELS)}")
+    extra = tuple(args.extra)
+    try:
+        study_config("dino_vmf", models[0] if models else MODELS[0], 1, extra=extra)
+    except ValueError as e:  # an unknown key or a bad value, before any training
+        parser.error(f"--set: {e}")
     torch.set_num_threads(args.threads)
     out_root = Path(args.out)
 
     if not args.report_only:
-        image_size = study_config("dino_vmf", models[0], 1).crops.global_size  # eval at the crop size
+        image_size = study_config("dino_vmf", models[0], 1, extra=extra).crops.global_size  # eval at the crop size
         data = (load_eval_images("train", args.knn_memory_per_class, image_size),
                 load_eval_images("val", args.knn_queries_per_class, image_size))
     if args.reevaluate:
@@ -326,22 +359,22 @@ def main(argv=None) -> list[dict]:
     elif not args.report_only:
         for arch in models:
             steps = args.steps_tiny if arch == "vit_tiny" else args.steps_small
-            base = random_init_knn(arch, data)
+            base = random_init_knn(arch, data, extra)
             for method in methods:
                 print(f"\n### {arch} / {method}: {steps} steps", flush=True)
-                row = run_one(method, arch, steps, args.batch_size, out_root, data)
+                row = run_one(method, arch, steps, args.batch_size, out_root, data, extra)
                 row.update(knn_top1_random_init=base, method_index=list(METHODS).index(method),
                            knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
                 (out_root / arch / method / ROW_FILE).write_text(json.dumps(row))
                 print(row, flush=True)
     rows = collect_rows(out_root) + [r for d in args.also_report for r in collect_rows(Path(d))]
     if args.record and rows:
-        record("study_methods", rows, x="method_index", y="knn_top1", group="model",
+        record(args.name, rows, x="method_index", y="knn_top1", group="model",
                title="kNN top-1 by method (method_index: "
                      + ", ".join(f"{i}={m}" for i, m in enumerate(METHODS)) + ")",
                results_dir=args.results_dir)
         # The harness drew kNN only; replace its figure with the study's four panels.
-        plot_study(rows, Path(args.results_dir) / "study_methods.png")
+        plot_study(rows, Path(args.results_dir) / f"{args.name}.png")
     return rows
 
 

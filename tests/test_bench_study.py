@@ -2,6 +2,9 @@
 import csv
 import json
 
+import pytest
+import yaml
+
 from bench import study_methods
 
 
@@ -31,3 +34,28 @@ def test_study_trains_records_and_reevaluates(tmp_path, monkeypatch):
     assert saved["knn_memory"] == 300 and saved["used_prototypes"] == again[1]["used_prototypes"]
     assert {k: v for k, v in saved.items() if k.startswith("norm")} == {k: v for k, v in vmf.items()
                                                                          if k.startswith("norm")}
+
+
+def test_study_set_overrides_name_a_separate_series(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOVMF_DATA", str(tmp_path / "data"))
+    out, results = tmp_path / "runs", tmp_path / "results"
+    rows = study_methods.main(["--models", "vit_tiny", "--methods", "dino_vmf_logit_center", "--steps-tiny", "1",
+                               "--set", "optim.clip_grad=0", "--name", "study_stress", "--out", str(out),
+                               "--results-dir", str(results), "--knn-memory-per-class", "10",
+                               "--knn-queries-per-class", "5"])
+    (row,) = rows
+    assert row["recipe"] == "demo optim.clip_grad=0" and row["overrides"] == ["optim.clip_grad=0"]
+    assert row["steps_completed"] == 1
+    trained = yaml.safe_load((out / "vit_tiny" / "dino_vmf_logit_center" / "config.yaml").read_text())
+    assert trained["optim"]["clip_grad"] == 0 and trained["loss"]["centering"] == "logit"
+    assert trained["method"] == "dino_vmf"
+    assert (results / "study_stress.csv").is_file() and (results / "study_stress.png").is_file()
+    assert not (results / "study_methods.csv").exists()
+
+
+def test_study_rejects_a_bad_override_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study_methods.main(["--set", "optim.lrr=1", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "optim.lr" in err
+    assert not (tmp_path / "runs").exists()
