@@ -277,6 +277,7 @@ def reevaluate_runs(out_root: Path, models: list[str], methods: list[str], data)
     """Evaluate every finished run's last checkpoint (and the random-init baseline) again with `data`."""
     from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
 
+    bases: dict[tuple, float] = {}  # random-init kNN per (model, --set overrides): the runs usually share them
     for arch in models:
         for method in methods:
             path = out_root / arch / method / ROW_FILE
@@ -285,7 +286,9 @@ def reevaluate_runs(out_root: Path, models: list[str], methods: list[str], data)
                 continue
             row = json.loads(path.read_text())
             extra = tuple(row.get("overrides", ()))
-            base = random_init_knn(arch, data, extra)
+            if (arch, extra) not in bases:
+                bases[arch, extra] = random_init_knn(arch, data, extra)
+            base = bases[arch, extra]
             cfg = study_config(method, arch, row["steps"], row["batch_size"], extra)
             row.update(evaluate_checkpoint(ckpt, cfg, data))
             row.update(knn_top1_random_init=base, knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
@@ -343,15 +346,15 @@ def main(argv=None) -> list[dict]:
         if m not in MODELS:
             parser.error(f"--models: unknown model {m!r}; choose from {list(MODELS)}")
     extra = tuple(args.extra)
-    try:
-        study_config("dino_vmf", models[0] if models else MODELS[0], 1, extra=extra)
-    except ValueError as e:  # an unknown key or a bad value, before any training
+    try:  # an unknown key or a bad value fails here, before any training
+        first_cfg = study_config("dino_vmf", models[0] if models else MODELS[0], 1, extra=extra)
+    except ValueError as e:
         parser.error(f"--set: {e}")
     torch.set_num_threads(args.threads)
     out_root = Path(args.out)
 
     if not args.report_only:
-        image_size = study_config("dino_vmf", models[0], 1, extra=extra).crops.global_size  # eval at the crop size
+        image_size = first_cfg.crops.global_size  # eval at the crop size
         data = (load_eval_images("train", args.knn_memory_per_class, image_size),
                 load_eval_images("val", args.knn_queries_per_class, image_size))
     if args.reevaluate:
