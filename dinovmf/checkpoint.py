@@ -1,6 +1,12 @@
-"""Atomic training checkpoints: `out_dir/checkpoints/step_XXXXXXX.pt`, the last k kept.
+"""Training checkpoints: `out_dir/checkpoints/step_XXXXXXX.pt`, written atomically, the last k kept.
 
-A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then renamed
+What goes in. The models and the optimizer go through `torch.distributed.checkpoint.state_dict`
+(`gather_training_state` / `restore_training_state`), one path for one process, DDP and FSDP2 alike: the
+file always holds FULL state dicts keyed by parameter names (`backbone.*`, `head.*`; the optimizer's state
+by parameter name too), so a checkpoint written by a sharded run loads into a single process, into a run
+with another world size, and into `dinovmf export`.
+
+How it is written. A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then renamed
 over its final name with `os.replace` (atomic on POSIX within one filesystem), and the directory is
 fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
 set of checkpoints or the new one, never a truncated `step_*.pt` that `--resume auto` would pick.
@@ -113,6 +119,37 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{str(path)!r} is not a dinovmf training checkpoint (no 'step' entry)")
     return state
+
+
+def gather_training_state(student: torch.nn.Module, teacher: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """{"student", "teacher", "optimizer"}: full, unsharded CPU state dicts, whatever the wrapping.
+
+    Under FSDP2 this is a collective (every rank calls it; the shards are gathered to rank 0, other ranks
+    get empty dicts). Pass the parallelised student (`ParallelModels.student`), not a DDP wrapper.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"student": get_model_state_dict(student, options=opts),
+            "teacher": get_model_state_dict(teacher, options=opts),
+            "optimizer": get_optimizer_state_dict(student, optimizer, options=opts)}
+
+
+def restore_training_state(state: dict, student: torch.nn.Module, teacher: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Load `gather_training_state`'s dicts (from `state`) into parallelised models and their optimizer.
+
+    Every rank passes the full dicts (each rank reads the file); under FSDP2 each keeps its own shard.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, state["student"], options=opts)
+    set_model_state_dict(teacher, state["teacher"], options=opts)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=opts)
 
 
 def rng_state() -> dict:
