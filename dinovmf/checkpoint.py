@@ -132,9 +132,13 @@ def gather_training_state(student: torch.nn.Module, teacher: torch.nn.Module,
                                                          get_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    stateless = _stateless_parameters(student, optimizer)
+    optim_state = get_optimizer_state_dict(student, optimizer, options=opts)
+    for name, param in stateless.items():  # see _stateless_parameters
+        optimizer.state.pop(param, None)
+        optim_state.get("state", {}).pop(name, None)
     return {"student": get_model_state_dict(student, options=opts),
-            "teacher": get_model_state_dict(teacher, options=opts),
-            "optimizer": get_optimizer_state_dict(student, optimizer, options=opts)}
+            "teacher": get_model_state_dict(teacher, options=opts), "optimizer": optim_state}
 
 
 def restore_training_state(state: dict, student: torch.nn.Module, teacher: torch.nn.Module,
@@ -149,7 +153,26 @@ def restore_training_state(state: dict, student: torch.nn.Module, teacher: torch
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(student, state["student"], options=opts)
     set_model_state_dict(teacher, state["teacher"], options=opts)
-    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=opts)
+    # Not strict: AdamW has no state for a parameter that never had a gradient, which is every prototype
+    # in a checkpoint written during the freeze period. The parameter sets themselves were checked
+    # strictly just above.
+    set_optimizer_state_dict(student, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = state["optimizer"].get("state", {})
+    for name, param in student.named_parameters():  # see _stateless_parameters
+        if name not in saved:
+            optimizer.state.pop(param, None)
+
+
+def _stateless_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{name: parameter} of the trainable parameters the optimizer holds no state for (no gradient yet).
+
+    `get/set_optimizer_state_dict` initialise a stateless optimizer with a zero-gradient, lr=0 step, which
+    gives every parameter an Adam step count of 1. For a parameter that has not trained yet (the frozen
+    prototypes) that count would shift its bias correction once it starts: such state is dropped again,
+    so a run that saved or resumed follows the run that did neither.
+    """
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and p not in optimizer.state}
 
 
 def rng_state() -> dict:

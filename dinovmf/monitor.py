@@ -32,7 +32,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
                 return peak, f"{name} bf16 data sheet"
         return float("nan"), f"{name}: unknown peak"
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm-up (thread pool, allocator)
     best = 0.0
     for _ in range(5):  # the best of a few short windows: other processes only ever slow us down

@@ -185,6 +185,7 @@ class Trainer:
     def _monitor(self, sched: Schedules) -> Monitor:
         cfg, info = self.cfg, self.info
         if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
         flops = self.objective.flops_per_image(self.models.student)
         peak, peak_source = peak_flops(self.device) if info.is_main else (float("nan"), "")

@@ -21,6 +21,16 @@ TINY_OVERRIDES = [
 ]
 
 
+def random_crops(cfg, seed: int = 0) -> list:
+    """A batch of random crops shaped as cfg's loader would deliver them (global crops first)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, gs, ls = cfg.train.batch_size, cfg.crops.global_size, cfg.crops.local_size
+    return ([torch.randn(b, 3, gs, gs, generator=g) for _ in range(2)]
+            + [torch.randn(b, 3, ls, ls, generator=g) for _ in range(cfg.crops.n_local)])
+
+
 def write_image_folder(root: Path, split: str, per_class: int, size: int = 32) -> Path:
     """`per_class` images of each of the embedded dataset's 10 classes, as PNGs in class folders."""
     from PIL import Image

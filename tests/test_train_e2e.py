@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _train_utils import fit, read_records, signal_before_batch, tiny_config, tiny_data
+from _train_utils import fit, random_crops, read_records, signal_before_batch, tiny_config, tiny_data
 
 from dinovmf import checkpoint as ckpt
 from dinovmf.cli import main
@@ -18,13 +18,6 @@ from dinovmf.trainer import Trainer, to_floats
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_data(tmp_path_factory.mktemp("tiny"))
-
-
-def random_crops(cfg, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, gs, ls = cfg.train.batch_size, cfg.crops.global_size, cfg.crops.local_size
-    return ([torch.randn(b, 3, gs, gs, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, ls, ls, generator=g) for _ in range(cfg.crops.n_local)])
 
 
 def test_few_steps_end_to_end(data, tmp_path, capsys):
