@@ -253,9 +253,11 @@ def _coerce(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
-            return None
         inner = [a for a in args if a is not type(None)]
+        # "none" also means null, except for a string field, where it can be a value (loss.centering=none).
+        nulls = ("null", "~") if inner[0] is str else ("null", "none", "~")
+        if isinstance(value, str) and value.lower() in nulls and type(None) in args:
+            return None
         return _coerce(value, inner[0], key)
     if origin is tuple:
         if isinstance(value, str):
