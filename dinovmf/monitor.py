@@ -97,16 +97,23 @@ class ActivationProbe:
 
 
 def gradient_probes(named_params) -> dict[str, float]:
-    """Per-group gradient norms (backbone / head / prototypes) and the count of non-finite entries."""
+    """Per-group gradient norms (backbone / head / prototypes) and the count of non-finite entries.
+
+    A debugging aid (`train.probes`): it reads every gradient. Under FSDP2 each gradient is gathered first
+    (a collective: every rank calls this, as every rank runs the training step).
+    """
     groups: dict[str, list[torch.Tensor]] = {}
     nonfinite = 0
     for name, p in named_params:
         if p.grad is None:
             continue
+        grad = p.grad.detach()
+        if hasattr(grad, "full_tensor"):  # a DTensor shard
+            grad = grad.full_tensor()
         group = ("prototypes" if name.endswith(("head.v", "head.g")) else "head" if "head." in name
                  else "backbone")
-        groups.setdefault(group, []).append(p.grad.detach().float().norm())
-        nonfinite += int((~torch.isfinite(p.grad)).sum())
+        groups.setdefault(group, []).append(grad.float().norm())
+        nonfinite += int((~torch.isfinite(grad)).sum())
     out = {f"probe/grad_norm_{g}": torch.stack(v).norm().item() for g, v in groups.items()}
     out["probe/grad_nonfinite"] = float(nonfinite)
     return out

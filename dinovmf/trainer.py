@@ -91,13 +91,13 @@ class Trainer:
         self.loss_guard.check(loss, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.probe is not None:  # stability probes (train.probes): the raw gradients, before clipping
+            metrics.update({**gradient_probes(models.student.named_parameters()), **self.probe.read()})
         if cfg.optim.clip_grad > 0:
             metrics["grad_norm"] = clip_gradients(self.trainable, cfg.optim.clip_grad)
         if values["freeze_last_layer"]:  # DINO's cancel_gradients_last_layer; AdamW skips a None gradient
             for p in self.frozen_prototypes:
                 p.grad = None
-        if self.probe is not None:
-            metrics.update({**gradient_probes(models.student.named_parameters()), **self.probe.read()})
         self.optimizer.step()
         ema_update(models.teacher, models.student, values["momentum"])
         self.step = step + 1

@@ -111,6 +111,18 @@ def test_train_step_without_a_loader_sums_named_terms_and_keeps_metrics_on_the_d
         Trainer(cfg).train_step(random_crops(cfg), 0)
 
 
+def test_stability_probes_report_per_block_activations_and_gradient_norms():
+    cfg = tiny_config("unused", None, ["steps=10", "train.probes=true"])
+    trainer = Trainer(cfg, steps_per_epoch=5)
+    values = to_floats(trainer.train_step(random_crops(cfg), 1))
+    assert {f"probe/act_rms_block{i}" for i in range(2)} <= set(values)  # model.depth=2
+    assert values["probe/grad_norm_backbone"] > 0 and values["probe/grad_norm_prototypes"] > 0
+    assert values["probe/grad_nonfinite"] == 0
+    # Read right after backward (before clipping and the freeze): together they make up grad_norm.
+    total = math.sqrt(sum(values[f"probe/grad_norm_{g}"] ** 2 for g in ("backbone", "head", "prototypes")))
+    assert total == pytest.approx(values["grad_norm"], rel=1e-4)
+
+
 def test_prototypes_are_frozen_for_the_freeze_steps_then_train():
     """optim.freeze_last_layer = 0.4 epoch of 5 steps = 2 steps: v and g (free norms: dino_vmf) are
     bitwise unchanged through steps 0-1 while the rest trains (lr > 0 from step 1), and move at step 2."""
