@@ -20,6 +20,8 @@ from torch import nn
 
 from dinovmf.config import N_GLOBAL_CROPS
 from dinovmf.loss import DINOLoss
+from dinovmf.models import build_ssl_model  # noqa: F401 - TEMPORARY: bench/study_methods.py imports it from
+# here; delete this line when that file imports it from dinovmf.models (its owner's change, at merge).
 from dinovmf.prototypes import koleo_proto_loss
 
 

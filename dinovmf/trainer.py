@@ -262,11 +262,9 @@ class Trainer:
         D.barrier()
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Continue from checkpoint `path`: weights, optimizer, centers, step and this rank's RNG state.
-
-        The checkpoint may come from any world size and any wrapping (one process, DDP, FSDP2)."""
-        state = ckpt.load_checkpoint(path, map_location="cpu")
+    def _restore(self, state: dict, path: str | Path) -> None:
+        """Weights, optimizer, centers, step and this rank's RNG state from a checkpoint of any world size
+        and wrapping (one process, DDP, FSDP2)."""
         ckpt.restore_training_state(state, self.models.student, self.models.teacher, self.optimizer)
         self.objective.load_state_dict(state["loss"])
         self.step = int(state["step"])
@@ -287,7 +285,7 @@ class Trainer:
         if cfg is None:
             cfg = config_from_dict(state["config"], source=str(path))
         trainer = cls(cfg, out_dir, device, steps_per_epoch=steps_per_epoch or state.get("steps_per_epoch"))
-        trainer.load(path)
+        trainer._restore(state, path)
         return trainer
 
 
