@@ -1,9 +1,9 @@
 """Why a training loop stops early: a signal (SIGTERM / SIGINT, e.g. a pre-empted job), a wall-clock budget,
 or a non-finite loss. The first two end the run cleanly (checkpoint saved); the last raises.
 
-All three are checked after each step. The first two are local flags that the loop ORs over the ranks
-(`dinovmf.distributed.any_rank`, one tiny all-reduce on a CPU group: no GPU sync), so every rank stops after
-the same step and the collectives stay matched; the loss is the same on every rank's schedule of checks.
+Each is a local flag OR-ed over the ranks (`dinovmf.distributed.any_rank`: one tiny all-reduce on a CPU
+group, no GPU sync; free in a single process), so every rank stops at the same step and no rank is left
+waiting in a collective that the others abandoned.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import signal
 import time
 
 import torch
+
+from dinovmf import distributed as D
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,9 +65,13 @@ class NonFiniteLossGuard:
 
     @staticmethod
     def _raise_unless_finite(value: float, step: int) -> None:
-        if not math.isfinite(value):
+        """Raise on every rank when any rank's loss is not finite (a rank raising alone would leave the
+        others blocked in the step's gradient all-reduce)."""
+        local = not math.isfinite(value)
+        if D.any_rank(local)[0]:
+            where = f"({value})" if local else "(on another rank)"
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step}; stopping. Try a lower optim.lr, a smaller "
+                f"non-finite loss {where} at step {step}; stopping. Try a lower optim.lr, a smaller "
                 "optim.clip_grad, or train.amp=none, and run with train.probes=true to see which layer "
                 "blows up")
 

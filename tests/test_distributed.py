@@ -30,7 +30,8 @@ OVERRIDES = [f"steps={STEPS}", "optim.warmup_epochs=0", "optim.freeze_last_layer
 FREEZE_STEPS = 2
 RUNS = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"]}
 
-# One rank: trains the runs named on the command line (`fsdp_resumed` continues fsdp's step-2 checkpoint)
+# One rank: trains the runs named on the command line (`fsdp_resumed` continues fsdp's step-2 checkpoint;
+# `ddp_nan` feeds rank 1 a NaN batch)
 # through the public Trainer, then dumps this rank's full student / teacher / center, so the test can
 # compare ranks (a checkpoint holds rank 0's view only).
 WORKER = f"""
@@ -39,8 +40,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 sys.path.insert(0, {str(TESTS)!r})
-from _train_utils import tiny_config
+from _train_utils import HookedLoader, tiny_config
 from dinovmf.distributed import init_distributed
+from dinovmf.stopping import NonFiniteLossError
 from dinovmf.train import build_train_loader
 from dinovmf.trainer import Trainer
 
@@ -48,8 +50,15 @@ out, data = Path(sys.argv[1]), sys.argv[2]
 info = init_distributed("gloo")
 runs = {json.dumps(RUNS)}
 for name in sys.argv[3:]:
-    cfg = tiny_config(data, None, {OVERRIDES!r} + runs[name.replace("_resumed", "")])
+    cfg = tiny_config(data, None, {OVERRIDES!r} + runs[name.split("_")[0]])
     loader = build_train_loader(cfg, out / name, info)
+    if name.endswith("_nan"):  # a NaN batch on rank 1 only, at step 2: every rank must stop there
+        poison = lambda i, crops: [c * float("nan") for c in crops] if i == 2 and info.rank == 1 else crops
+        try:
+            Trainer(cfg, out / name, steps_per_epoch=len(loader)).fit(HookedLoader(loader, poison))
+        except NonFiniteLossError as e:
+            (out / name / f"rank{{info.rank}}.err").write_text(str(e))
+        continue
     if name.endswith("_resumed"):
         start = out / name.replace("_resumed", "") / "checkpoints" / "step_0000002.pt"
         trainer = Trainer.resume(start, cfg, out / name, steps_per_epoch=len(loader))
@@ -99,11 +108,12 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(setup, tmp_path_factory):
-    """One 2-process launch: a DDP run, an FSDP2 run, and the FSDP2 run resumed from its step-2 checkpoint."""
+    """One 2-process launch: a DDP run, an FSDP2 run, the FSDP2 run resumed from its step-2 checkpoint, and a
+    DDP run whose rank 1 meets a NaN batch."""
     worker, data = setup
     out = tmp_path_factory.mktemp("runs")
     wait_all([torchrun(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
-                       worker, out, data, ["ddp", "fsdp", "fsdp_resumed"])])
+                       worker, out, data, ["ddp", "fsdp", "fsdp_resumed", "ddp_nan"])])
     return out, data
 
 
@@ -188,6 +198,15 @@ def test_fsdp_checkpoint_loads_in_one_process_and_exports(runs, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), trainer.models.teacher.backbone.eval()(x))
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(runs):
+    """Rank 1 alone sees the NaN; had it raised alone, rank 0 would block in the gradient all-reduce (the
+    launch would time out instead of returning)."""
+    out, _ = runs
+    errors = [(out / "ddp_nan" / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert "(on another rank) at step 2" in errors[0] and "(nan) at step 2" in errors[1]
+    assert [s for s, _ in ckpt.list_checkpoints(out / "ddp_nan" / "checkpoints")] == [1, 2]
 
 
 def test_two_nodes_on_loopback_c10d(setup, tmp_path):
