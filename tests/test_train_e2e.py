@@ -169,17 +169,73 @@ def test_collapse_detector():
     assert det.check(5, 0.001) is None and "near 0" in det.check(6, 0.0)
 
 
-def test_demo_preset_runs_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
-    """`make demo`'s command for 3 steps: the embedded data generated on first use, both kNN numbers
-    printed, the evaluation figure written (the full demo is `make demo`: see the README)."""
-    monkeypatch.setenv("DINOVMF_DATA", str(tmp_path / "data"))
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory):
+    """The embedded dataset (3000 train / 500 val images, 10 classes), generated once for this module."""
+    from dinovmf.data import ensure_embedded
+
+    root = tmp_path_factory.mktemp("embedded")
+    ensure_embedded(root)
+    return root
+
+
+# The demo recipe with a faster teacher (EMA momentum 0.95 instead of 0.98) and 2 of its 4 blocks, run for
+# its first LEARNING_STEPS steps (the schedules stay the full 8-epoch run's: lr at its peak, not decayed).
+# Measured on the shared 2-core box, teacher kNN top-1 minus the random-init model's, at step 300:
+# +11.8 (seed 0: 55.6 vs 43.8), +10.4 (seed 1), +15.6 (seed 2); with the demo's own momentum 0.98 the
+# teacher lags too far behind the student at this point (+2.6 with 4 blocks, seed 0).
+LEARNING = ["optim.momentum_teacher=0.95", "model.depth=2", "data.val=null", "data.loader=pil", "data.num_workers=0"]
+LEARNING_STEPS = 300
+LEARNING_MARGIN = 5.0  # kNN points; one kNN figure on 500 queries has a standard error of about 2.2
+
+
+def test_a_short_seeded_demo_run_beats_its_random_init_knn(embedded_root, tmp_path):
+    """Training learns: after 300 steps on the embedded data, the teacher's kNN top-1 (DINO's protocol,
+    k=20, T=0.07, 3000 train images as memory, 500 val queries) beats the same network's step-0 weights
+    by a margin."""
+    import copy
+
+    from dinovmf.config import load_config
+    from dinovmf.data import ensure_embedded
+    from dinovmf.distributed import DistInfo
+    from dinovmf.eval.run import knn_for_backbone
+    from dinovmf.train import build_train_loader
+
+    data = ensure_embedded(embedded_root)  # already generated: just the folders
+    cfg = load_config("demo", [f"data.train={data['train']}"] + LEARNING)
+    loader = build_train_loader(cfg, tmp_path, DistInfo())
+    trainer = Trainer(cfg, steps_per_epoch=len(loader))
+    random_init = copy.deepcopy(trainer.models.teacher.backbone)
+    step = 0
+    while step < LEARNING_STEPS:
+        loader.set_epoch(step // len(loader))
+        for crops, _labels in loader:
+            trainer.train_step(crops, step)
+            step += 1
+            if step == LEARNING_STEPS:
+                break
+
+    def knn(backbone) -> float:
+        return knn_for_backbone(backbone, data["train"], data["val"], cfg.crops.global_size, cfg.eval.batch_size,
+                                "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, loader_backend="pil",
+                                num_workers=0)["top1"]
+
+    trained, baseline = knn(trainer.models.teacher.backbone), knn(random_init)
+    assert trained >= baseline + LEARNING_MARGIN, f"trained teacher {trained:.1f}% vs random init {baseline:.1f}%"
+
+
+def test_demo_preset_runs_end_to_end_through_the_cli(embedded_root, tmp_path, monkeypatch, capsys):
+    """`make demo`'s command for 3 steps (FFCV when installed): the .beton prepared from the embedded data,
+    both kNN numbers printed as recorded, the evaluation figure written (the full demo is `make demo`)."""
+    monkeypatch.setenv("DINOVMF_DATA", str(embedded_root))
     out = tmp_path / "demo"
     assert main(["train", "--config", "demo", "--out", str(out), "steps=3", "train.log_every=1"]) == 0
     printed = capsys.readouterr().out
-    assert "4 blocks" in printed and "kNN top-1: trained teacher " in printed and "% vs random init " in printed
+    assert "4 blocks" in printed and "step 3/3 | loss " in printed  # progress lines: stdout is not a terminal
+    evaluation = read_records(out, "eval")[0]
+    assert (f"kNN top-1: trained teacher {evaluation['knn_top1']:.2f}% vs random init "
+            f"{evaluation['knn_top1_random_init']:.2f}%") in printed
     assert (out / "plots" / "evaluation.png").is_file()
     assert [r["step"] for r in read_records(out)] == [1, 2, 3]
-    evaluation = read_records(out, "eval")[0]
-    assert 0 <= evaluation["knn_top1"] <= 100 and 0 <= evaluation["knn_top1_random_init"] <= 100
     from dinovmf.data import embedded
-    assert (tmp_path / "data" / f"embedded-v{embedded.VERSION}-{embedded.IMAGE_SIZE}px" / "val").is_dir()
+    assert (embedded_root / f"embedded-v{embedded.VERSION}-{embedded.IMAGE_SIZE}px" / "val").is_dir()
