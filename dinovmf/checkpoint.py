@@ -6,9 +6,9 @@ file always holds FULL state dicts keyed by parameter names (`backbone.*`, `head
 by parameter name too), so a checkpoint written by a sharded run loads into a single process, into a run
 with another world size, and into `dinovmf export`.
 
-How it is written. A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then renamed
-over its final name with `os.replace` (atomic on POSIX within one filesystem), and the directory is
-fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
+How it is written. A checkpoint is written to a temporary file in the same directory, flushed and
+fsync'ed, then renamed over its final name with `os.replace` (atomic on POSIX within one filesystem), and
+the directory is fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
 set of checkpoints or the new one, never a truncated `step_*.pt` that `--resume auto` would pick.
 """
 from __future__ import annotations

@@ -50,7 +50,8 @@ class DINOObjective(nn.Module):
         super().__init__()
         self.amp = cfg.train.amp
         self.koleo_weight = cfg.loss.koleo_weight
-        self.global_size, self.local_size, self.n_local = cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local
+        self.global_size, self.local_size = cfg.crops.global_size, cfg.crops.local_size
+        self.n_local = cfg.crops.n_local
         self.dino = DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
                              student_temp=cfg.loss.student_temp, centering=cfg.centering,
                              center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)

@@ -87,8 +87,8 @@ def prepare_data(spec: str, out_dir: Path, info: D.DistInfo, split: str = "train
 
 def evaluate_knn_after_training(cfg: Config, out_dir: Path, backbone: nn.Module | None, device,
                                 info: D.DistInfo) -> dict:
-    """kNN top-1 of the trained teacher `backbone` (used on rank 0 only) on data.val (train features from data.train); with
-    eval.baseline, also of a random-initialised backbone (the student's step-0 weights)."""
+    """kNN top-1 of the trained teacher `backbone` (used on rank 0 only) on data.val, train features from
+    data.train; with eval.baseline, also of a random-initialised backbone (the student's step-0 weights)."""
     from dinovmf.eval.run import knn_for_backbone
     from dinovmf.models import build_backbone, model_args
 

@@ -155,7 +155,8 @@ class Trainer:
         finally:
             monitor.close()
         if interrupted and info.is_main:
-            print(f"stopped by signal at step {self.step}; checkpoint saved, continue with --resume auto", flush=True)
+            print(f"stopped by signal at step {self.step}; checkpoint saved, continue with --resume auto",
+                  flush=True)
         return {**last, "step": self.step, "interrupted": interrupted}
 
     def _set_steps_per_epoch(self, steps_per_epoch: int) -> None:

@@ -70,7 +70,8 @@ def test_prepare_tests_fail_instead_of_skipping_when_ci_requires_ffcv(tmp_path):
     fake = tmp_path / "ffcv"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('simulated broken FFCV')\n")
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_data_prepare.py"), "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_data_prepare.py"), "-q",
+           "-p", "no:cacheprovider"]
     env = {k: v for k, v in os.environ.items() if k != "DINOVMF_REQUIRE_FFCV"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     skipped = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)

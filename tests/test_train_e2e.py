@@ -129,7 +129,8 @@ def test_prototypes_are_frozen_for_the_freeze_steps_then_train():
     cfg = tiny_config("unused", None, ["steps=10", "optim.clip_grad=0"])
     trainer = Trainer(cfg, steps_per_epoch=5)
     head, backbone = trainer.models.student.head, trainer.models.student.backbone
-    v0, g0, qkv0 = head.v.detach().clone(), head.g.detach().clone(), backbone.blocks[0].attn.qkv.weight.detach().clone()
+    v0, g0 = head.v.detach().clone(), head.g.detach().clone()
+    qkv0 = backbone.blocks[0].attn.qkv.weight.detach().clone()
     for step in range(2):
         trainer.train_step(random_crops(cfg, step), step)
         assert torch.equal(head.v, v0) and torch.equal(head.g, g0), f"prototypes moved at step {step}"
@@ -184,7 +185,8 @@ def embedded_root(tmp_path_factory):
 # Measured on the shared 2-core box, teacher kNN top-1 minus the random-init model's, at step 300:
 # +11.8 (seed 0: 55.6 vs 43.8), +10.4 (seed 1), +15.6 (seed 2); with the demo's own momentum 0.98 the
 # teacher lags too far behind the student at this point (+2.6 with 4 blocks, seed 0).
-LEARNING = ["optim.momentum_teacher=0.95", "model.depth=2", "data.val=null", "data.loader=pil", "data.num_workers=0"]
+LEARNING = ["optim.momentum_teacher=0.95", "model.depth=2", "data.val=null", "data.loader=pil",
+            "data.num_workers=0"]
 LEARNING_STEPS = 300
 LEARNING_MARGIN = 5.0  # kNN points; one kNN figure on 500 queries has a standard error of about 2.2
 
