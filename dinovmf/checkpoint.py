@@ -1,8 +1,14 @@
-"""Atomic training checkpoints: `out_dir/checkpoints/step_XXXXXXX.pt`, the last k kept.
+"""Training checkpoints: `out_dir/checkpoints/step_XXXXXXX.pt`, written atomically, the last k kept.
 
-A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then renamed
-over its final name with `os.replace` (atomic on POSIX within one filesystem), and the directory is
-fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
+What goes in. The models and the optimizer go through `torch.distributed.checkpoint.state_dict`
+(`gather_training_state` / `restore_training_state`), one path for one process, DDP and FSDP2 alike: the
+file always holds FULL state dicts keyed by parameter names (`backbone.*`, `head.*`; the optimizer's state
+by parameter name too), so a checkpoint written by a sharded run loads into a single process, into a run
+with another world size, and into `dinovmf export`.
+
+How it is written. A checkpoint is written to a temporary file in the same directory, flushed and
+fsync'ed, then renamed over its final name with `os.replace` (atomic on POSIX within one filesystem), and
+the directory is fsync'ed so the rename itself survives a crash. A job killed mid-write therefore leaves either the old
 set of checkpoints or the new one, never a truncated `step_*.pt` that `--resume auto` would pick.
 """
 from __future__ import annotations
@@ -113,6 +119,60 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{str(path)!r} is not a dinovmf training checkpoint (no 'step' entry)")
     return state
+
+
+def gather_training_state(student: torch.nn.Module, teacher: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """{"student", "teacher", "optimizer"}: full, unsharded CPU state dicts, whatever the wrapping.
+
+    Under FSDP2 this is a collective (every rank calls it; the shards are gathered to rank 0, other ranks
+    get empty dicts). Pass the parallelised student (`ParallelModels.student`), not a DDP wrapper.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    stateless = _stateless_parameters(student, optimizer)
+    optim_state = get_optimizer_state_dict(student, optimizer, options=opts)
+    for name, param in stateless.items():  # see _stateless_parameters
+        optimizer.state.pop(param, None)
+        optim_state.get("state", {}).pop(name, None)
+    return {"student": get_model_state_dict(student, options=opts),
+            "teacher": get_model_state_dict(teacher, options=opts), "optimizer": optim_state}
+
+
+def restore_training_state(state: dict, student: torch.nn.Module, teacher: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Load `gather_training_state`'s dicts (from `state`) into parallelised models and their optimizer.
+
+    Every rank passes the full dicts (each rank reads the file); under FSDP2 each keeps its own shard.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, state["student"], options=opts)
+    set_model_state_dict(teacher, state["teacher"], options=opts)
+    # Not strict: AdamW has no state for a parameter that never had a gradient, which is every prototype
+    # in a checkpoint written during the freeze period. The parameter sets themselves were checked
+    # strictly just above.
+    set_optimizer_state_dict(student, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = state["optimizer"].get("state", {})
+    for name, param in student.named_parameters():  # see _stateless_parameters
+        if name not in saved:
+            optimizer.state.pop(param, None)
+
+
+def _stateless_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{name: parameter} of the trainable parameters the optimizer holds no state for (no gradient yet).
+
+    `get/set_optimizer_state_dict` initialise a stateless optimizer with a zero-gradient, lr=0 step, which
+    gives every parameter an Adam step count of 1. For a parameter that has not trained yet (the frozen
+    prototypes) that count would shift its bias correction once it starts: such state is dropped again,
+    so a run that saved or resumed follows the run that did neither.
+    """
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and p not in optimizer.state}
 
 
 def rng_state() -> dict:

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from dinovmf.centering import CENTERING_MODES
+
 METHODS = ("dino", "dino_vmf", "ibot_vmf")
-CENTERINGS = ("logit", "prob", "sinkhorn", "none")
+# DINO's two global crops: the views the teacher sees and every student view is paired with. The crop
+# augmentation recipe (blur 1.0 / 0.1, solarise on the second) is defined for exactly two, so this is a
+# constant of the method, not a setting; the data loader, the objectives and the FLOP count read it here.
+N_GLOBAL_CROPS = 2
 
 
 @dataclass
@@ -118,7 +123,6 @@ class TrainConfig:
     time_limit_min: float | None = None  # wall-clock budget: stop training (save, then evaluate) when spent
     probes: bool = False             # activation / gradient statistics in the metrics (stability probes)
     utilisation_every: int = 0       # steps between prototype-utilisation metrics; 0: at log steps
-    debug_nan_step: int | None = None  # testing hook: make the loss NaN at this step
 
 
 @dataclass
@@ -249,9 +253,11 @@ def _coerce(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
-            return None
         inner = [a for a in args if a is not type(None)]
+        # "none" also means null, except for a string field, where it can be a value (loss.centering=none).
+        nulls = ("null", "~") if inner[0] is str else ("null", "none", "~")
+        if isinstance(value, str) and value.lower() in nulls and type(None) in args:
+            return None
         return _coerce(value, inner[0], key)
     if origin is tuple:
         if isinstance(value, str):
@@ -354,8 +360,8 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.method, METHODS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"config: method must be one of {METHODS}, got {cfg.method!r}{hint}")
-    if cfg.loss.centering is not None and cfg.loss.centering not in CENTERINGS:
-        raise ValueError(f"config: loss.centering must be one of {CENTERINGS}, got {cfg.loss.centering!r}")
+    if cfg.loss.centering is not None and cfg.loss.centering not in CENTERING_MODES:
+        raise ValueError(f"config: loss.centering must be one of {CENTERING_MODES}, got {cfg.loss.centering!r}")
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"config: steps must be >= 1, got {cfg.steps}")
     if cfg.epochs < 1:

@@ -1,7 +1,7 @@
-"""Process-group set-up and model wrapping: one process, torchrun (one or many nodes) or SLURM srun.
+"""Process-group set-up: one process, torchrun (one or many nodes) or SLURM srun.
 
-Kept apart from the model code (torchtitan's split): the trainer asks this module for the rank / world
-size, a device, and a wrapped student, and never touches `torch.distributed` set-up itself.
+The trainer asks this module for the rank / world size and a device and never touches
+`torch.distributed` set-up itself; wrapping the models (DDP / FSDP2 / compile) is `dinovmf.parallelize`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+
+_CONTROL_GROUP = None  # set by init_distributed under nccl: a gloo group for host-side flags
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistIn
     name = choose_backend(backend)
     if name == "nccl":
         torch.cuda.set_device(local_rank)
+    global _CONTROL_GROUP
     if not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         dist.init_process_group(name, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # Host-side control flags (stop signals, time limit) travel on a CPU group: an all-reduce of
+        # a CUDA tensor would need a device sync to read, every step. Under gloo the default group is one.
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if name == "nccl" else None
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=name)
 
 
@@ -84,8 +90,10 @@ def device_for(info: DistInfo) -> torch.device:
 
 
 def cleanup() -> None:
+    global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def barrier() -> None:
@@ -93,62 +101,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of `t` over ranks (in place and returned); identity when not distributed."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
-def broadcast_object(obj, src: int = 0):
-    """`obj` from rank `src` on every rank (e.g. the resume step); identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `model` when distributed, else `model` itself.
-
-    `broadcast_buffers=False`: the backbone has no running statistics to sync, and broadcasting every
-    forward would cost a collective per step for nothing.
-    """
-    if not info.is_distributed:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], info: DistInfo,
-               mixed_precision: bool = False) -> nn.Module:
-    """FSDP2: `fully_shard` each transformer block, then the root (sharding the rest: embeddings, head).
-
-    Sharding per block lets FSDP all-gather one block's weights at a time, which is what makes ViT-L
-    with a 65536-prototype head fit next to its teacher. With `mixed_precision`, parameters are cast to
-    bf16 for compute and gradients reduced in fp32.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not info.is_distributed:
-        return model
-    kwargs = {}
-    if mixed_precision:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers (FSDP2 modifies in place: nothing to unwrap)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def any_rank(*flags: bool) -> list[bool]:
+    """Each of `flags` OR-ed over all ranks (a CPU all-reduce on the control group); as is alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return [bool(v) for v in t.tolist()]

@@ -1,4 +1,4 @@
-"""Training telemetry: progress bar, metrics.jsonl, TensorBoard, throughput / MFU, collapse and probes.
+"""Training telemetry: progress (bar or lines), metrics.jsonl, TensorBoard, throughput / MFU, collapse, probes.
 
 Only the main process writes; other ranks get a `Monitor(enabled=False)` whose methods do nothing, so
 the loop calls it unconditionally.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
                 return peak, f"{name} bf16 data sheet"
         return float("nan"), f"{name}: unknown peak"
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm-up (thread pool, allocator)
     best = 0.0
     for _ in range(5):  # the best of a few short windows: other processes only ever slow us down
@@ -95,33 +97,68 @@ class ActivationProbe:
 
 
 def gradient_probes(named_params) -> dict[str, float]:
-    """Per-group gradient norms (backbone / head / prototypes) and the count of non-finite entries."""
+    """Per-group gradient norms (backbone / head / prototypes) and the count of non-finite entries.
+
+    A debugging aid (`train.probes`): it reads every gradient. Under FSDP2 each gradient is gathered first
+    (a collective: every rank calls this, as every rank runs the training step).
+    """
     groups: dict[str, list[torch.Tensor]] = {}
     nonfinite = 0
     for name, p in named_params:
         if p.grad is None:
             continue
+        grad = p.grad.detach()
+        if hasattr(grad, "full_tensor"):  # a DTensor shard
+            grad = grad.full_tensor()
         group = ("prototypes" if name.endswith(("head.v", "head.g")) else "head" if "head." in name
                  else "backbone")
-        groups.setdefault(group, []).append(p.grad.detach().float().norm())
-        nonfinite += int((~torch.isfinite(p.grad)).sum())
+        groups.setdefault(group, []).append(grad.float().norm())
+        nonfinite += int((~torch.isfinite(grad)).sum())
     out = {f"probe/grad_norm_{g}": torch.stack(v).norm().item() for g, v in groups.items()}
     out["probe/grad_nonfinite"] = float(nonfinite)
     return out
 
 
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class Monitor:
-    """Progress bar + metrics.jsonl + TensorBoard; computes img/s and MFU between log calls."""
+    """Progress + metrics.jsonl + TensorBoard; computes img/s, MFU and the ETA between log calls.
+
+    Progress goes to `stream` (stdout by default) in one of two forms. On a terminal (`progress="auto"`
+    and `stream.isatty()`, or `progress="bar"`) a tqdm bar redrawn in place. Anywhere else (a job log, CI,
+    `make demo > log`: `progress="lines"`) one line per logged step,
+
+        step 40/600 | loss 5.1234 | 812.3 img/s | MFU 12.30% | ETA 3m12s
+
+    so a log file grows by one readable line every `train.log_every` steps instead of a carriage-return
+    redraw per step. `progress="none"` shows nothing but messages.
+    """
 
     def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 0, images_per_step: int = 1,
                  flops_per_image: float | None = None, peak: float | None = None, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: str = "auto", stream=None):
+        if progress not in ("auto", "bar", "lines", "none"):
+            raise ValueError(f"progress must be auto, bar, lines or none, got {progress!r}")
         self.enabled = enabled
         self.images_per_step = images_per_step
         self.flops_per_image, self.peak = flops_per_image, peak
         self.total_steps = total_steps
+        self.stream = sys.stdout if stream is None else stream
         self._last_time, self._last_step = time.perf_counter(), start_step
+        self._start_time, self._start_step = self._last_time, start_step
         self.bar = self.tb = self.jsonl = None
+        if progress == "auto":
+            isatty = getattr(self.stream, "isatty", None)
+            progress = "bar" if isatty is not None and isatty() else "lines"
+        self.progress = progress
         if not enabled:
             return
         out_dir = Path(out_dir)
@@ -133,10 +170,10 @@ class Monitor:
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self.tb = None
-        if progress:
+        if progress == "bar":
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            smoothing=0.1)
+                            smoothing=0.1, file=self.stream)
 
     def throughput(self, step: int) -> dict[str, float]:
         """img/s (global) and MFU since the previous call; resets the window."""
@@ -150,12 +187,33 @@ class Monitor:
             out["mfu"] = out["img_per_s"] * self.flops_per_image / self.peak
         return out
 
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left to `total_steps` at the mean step time since this monitor started (None before a step)."""
+        done = step - self._start_step
+        if done <= 0:
+            return None
+        return (self.total_steps - step) * (time.perf_counter() - self._start_time) / done
+
+    def progress_line(self, step: int, metrics: dict) -> str:
+        """The one-line progress record of a log step (see the class docstring)."""
+        parts = [f"step {step}/{self.total_steps}"]
+        if "loss" in metrics:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if "img_per_s" in metrics:
+            parts.append(f"{metrics['img_per_s']:.1f} img/s")
+        if "mfu" in metrics:
+            parts.append(f"MFU {100 * metrics['mfu']:.2f}%")
+        eta = self.eta_s(step)
+        if eta is not None:
+            parts.append(f"ETA {format_duration(eta)}")
+        return " | ".join(parts)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
-        """Write one record (JSONL + TensorBoard) and show the headline numbers on the bar."""
+        """Write one record (JSONL + TensorBoard) and show the headline numbers (bar or line)."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
@@ -165,18 +223,22 @@ class Monitor:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
-        if self.bar is not None and kind == "train":
+        if kind != "train":
+            return
+        if self.bar is not None:
             shown = {k: metrics[k] for k in ("loss", "img_per_s", "mfu", "lr") if k in metrics}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        elif self.progress == "lines":
+            print(self.progress_line(step, metrics), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
-        """Print above the progress bar (rank 0 only)."""
+        """Print a line (above the bar, when there is one); rank 0 only."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=self.stream)
         else:
-            print(text, flush=True)
+            print(text, file=self.stream, flush=True)
 
     def warn(self, step: int, text: str) -> None:
         """Print a warning and keep it in metrics.jsonl (kind "warning"), where tests and plots find it."""

@@ -1,9 +1,15 @@
-"""What a training step optimises, per `method`: the student/teacher pair and the loss built for it.
+"""What a training step optimises, per `method`: which crops each network sees and the loss terms.
 
-The loop in `dinovmf.train` knows nothing method-specific: it asks `build_objective(cfg)` for a module
-whose forward runs the teacher and the student on a batch of crops and returns (loss, metrics), and
-whose state_dict (center buffers) goes into the checkpoint as "loss". A new method (iBOT-vMF: masked
-global crops, a patch head and a second center) registers one more class in `OBJECTIVES`.
+An objective is a module whose forward runs the teacher and the student on a batch of crops and returns
+`(terms, metrics)`: `terms` maps a name to a WEIGHTED 0-d loss tensor (`{"dino": ..., "koleo": ...,
+"ibot_patch": ...}`), which the trainer sums, backpropagates and logs as `loss_<name>`; `metrics` are 0-d
+device tensors (or floats) for the log. Its state_dict (the teachers' center buffers) is checkpointed as
+"loss". Adding a loss term is one entry in `terms` and one config field for its weight; adding a method is
+one class in `OBJECTIVES`.
+
+Layering: the objective calls the networks it is handed (the trainer built and parallelised them, see
+`dinovmf.models.build_ssl_model` and `dinovmf.parallelize`) and the losses of `dinovmf.loss` /
+`dinovmf.ibot`; it never builds a model.
 """
 from __future__ import annotations
 
@@ -12,50 +18,11 @@ import contextlib
 import torch
 from torch import nn
 
-from dinovmf.models import DINOHead, MultiCropWrapper, build_backbone
-
-
-class SSLModel(MultiCropWrapper):
-    """A `MultiCropWrapper` whose forward also returns the prototypes.
-
-    The prototypes `W = g v / ||v||` must be computed inside forward: DDP and FSDP2 only make the
-    parameters available (FSDP2 all-gathers them) during a module's forward. Subclassing keeps the
-    state_dict keys of a plain MultiCropWrapper (`backbone.*`, `head.*`), which `dinovmf export` reads.
-    """
-
-    def forward(self, crops, masks=None, return_patches: bool = False) -> dict:
-        out = dict(super().forward(crops, masks=masks, return_patches=return_patches))
-        out["prototypes"] = self.head.prototypes()
-        if self.patch_head is not None:  # iBOT with a separate patch head
-            out["patch_prototypes"] = self.patch_head.prototypes()
-        return out
-
-
-def model_args(cfg) -> dict:
-    """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it).
-    `depth` only when it overrides the architecture's, so standard models keep the standard args."""
-    args = {"name": cfg.model.arch, "patch_size": cfg.model.patch_size, "img_size": cfg.crops.global_size,
-            "num_register_tokens": cfg.model.num_register_tokens}
-    if cfg.model.depth is not None:
-        args["depth"] = cfg.model.depth
-    return args
-
-
-def build_ssl_model(cfg, drop_path: float) -> nn.Module:
-    """Student (drop_path = cfg.model.drop_path) or teacher (drop_path = 0) network for `cfg`."""
-    backbone = build_backbone(drop_path_rate=drop_path, attn_backend=cfg.model.attn_backend, **model_args(cfg))
-    if cfg.method != "ibot_vmf":
-        # Only iBOT masks patches; an unused trainable parameter would make DDP wait for its gradient.
-        backbone.mask_token.requires_grad_(False)
-    head = DINOHead(backbone.embed_dim, out_dim=cfg.model.out_dim, hidden_dim=cfg.model.hidden_dim,
-                    bottleneck_dim=cfg.model.bottleneck_dim, nlayers=cfg.model.head_layers,
-                    norm_last_layer=cfg.norm_last_layer)
-    patch_head = None
-    if cfg.method == "ibot_vmf" and not cfg.ibot.shared_head:
-        patch_head = DINOHead(backbone.embed_dim, out_dim=cfg.patch_out_dim, hidden_dim=cfg.model.hidden_dim,
-                              bottleneck_dim=cfg.model.bottleneck_dim, nlayers=cfg.model.head_layers,
-                              norm_last_layer=cfg.norm_last_layer)
-    return SSLModel(backbone, head, patch_head)
+from dinovmf.config import N_GLOBAL_CROPS
+from dinovmf.loss import DINOLoss
+from dinovmf.models import build_ssl_model  # noqa: F401 - TEMPORARY: bench/study_methods.py imports it from
+# here; delete this line when that file imports it from dinovmf.models (its owner's change, at merge).
+from dinovmf.prototypes import koleo_proto_loss
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -65,64 +32,97 @@ def autocast_context(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def cls_loss(cfg) -> nn.Module:
-    """The CLS-token `DINOLoss` of `cfg` (shared by every method's objective)."""
-    from dinovmf.loss import DINOLoss
-
-    return DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
-                    student_temp=cfg.loss.student_temp, centering=cfg.centering,
-                    center_momentum=cfg.loss.center_momentum, koleo_weight=cfg.loss.koleo_weight,
-                    backend=cfg.loss.backend)
+def _without_losses(metrics: dict) -> dict:
+    """A loss module's metrics minus its own loss values: the trainer logs the terms it actually summed."""
+    return {k: v for k, v in metrics.items() if not k.startswith("loss")}
 
 
 class DINOObjective(nn.Module):
-    """`dino` and `dino_vmf`: DINO's cross-entropy between the teacher's distributions on the global
-    crops and the student's on every crop (CLS token), with centering and, for vMF, the normaliser.
+    """`dino` and `dino_vmf`: DINO's cross-entropy between the teacher's distributions on the global crops
+    and the student's on every crop (CLS token), with centering and, for vMF, the normaliser; plus
+    KoLeo-proto on the student prototypes when `loss.koleo_weight > 0`.
 
     The networks run under autocast; the loss gets fp32 embeddings and prototypes, because the vMF
-    normaliser log C_p is a large number whose differences matter (DESIGN §1, precision).
+    normaliser log C_p is a large number whose differences matter (docs/DESIGN.md, precision).
     """
 
-    def __init__(self, cfg, n_global: int = 2):
+    def __init__(self, cfg):
         super().__init__()
-        self.n_global = n_global
         self.amp = cfg.train.amp
-        self.loss = cls_loss(cfg)
+        self.koleo_weight = cfg.loss.koleo_weight
+        self.global_size, self.local_size = cfg.crops.global_size, cfg.crops.local_size
+        self.n_local = cfg.crops.n_local
+        self.dino = DINOLoss(cfg.model.out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
+                             student_temp=cfg.loss.student_temp, centering=cfg.centering,
+                             center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
+
+    def run_networks(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
+                     masks: torch.Tensor | None = None) -> tuple[dict, dict]:
+        """(student outputs on every crop, teacher outputs on the global crops), under autocast."""
+        patches = masks is not None
+        with autocast_context(crops[0].device, self.amp):
+            with torch.no_grad():
+                t_out = teacher(crops[:N_GLOBAL_CROPS], return_patches=patches)
+            s_out = student(crops, masks=masks, return_patches=patches)
+        return s_out, t_out
+
+    def cls_terms(self, s_out: dict, t_out: dict, teacher_temp: float) -> tuple[dict, dict]:
+        """The CLS-token terms ("dino", and "koleo" when weighted) and their metrics."""
+        dino, metrics = self.dino(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"].float(),
+                                  t_out["prototypes"].float(), teacher_temp, N_GLOBAL_CROPS)
+        terms = {"dino": dino}
+        if self.koleo_weight > 0:
+            terms["koleo"] = self.koleo_weight * koleo_proto_loss(s_out["prototypes"].float())
+        return terms, _without_losses(metrics)
 
     def forward(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
-                teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
-        """(loss, metrics, teacher outputs) of one batch; the teacher sees the global crops only."""
-        device = crops[0].device
-        with autocast_context(device, self.amp):
-            with torch.no_grad():
-                t_out = teacher(crops[:self.n_global])
-            s_out = student(crops)
-        loss, metrics = self.loss(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"].float(),
-                                  t_out["prototypes"].float(), teacher_temp, self.n_global)
-        return loss, metrics, t_out
+                teacher_temp: float) -> tuple[dict, dict]:
+        """(weighted loss terms, metrics) of one batch; the teacher sees the global crops only."""
+        s_out, t_out = self.run_networks(student, teacher, crops)
+        return self.cls_terms(s_out, t_out, teacher_temp)
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        """Matmul FLOPs per image of one step (for MFU), from the models' own counters.
+
+        Student: forward + backward (3x forward) of every crop through backbone and head, plus the student
+        logits (2 p K per crop). Teacher: forward of the global crops and their logits. Norms, softmax and
+        the optimizer are ignored, as usual for MFU.
+        """
+        student, teacher = self._flops(model)
+        return float(3 * student + teacher)
+
+    def _flops(self, model: nn.Module) -> tuple[int, int]:
+        backbone, head = model.backbone, model.head
+        logits = 2 * head.bottleneck_dim * head.out_dim
+        n_crops = N_GLOBAL_CROPS + self.n_local
+        student = (N_GLOBAL_CROPS * backbone.forward_flops(self.global_size)
+                   + self.n_local * backbone.forward_flops(self.local_size) + head.flops(n_crops) + logits * n_crops)
+        teacher = N_GLOBAL_CROPS * backbone.forward_flops(self.global_size) + head.flops(N_GLOBAL_CROPS) \
+            + logits * N_GLOBAL_CROPS
+        return student, teacher
 
 
-class IBOTObjective(nn.Module):
-    """`ibot_vmf`: the DINO-vMF CLS loss plus iBOT's masked patch loss on the global crops.
+class IBOTObjective(DINOObjective):
+    """`ibot_vmf`: the DINO-vMF CLS terms plus iBOT's masked patch loss on the global crops ("ibot_patch",
+    weighted by `ibot.loss_weight`).
 
     The student sees the global crops with iBOT block masks (`dinovmf.masking`), the teacher sees them
     unmasked; both return patch features through the patch head (the CLS head when `ibot.shared_head`).
-    `IBOTPatchLoss` then trains the student's predictions at the masked positions towards the teacher's
-    patch distributions, with its own center. Total loss: `loss_cls + ibot.loss_weight * loss_patch`.
+    `IBOTPatchLoss` trains the student's predictions at the masked positions towards the teacher's patch
+    distributions, with its own center.
 
     Masks are drawn on the CPU from torch's default generator, whose state every checkpoint saves, so a
     resumed run draws the same masks as an uninterrupted one.
     """
 
-    def __init__(self, cfg, n_global: int = 2):
-        super().__init__()
+    def __init__(self, cfg):
+        super().__init__(cfg)
         from dinovmf.ibot import IBOTPatchLoss
         from dinovmf.masking import BlockMaskGenerator
 
-        self.n_global, self.amp = n_global, cfg.train.amp
         self.patch_weight = cfg.ibot.loss_weight
-        self.loss = cls_loss(cfg)
-        self.patch_loss = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
+        self.patch_size = cfg.model.patch_size
+        self.ibot_patch = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
                                         student_temp=cfg.loss.student_temp, centering=cfg.centering,
                                         center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
         self.masks = BlockMaskGenerator(cfg.crops.global_size // cfg.model.patch_size,
@@ -130,27 +130,27 @@ class IBOTObjective(nn.Module):
                                         mask_probability=cfg.ibot.mask_probability)
 
     def forward(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
-                teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
-        """(loss, metrics, teacher outputs) of one batch; see the class docstring."""
-        device = crops[0].device
-        masks = self.masks(self.n_global * crops[0].shape[0]).to(device, non_blocking=True)
-        with autocast_context(device, self.amp):
-            with torch.no_grad():
-                t_out = teacher(crops[:self.n_global], return_patches=True)
-            s_out = student(crops, masks=masks, return_patches=True)
-        loss_cls, metrics = self.loss(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"].float(),
-                                      t_out["prototypes"].float(), teacher_temp, self.n_global)
+                teacher_temp: float) -> tuple[dict, dict]:
+        """(weighted loss terms, metrics) of one batch; see the class docstring."""
+        masks = self.masks(N_GLOBAL_CROPS * crops[0].shape[0]).to(crops[0].device, non_blocking=True)
+        s_out, t_out = self.run_networks(student, teacher, crops, masks)
+        terms, metrics = self.cls_terms(s_out, t_out, teacher_temp)
         s_proto = s_out.get("patch_prototypes", s_out["prototypes"])
         t_proto = t_out.get("patch_prototypes", t_out["prototypes"])
-        loss_patch, patch_metrics = self.patch_loss(s_out["patch_z"].float(), t_out["patch_z"].float(), masks,
-                                                    s_proto.float(), t_proto.float(), teacher_temp)
-        loss = loss_cls + self.patch_weight * loss_patch
-        metrics = {**metrics, **patch_metrics, "loss_cls": metrics["loss"],
-                   "loss": metrics["loss"] + self.patch_weight * patch_metrics["loss_patch"]}
-        return loss, metrics, t_out
+        patch, patch_metrics = self.ibot_patch(s_out["patch_z"].float(), t_out["patch_z"].float(), masks,
+                                               s_proto.float(), t_proto.float(), teacher_temp)
+        terms["ibot_patch"] = self.patch_weight * patch
+        return terms, {**metrics, **_without_losses(patch_metrics)}
+
+    def _flops(self, model: nn.Module) -> tuple[int, int]:
+        student, teacher = super()._flops(model)
+        # The patch head runs on every patch token of the global crops, in both networks.
+        patch_rows = N_GLOBAL_CROPS * (self.global_size // self.patch_size) ** 2
+        patch_head = model.patch_head if model.patch_head is not None else model.head
+        return student + patch_head.flops(patch_rows), teacher + patch_head.flops(patch_rows)
 
 
-# method name -> constructor(cfg) of its objective module.
+# method name (every one of dinovmf.config.METHODS, which validates it) -> constructor(cfg) of its objective.
 OBJECTIVES = {"dino": DINOObjective, "dino_vmf": DINOObjective, "ibot_vmf": IBOTObjective}
 
 

@@ -1,22 +1,34 @@
-"""Shared pieces of the trainer tests: a tiny labelled image folder and a tiny config."""
+"""Shared pieces of the trainer tests: a tiny labelled image folder, a tiny config, loader hooks."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from dinovmf.config import load_config
 
-# A ViT-Tiny on 32 px images (patch 8: 16 patches), 2 x 32 px + 2 x 16 px crops, K = 64: a step takes
-# a fraction of a second on one CPU core and still runs every part of the real loop.
+# A 2-block ViT-Tiny on 32 px images (patch 8: 16 patches), 2 x 32 px + 2 x 16 px crops, K = 64: a step
+# takes a fraction of a second on one CPU core and still runs every part of the real loop.
 TINY_OVERRIDES = [
     "method=dino_vmf", "epochs=2",
-    "model.arch=vit_tiny", "model.patch_size=8", "model.drop_path=0.1", "model.out_dim=64",
+    "model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.drop_path=0.1", "model.out_dim=64",
     "model.hidden_dim=64", "model.bottleneck_dim=32",
     "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
     "optim.warmup_epochs=0.4", "optim.freeze_last_layer=0.4", "loss.warmup_teacher_temp_epochs=0.5",
     "train.batch_size=8", "train.log_every=1", "train.ckpt_every=100", "train.keep_last=2",
     "data.num_workers=0", "data.loader=pil", "eval.batch_size=32", "eval.baseline=false",
 ]
+
+
+def random_crops(cfg, seed: int = 0) -> list:
+    """A batch of random crops shaped as cfg's loader would deliver them (global crops first)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, gs, ls = cfg.train.batch_size, cfg.crops.global_size, cfg.crops.local_size
+    return ([torch.randn(b, 3, gs, gs, generator=g) for _ in range(2)]
+            + [torch.randn(b, 3, ls, ls, generator=g) for _ in range(cfg.crops.n_local)])
 
 
 def write_image_folder(root: Path, split: str, per_class: int, size: int = 32) -> Path:
@@ -52,3 +64,48 @@ def tiny_config(train: Path, val: Path | None = None, extra: list[str] = ()):
 def read_records(out_dir: Path, kind: str = "train") -> list[dict]:
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+class HookedLoader:
+    """A training loader whose batches pass through `hook(index, crops) -> crops` first (index counts the
+    batches served, from 0): how tests inject a NaN batch or a signal at a chosen step through the
+    public `Trainer.fit(loader)`, without patching the trainer."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook, self.served = loader, hook, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for crops, labels in self.loader:
+            crops = self.hook(self.served, crops)
+            self.served += 1
+            yield crops, labels
+
+
+def signal_before_batch(index: int, sig: int = signal.SIGTERM):
+    """A `HookedLoader` hook sending `sig` to this process when batch `index` is served (as a scheduler
+    pre-empting the job would): the trainer finishes that step, then saves and stops."""
+    def hook(i, crops):
+        if i == index:
+            os.kill(os.getpid(), sig)
+        return crops
+    return hook
+
+
+def fit(cfg, out_dir: Path, hook=None) -> tuple[dict, object]:
+    """`Trainer.fit` on cfg's own training loader (wrapped in a `HookedLoader` when `hook` is given);
+    returns (summary, trainer)."""
+    from dinovmf.distributed import DistInfo
+    from dinovmf.train import build_train_loader
+    from dinovmf.trainer import Trainer
+
+    loader = build_train_loader(cfg, Path(out_dir), DistInfo())
+    if hook is not None:
+        loader = HookedLoader(loader, hook)
+    trainer = Trainer(cfg, out_dir, steps_per_epoch=len(loader))
+    return trainer.fit(loader), trainer

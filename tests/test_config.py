@@ -88,3 +88,17 @@ def test_dump_yaml_reloads(tmp_path):
     path.write_text(dump_yaml(cfg))
     assert load_config(str(path)) == cfg
     assert "optim.lr" in all_keys() and "data.train" in all_keys()
+
+
+def test_one_definition_of_methods_and_centering_modes():
+    """config validates against the definitions the code dispatches on: no second list to drift."""
+    from dinovmf.centering import CENTERING_MODES
+    from dinovmf.config import METHODS
+    from dinovmf.objectives import OBJECTIVES
+
+    assert set(OBJECTIVES) == set(METHODS)
+    for mode in CENTERING_MODES:
+        assert load_config(None, [f"loss.centering={mode}"]).centering == mode
+    with pytest.raises(ValueError, match="loss.centering"):
+        load_config(None, ["loss.centering=mean"])
+    assert load_config(None, ["model.depth=none"]).model.depth is None  # "none" is null for a non-string field

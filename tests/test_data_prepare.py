@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require_ffcv
+
 from dinovmf.cli import main
 from dinovmf.data.fallback_loader import BetonImages
 from dinovmf.data.prepare import RAW_MAX_PIXELS, prepare_dataset, resolve_dataset
 
-pytest.importorskip("ffcv")
+require_ffcv()
 
 
 def _write_images(folder, sizes, seed=0, ext=".png"):

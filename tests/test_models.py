@@ -256,9 +256,6 @@ def test_norm_last_layer_freezes_the_prototype_norms(seed):
         (head(x) @ head.prototypes().T).logsumexp(1).sum().backward()
     assert frozen.g.grad is None and frozen.v.grad is not None
     assert trained.g.grad is not None and torch.count_nonzero(trained.g.grad) > 0
-    trained.cancel_last_layer_grad()
-    assert trained.g.grad is None and trained.v.grad is None
-    assert trained.mlp[0].weight.grad is not None  # the MLP still trains in epoch 0
 
 
 def test_head_rejects_bad_sizes():

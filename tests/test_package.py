@@ -1,4 +1,6 @@
 """Packaging: the console script, the version, and the dinovmf.kernels / dinovmf.configs mapping."""
+import importlib.metadata
+import os
 import pathlib
 import re
 import subprocess
@@ -10,8 +12,11 @@ from dinovmf import cli
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_version_matches_setup():
+def test_installed_version_is_the_package_version():
+    """The installed distribution (what pip reports, built by setup.py from dinovmf/__init__.py) and the
+    imported package agree: a stale install would show here."""
     assert re.fullmatch(r"\d+\.\d+\.\d+", dinovmf.__version__)
+    assert importlib.metadata.version("dinovmf") == dinovmf.__version__
 
 
 def test_console_script_help_and_version():
@@ -58,3 +63,20 @@ def test_stray_option_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["train", "--config", "demo", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_prepare_tests_fail_instead_of_skipping_when_ci_requires_ffcv(tmp_path):
+    """With DINOVMF_REQUIRE_FFCV=1 (.ci/run) a broken FFCV fails the FFCV tests; without it they skip."""
+    fake = tmp_path / "ffcv"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('simulated broken FFCV')\n")
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_data_prepare.py"), "-q",
+           "-p", "no:cacheprovider"]
+    env = {k: v for k, v in os.environ.items() if k != "DINOVMF_REQUIRE_FFCV"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    skipped = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert skipped.returncode == 5 or "skipped" in skipped.stdout, skipped.stdout[-2000:]
+    required = subprocess.run(cmd, env={**env, "DINOVMF_REQUIRE_FFCV": "1"}, capture_output=True, text=True,
+                              cwd=tmp_path)
+    assert required.returncode not in (0, 5), required.stdout[-2000:]
+    assert "DINOVMF_REQUIRE_FFCV=1 but FFCV does not import" in required.stdout

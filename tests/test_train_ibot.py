@@ -8,7 +8,7 @@ from _train_utils import read_records, tiny_config, tiny_data
 
 from dinovmf import checkpoint as ckpt
 from dinovmf.config import load_config
-from dinovmf.objectives import build_ssl_model
+from dinovmf.models import build_ssl_model
 from dinovmf.train import train
 
 # No warm-up and no frozen prototypes, so that every parameter moves from the first step on.
@@ -28,12 +28,12 @@ def test_ibot_vmf_shared_head_trains_masked_patches_and_resumes_exactly(data, tm
     records = read_records(tmp_path / "straight")
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
-        assert math.isfinite(r["loss"]) and math.isfinite(r["loss_patch"]) and math.isfinite(r["loss_cls"])
-        # loss = cls + weight * patch (weight 1 by default)
-        assert r["loss"] == pytest.approx(r["loss_cls"] + r["loss_patch"], rel=1e-5)
+        assert math.isfinite(r["loss"]) and math.isfinite(r["loss_ibot_patch"]) and math.isfinite(r["loss_dino"])
+        # loss = the sum of the weighted terms (patch weight 1 by default)
+        assert r["loss"] == pytest.approx(r["loss_dino"] + r["loss_ibot_patch"], rel=1e-5)
         # Every image is masked (probability 1) at 20-30% of its 16 patches: 3 or 4 patches.
         assert r["masked_images"] == 2 * 8 and 0.15 <= r["mask_ratio"] <= 0.3
-        assert r["loss_patch"] > 0 and r["patch_used_prototypes"] >= 1
+        assert r["loss_ibot_patch"] > 0 and r["patch_used_prototypes"] >= 1
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "straight" / "checkpoints"))
     # Two centers, CLS and patch, both moved from prob centering's uniform start.
     centers = {k: v for k, v in state["loss"].items() if k.endswith("center")}
@@ -53,7 +53,7 @@ def test_ibot_vmf_shared_head_trains_masked_patches_and_resumes_exactly(data, tm
     train(cfg, tmp_path / "resumed", resume="auto")
     resumed = read_records(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [3]
-    for key in ("loss", "loss_cls", "loss_patch", "masked_tokens"):
+    for key in ("loss", "loss_dino", "loss_ibot_patch", "masked_tokens"):
         assert resumed[0][key] == records[2][key], key
 
 
@@ -70,7 +70,7 @@ def test_ibot_vmf_separate_patch_head_has_its_own_prototypes(data, tmp_path):
     assert not torch.equal(state["student"]["patch_head.v"], init["patch_head.v"])
     assert not torch.equal(state["student"]["patch_head.g"], init["patch_head.g"])
     records = read_records(tmp_path)
-    assert all(math.isfinite(r["loss_patch"]) and r["patch_used_prototypes"] <= 48 for r in records)
+    assert all(math.isfinite(r["loss_ibot_patch"]) and r["patch_used_prototypes"] <= 48 for r in records)
     assert "patch_unique_prototypes" in records[-1]
 
 

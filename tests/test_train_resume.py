@@ -4,22 +4,19 @@ Step 2 is mid-epoch (3 steps per epoch), and drop-path is on, so this checks the
 the trained batches of the epoch), the augmentation, the RNG state, optimizer and EMA state, and the
 center all come back exactly.
 """
-import os
-import signal
-
 import pytest
 import torch
-from _train_utils import read_records, tiny_config, write_image_folder
+from _train_utils import fit, random_crops, read_records, signal_before_batch, tiny_config, write_image_folder
 
 from dinovmf import checkpoint as ckpt
-from dinovmf import train as train_mod
 from dinovmf.cli import main
 from dinovmf.train import train
+from dinovmf.trainer import Trainer
 
 STEPS = 5  # crosses the epoch boundary at step 3
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_resume_matches_uninterrupted_run(tmp_path, capsys):
     train_dir = write_image_folder(tmp_path / "train", "train", 3)  # 30 images: 3 steps per epoch
     cfg = tiny_config(train_dir, None, [f"steps={STEPS}"])
 
@@ -28,17 +25,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys):
 
     # The same run, pre-empted after step 2 (SIGTERM), then continued by the CLI with --resume auto.
     resumed = tmp_path / "resumed"
-    real_step = train_mod._train_step
-
-    def step_then_signal(cfg, step, *args):
-        out = real_step(cfg, step, *args)
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(train_mod, "_train_step", step_then_signal)
-    assert train(cfg, resumed)["step"] == 2
-    monkeypatch.setattr(train_mod, "_train_step", real_step)
+    summary, _ = fit(cfg, resumed, signal_before_batch(1))
+    assert summary["interrupted"] and summary["step"] == 2
     overrides = [f"data.train={train_dir}", "data.val=null"]
     assert main(["train", "--out", str(resumed), "--resume", "auto", *overrides]) == 0  # reuses config.yaml
     assert "resumed from step 2" in capsys.readouterr().out
@@ -59,3 +47,24 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys):
             torch.testing.assert_close(end_b[net][key], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
     for key, value in end_a["loss"].items():
         torch.testing.assert_close(end_b["loss"][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_in_the_freeze_period_resumes_with_exact_adam_state(tmp_path):
+    """AdamW holds no state for the frozen prototypes until they train; saving (even before the first step)
+    and resuming must keep it that way, or their bias correction would be off by a step once they train."""
+    cfg = tiny_config("unused", None, ["steps=10"])  # 5 steps per epoch: prototypes frozen for 2 steps
+    straight = Trainer(cfg, tmp_path / "a", steps_per_epoch=5)
+    straight.save()
+    assert not straight.optimizer.state
+    straight.train_step(random_crops(cfg, 0), 0)
+    path = straight.save()
+    losses = [float(straight.train_step(random_crops(cfg, s), s)["loss"]) for s in range(1, 4)]
+
+    resumed = Trainer.resume(path, out_dir=tmp_path / "b")
+    for trainer in (straight, resumed):
+        names = {p: n for n, p in trainer.models.student.named_parameters()}
+        with_state = {names[p] for p in trainer.optimizer.state}
+        assert "backbone.blocks.0.attn.qkv.weight" in with_state
+    names = {p: n for n, p in resumed.models.student.named_parameters()}
+    assert not {"head.v", "head.g"} & {names[p] for p in resumed.optimizer.state}
+    assert [float(resumed.train_step(random_crops(cfg, s), s)["loss"]) for s in range(1, 4)] == losses

@@ -67,12 +67,6 @@ class DINOHead(nn.Module):
         """The last-layer parameters (v, g): the ones DINO freezes during the first epoch."""
         return [self.v, self.g]
 
-    def cancel_last_layer_grad(self) -> None:
-        """Drop the prototypes' gradients (DINO's `cancel_gradients_last_layer`): call after
-        backward and before the optimizer step while the last layer is frozen (epoch 0)."""
-        for p in self.prototype_parameters():
-            p.grad = None
-
     def flops(self, rows: int) -> int:
         """Matmul FLOPs of `forward` on `rows` inputs (the MLP; the logits belong to the loss)."""
         dims = [self.in_dim] + [self.hidden_dim] * (self.nlayers - 1) + [self.bottleneck_dim]

@@ -1,0 +1,71 @@
+"""The optimisation pieces of a DINO step: AdamW and its parameter groups, the per-step hyper-parameters,
+gradient clipping and the teacher's EMA, each correct for plain, DDP and FSDP2-sharded (DTensor) parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """DINO's split: weight decay on matrices only; biases and 1-D parameters (norms, g) undecayed.
+
+    Parameters that never train (the frozen prototype norm g of `norm_last_layer=True`) are left out.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU; lr/wd set per step."""
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=cfg.optim.weight_decay,
+                             betas=tuple(cfg.optim.betas), **kwargs)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's learning rate (every group) and weight decay (the decayed group only)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["name"] == "decay":
+            group["weight_decay"] = weight_decay
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before (device).
+
+    As `torch.nn.utils.clip_grad_norm_`, except that a sharded (FSDP2) norm is reduced to the full one
+    first: the norm of the local shards alone would differ per rank and clip each rank differently.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # a DTensor: reduce the partial norms over the shards
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor parameter, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter (one foreach op).
+
+    Under FSDP2 both networks are resharded first (the root module keeps its parameters unsharded after
+    a forward without backward, as the teacher's), so the update runs on matching local shards.
+    """
+    for model in (teacher, student):
+        if hasattr(model, "reshard"):  # an FSDPModule
+            model.reshard()
+    t_params = [_local(p) for p in teacher.parameters()]
+    s_params = [_local(p.detach()) for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise RuntimeError("teacher and student have different parameter lists")
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
