@@ -60,14 +60,15 @@ inline bool use_avx2() {
 
 // One branch per call; every call covers a tile or a row, so the branch costs nothing.
 DINOVMF_DISPATCH(max_of)
-DINOVMF_DISPATCH(affine)
-DINOVMF_DISPATCH(sum_exp)
-DINOVMF_DISPATCH(scale_inplace)
-DINOVMF_DISPATCH(axpy)
-DINOVMF_DISPATCH(axpy_exp)
-DINOVMF_DISPATCH(online_lse)
-DINOVMF_DISPATCH(ce_tile)
+DINOVMF_DISPATCH(col_affine)
+DINOVMF_DISPATCH(ce_fwd_tile)
 DINOVMF_DISPATCH(ce_grad_tile)
+DINOVMF_DISPATCH(exp_tile)
+DINOVMF_DISPATCH(scale_argmax)
+DINOVMF_DISPATCH(axpy)
+DINOVMF_DISPATCH(axpy_mul)
+DINOVMF_DISPATCH(sum_exp)
+DINOVMF_DISPATCH(online_lse)
 #undef DINOVMF_DISPATCH
 
 }  // namespace vec

@@ -24,6 +24,7 @@ from torch import nn
 from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
 from dinovmf.config import Config, dump_yaml
+from dinovmf.loss import metrics_to_floats
 from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient_probes, peak_flops
 from dinovmf.objectives import build_objective, build_ssl_model, model_args
 from dinovmf.schedules import build_schedules
@@ -310,7 +311,8 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> 
         if probe is not None:
             probe.remove()
 
-    summary = {"step": step, "interrupted": interrupted, **{k: v for k, v in last.items() if _scalar(v)}}
+    summary = {"step": step, "interrupted": interrupted,
+               **{k: v for k, v in metrics_to_floats(last).items() if _scalar(v)}}
     if interrupted:
         if info.is_main:
             print(f"stopped by signal at step {step}; checkpoint saved, continue with --resume auto", flush=True)
@@ -375,6 +377,7 @@ def unique_prototypes(model: nn.Module, head: str = "head") -> float:
 def _log(cfg, step, epoch, metrics, monitor, collapse, student, fsdp: bool) -> None:
     if not monitor.enabled:
         return
+    metrics = metrics_to_floats(metrics)  # the loss returns device tensors: one host sync, on log steps only
     record = {"epoch": epoch, **{k: v for k, v in metrics.items() if _scalar(v)}, **monitor.throughput(step)}
     # Prototype norms from the loss's kappa = ||w_k|| / student_temp (no extra pass over W).
     for stat in ("min", "mean", "max"):

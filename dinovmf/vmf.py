@@ -80,23 +80,27 @@ def _check_order(nu) -> float:
 # --------------------------------------------------------------------------------------------------
 # The float64 core
 # --------------------------------------------------------------------------------------------------
-def _log_iv_debye(nu: float, kappa: torch.Tensor) -> torch.Tensor:
-    """log I_nu(kappa) by the Debye expansion with U1..U4; nu >= ~30, kappa float64 > 0."""
-    z = kappa / nu
-    s = torch.sqrt(1.0 + z * z)
-    t = 1.0 / s
-    # z / (1 + s) instead of z / s - ...: no cancellation for small or large z.
-    eta = s + torch.log(z / (1.0 + s))
+def debye_series(t, nu: float):
+    """1 + U1(t)/nu + ... + U4(t)/nu^4 (DLMF 10.41.10), Horner in t^2: the one float64 Debye helper of the
+    host code (`_log_iv_debye` here, the reference terms in `dinovmf.kernels.common`). `t` a Python float
+    or a float64 tensor (t = 1/sqrt(1 + (kappa/nu)^2))."""
     t2 = t * t
-    # DLMF 10.41.10, Horner in t^2.
     u1 = t * (3.0 - 5.0 * t2) / 24.0
     u2 = t2 * (81.0 + t2 * (-462.0 + t2 * 385.0)) / 1152.0
     u3 = t * t2 * (30375.0 + t2 * (-369603.0 + t2 * (765765.0 + t2 * -425425.0))) / 414720.0
     u4 = t2 * t2 * (4465125.0 + t2 * (-94121676.0 + t2 * (349922430.0 + t2 * (-446185740.0
                                                                                 + t2 * 185910725.0)))) / 39813120.0
     inv = 1.0 / nu
-    series = 1.0 + inv * (u1 + inv * (u2 + inv * (u3 + inv * u4)))
-    return nu * eta - 0.5 * math.log(2.0 * math.pi * nu) - 0.5 * torch.log(s) + torch.log(series)
+    return 1.0 + inv * (u1 + inv * (u2 + inv * (u3 + inv * u4)))
+
+
+def _log_iv_debye(nu: float, kappa: torch.Tensor) -> torch.Tensor:
+    """log I_nu(kappa) by the Debye expansion with U1..U4; nu >= ~30, kappa float64 > 0."""
+    z = kappa / nu
+    s = torch.sqrt(1.0 + z * z)
+    # z / (1 + s) instead of z / s - ...: no cancellation for small or large z.
+    eta = s + torch.log(z / (1.0 + s))
+    return nu * eta - 0.5 * math.log(2.0 * math.pi * nu) - 0.5 * torch.log(s) + torch.log(debye_series(1.0 / s, nu))
 
 
 def _log_iv_and_ratio(nu: float, kappa: torch.Tensor,
