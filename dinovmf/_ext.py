@@ -38,15 +38,20 @@ def ce_rows_cpp(logits, col_scale, bias, teacher_probs, row_index, B, T, same_vi
     def f32(x):
         return None if x is None else x.float().contiguous()
 
-    return load_extension().ce_rows(logits, f32(col_scale), f32(bias), teacher_probs.float().contiguous(),
-                                    row_index, int(B), int(T), bool(same_view), f32(row_weight),
-                                    float(grad_scale), grad_out, col_grad_sum)
+    with torch.profiler.record_function("dinovmf::ce_rows_cpp"):
+        return load_extension().ce_rows(logits, f32(col_scale), f32(bias), teacher_probs.float().contiguous(),
+                                        row_index, int(B), int(T), bool(same_view), f32(row_weight),
+                                        float(grad_scale), grad_out, col_grad_sum)
 
 
 def teacher_rows_cpp(dots, temp, mode, center=None, col_scale=None, bias=None, out=None):
     """`teacher_rows` on the CPU: (probs [N,K] fp32, stat [K] or None, row_entropy [N], row_argmax [N])."""
     check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out)
-    ext = load_extension()
+    with torch.profiler.record_function("dinovmf::teacher_rows_cpp"):
+        return _teacher_rows(load_extension(), dots, temp, mode, center, col_scale, bias, out)
+
+
+def _teacher_rows(ext, dots, temp, mode, center, col_scale, bias, out):
     d = dots.contiguous()
     N, K = d.shape
     a, b, stat_kind, stat_weight = teacher_column_terms(temp, mode, center, col_scale, bias, K, d.device)

@@ -152,15 +152,15 @@ def _vector_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _column_scale(w, g, temp: float, vdt):
-    """(c [K] with l = (z @ w.T) * c + beta, the prototype norms ||w_k||, g with its floor or None)."""
+    """(c [K] with l = (z @ w.T) * c + beta, the prototype norms ||w_k||, g with its floor or None, and
+    the row norms of the GEMM operand w: ||v_k|| or ||W_k||)."""
     with torch.no_grad():
+        w_norm = torch.linalg.vector_norm(w.detach(), dim=1, dtype=vdt)
         if g is None:
-            norm = torch.linalg.vector_norm(w.detach().to(vdt), dim=1)
-            return torch.full_like(norm, 1.0 / temp), norm, None
+            return torch.full_like(w_norm, 1.0 / temp), w_norm, None, w_norm
         g_eff = g.detach().to(vdt)
         g_eff = torch.where(g_eff.abs() < _G_FLOOR, torch.where(g_eff < 0, -_G_FLOOR, _G_FLOOR), g_eff)
-        v_norm = torch.linalg.vector_norm(w.detach().to(vdt), dim=1)
-        return g_eff / (v_norm * temp), g.detach().to(vdt).abs(), g_eff
+        return g_eff / (w_norm * temp), g.detach().to(vdt).abs(), g_eff, w_norm
 
 
 def _teacher(plan, teacher_rows):
@@ -172,9 +172,9 @@ def _teacher(plan, teacher_rows):
         col_scale = norm = None
         if g_t is not None:
             norm = g_t.detach().to(vdt).abs()
-            col_scale = g_t.detach().to(vdt) / torch.linalg.vector_norm(w_t.detach().to(vdt), dim=1)
+            col_scale = g_t.detach().to(vdt) / torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt)
         elif plan.vmf:
-            norm = torch.linalg.vector_norm(w_t.detach().to(vdt), dim=1)
+            norm = torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt)
         bias = teacher_bias(norm, plan.teacher_temp, w_t.shape[1]) if plan.vmf else None
         out = dots if dots.dtype == torch.float32 else None  # probabilities in place over the dots
         return teacher_rows(dots, plan.teacher_temp, plan.centering, plan.center, col_scale, bias, out)
@@ -188,7 +188,7 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     N = z.shape[0]
     vdt = _vector_dtype(z.dtype)
     tau = plan.student_temp
-    col_scale, norm, g_eff = _column_scale(w, g, tau, vdt)
+    col_scale, norm, g_eff, w_norm = _column_scale(w, g, tau, vdt)
     need_grad = need_dz or need_dw or need_dg
     # The vMF bias, with a leaf to differentiate it by (|g| for (v, g), ||W|| for W) when the prototypes learn.
     bias_leaf = bias = None
@@ -249,9 +249,22 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
                     dg = dg + d_bias.to(vdt)
                 dg = dg.to(g.dtype)
             if need_dw:
-                v_norm2 = torch.linalg.vector_norm(w_acc, dim=1).square()
-                dw = u.addcmul_(w_acc, (-u_dot_v / v_norm2).unsqueeze(1)).to(w.dtype)
+                dw = u.addcmul_(w_acc, (-u_dot_v / w_norm.to(acc_dt).square()).unsqueeze(1)).to(w.dtype)
     return loss.to(torch.float64 if z.dtype == torch.float64 else torch.float32), (dz, dw, dg)
+
+
+def hand_over_scaled(grads, grad_loss: torch.Tensor) -> tuple:
+    """The gradients a loss computed in its forward, scaled in place by grad_output, for a Function's
+    backward to return (autograd then takes the buffers without a copy). Scaling by exactly 1 (the usual
+    case) would be a pass over [K, p] for nothing; the check is a host read, so it is made on the CPU only."""
+    if grads is None:
+        raise RuntimeError("this fused loss computes its gradients once, in forward: backward through it a "
+                           "second time (retain_graph=True) is not supported")
+    if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+        for x in grads:
+            if x is not None:
+                x.mul_(grad_loss.to(x.dtype))
+    return tuple(grads)
 
 
 class _HeadToLoss(torch.autograd.Function):
@@ -266,18 +279,8 @@ class _HeadToLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("the head-to-loss op computes its gradients once, in forward: backward through "
-                               "it a second time (retain_graph=True) is not supported")
-        ctx.grads = None  # hand the buffers over to autograd (no copy, no second backward)
-        # Scaling by exactly 1 (the usual case) would be a pass over [K, p] for nothing; the check is a
-        # host read, so it is only made on the CPU.
-        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
-            for x in grads:
-                if x is not None:
-                    x.mul_(grad_loss.to(x.dtype))
-        return (*grads, None)
+        grads, ctx.grads = ctx.grads, None  # hand the buffers over to autograd (no copy, no second backward)
+        return (*hand_over_scaled(grads, grad_loss), None)
 
 
 def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_prototypes, teacher_prototypes, *,
@@ -338,5 +341,5 @@ def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_proto
     return plan.result._replace(loss=loss)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "chunk_rows", "head_to_loss",
-           "image_major_order"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "chunk_rows", "hand_over_scaled",
+           "head_to_loss", "image_major_order"]

@@ -10,7 +10,7 @@ import torch
 
 from dinovmf import backends
 from dinovmf.centering import TeacherCenter, teacher_distribution, teacher_distribution_reference  # noqa: F401
-from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, head_to_loss
+from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, hand_over_scaled, head_to_loss
 from dinovmf.kernels.common import check_ce_inputs, pair_count
 from dinovmf.loss_reference import (dino_cross_entropy_reference, effective_prototypes,  # noqa: F401 - re-exported
                                     patch_cross_entropy, prototype_logits)
@@ -29,16 +29,17 @@ class _RowsCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if need_grad else None
         scale = 1.0 / (pair_count(S, T) * B)
         rows = torch.arange(S * B, device=logits.device)
-        stats = ce_rows(logits, None, None, teacher_probs.detach().float().contiguous().view(T * B, K), rows, B, T,
-                        False, None, scale, grad, None)
-        ctx.grad = None if grad is None else grad.view(S, B, K)
         acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        probs = teacher_probs.detach().to(acc).contiguous().view(T * B, K)  # fp32 for the kernels
+        stats = ce_rows(logits, None, None, probs, rows, B, T, False, None, scale, grad, None)
+        ctx.grads = None if grad is None else (grad.view(S, B, K),)
         return stats[0].to(acc).sum() * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return ctx.grad * grad_loss.to(ctx.grad.dtype), None, None, None
+        grads, ctx.grads = ctx.grads, None
+        return (*hand_over_scaled(grads, grad_loss), None, None, None)
 
 
 def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,

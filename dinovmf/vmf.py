@@ -29,6 +29,7 @@ only: on a GPU it would cost a host sync per training step, so there kappa <= 0 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -230,9 +231,14 @@ def vmf_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Ten
         raise ValueError(f"temp must be a finite float > 0, got {temp!r}")
     p = _check_dim(p)
     _check_positive(weight_norm, "weight_norm")
-    # The offset is a Python float computed on the host (no device sync) and subtracted in float64.
-    offset = log_vmf_normalizer(torch.tensor([1.0 / temp], dtype=torch.float64), p).item()
-    return _LogVmfNormalizer.apply(weight_norm / temp, p, offset)
+    return _LogVmfNormalizer.apply(weight_norm / temp, p, _log_vmf_normalizer_at(1.0 / temp, p))
+
+
+@functools.lru_cache(maxsize=64)
+def _log_vmf_normalizer_at(kappa: float, p: int) -> float:
+    """log C_p(kappa) for one host value, as a Python float (cached: the offset of `vmf_column_bias` is
+    the same every step for a fixed temperature, and computing it costs ~40 small tensor ops)."""
+    return log_vmf_normalizer(torch.tensor([kappa], dtype=torch.float64), p).item()
 
 
 def vmf_logits(z: torch.Tensor, weight: torch.Tensor, temp: float) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""The head-to-loss path alone: head features -> loss -> gradients (z_s, and v / g of the weight-normed
+prototypes), DINO-vMF (vmf on, probability centering, trainable g) or DINO (vmf off, logit centering,
+g frozen as norm_last_layer=True).
+
+Implementations, timed alternately in one run (median of `--iters` rounds):
+  * fused:          `dinovmf.head_loss.head_to_loss` (chunked rows, the C++ / Triton row kernels);
+  * eager:          `dinovmf.loss_reference.head_to_loss_reference` + backward (autograd through the [N, K]
+                    logits, the reference CE, the reference teacher; its metric by-products too);
+  * torch.compile:  `torch.compile` of that same reference;
+  * floor:          the GEMMs no implementation can avoid, alone, at full size: the student logits
+                    z_s @ v.T, its two backward products G @ v and G.T @ z_s, and the teacher's z_t @ v_t.T.
+Columns: `ms` (median step), `x_floor` (= ms / floor_ms), `non_gemm_ms` (= ms - floor_ms) and, for the
+fused op, `non_gemm_speedup_vs_compile` (= non-GEMM time of torch.compile / non-GEMM time of fused).
+
+Peak extra memory (`peak_extra_mb`, `peak_extra_x_logits`): the high-water mark of what one step
+allocates through torch (profiler replay, `bench.harness.peak_memory`; inputs exist before the step and
+are not counted) minus what any implementation must hold at the end: the teacher probabilities
+[T*B, K] fp32 and the returned gradients (dz, dv, dg). For the fused op the C++ kernels' std::vector
+scratch, invisible to the profiler, is added analytically (`CPP_SCRATCH_FLOATS_PER_THREAD` x K floats per
+thread: the per-block [K] column sums of ce_rows and teacher_rows). `peak_extra_x_logits` divides by one
+fp32 [S*B, K] logits tensor (the issue's target: <= 0.25).
+
+    python -m bench.bench_head_loss                       # issue size (S=12,T=2,B=64,K=65536,p=256) and the demo's
+    python -m bench.bench_head_loss --configs issue --iters 7 --threads 2
+    python -m bench.bench_head_loss --profile             # where the fused op's time goes (torch.profiler)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import peak_memory, record
+from dinovmf import backends
+from dinovmf.head_loss import head_to_loss
+from dinovmf.loss_reference import head_to_loss_reference
+
+# name: (S, T, B, K, p)
+CONFIGS = {"issue": (12, 2, 64, 65536, 256), "demo": (4, 2, 32, 256, 128)}
+CPP_SCRATCH_FLOATS_PER_THREAD = 2  # ce_rows' and teacher_rows' per-block [K] partial sums
+METHODS = {  # vmf, centering, g trains
+    "dino_vmf": (True, "prob", True),
+    "dino": (False, "logit", False),
+}
+
+
+class Inputs:
+    """Head features and weight-normed prototypes as DINOHead makes them (v ~ U(+-1/sqrt(p)), g = 1 +- 0.2)."""
+
+    def __init__(self, S, T, B, K, p, method: str, dtype=torch.float32, seed=0):
+        vmf, centering, g_trains = METHODS[method]
+        gen = torch.Generator().manual_seed(seed)
+        self.S, self.T, self.B, self.K, self.p = S, T, B, K, p
+        self.vmf, self.centering = vmf, centering
+        self.z_s = F.normalize(torch.randn(S * B, p, generator=gen), dim=1).to(dtype).requires_grad_()
+        self.z_t = F.normalize(torch.randn(T * B, p, generator=gen), dim=1).to(dtype)
+        bound = 1.0 / p ** 0.5
+        self.v = ((torch.rand(K, p, generator=gen) * 2 - 1) * bound).to(dtype).requires_grad_()
+        self.g = (1 + 0.2 * (torch.rand(K, generator=gen) * 2 - 1)).to(dtype).requires_grad_(g_trains)
+        self.v_t = (self.v.detach() + 1e-3 * torch.randn(K, p, generator=gen).to(dtype))
+        self.g_t = self.g.detach().clone()
+        self.center = (torch.full((K,), 1.0 / K) if centering == "prob" else torch.randn(K, generator=gen) * 0.1)
+        self.kw = dict(student_temp=0.1, teacher_temp=0.04, centering=centering, center=self.center, vmf=vmf,
+                       n_global=T)
+
+    def leaves(self):
+        return [x for x in (self.z_s, self.v, self.g) if x.requires_grad]
+
+    def clear_grads(self):
+        for x in (self.z_s, self.v, self.g):
+            x.grad = None
+
+    def grad_bytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.leaves())
+
+    def probs_bytes(self) -> int:
+        return self.T * self.B * self.K * 4
+
+    def logits_bytes(self) -> int:
+        return self.S * self.B * self.K * 4
+
+
+def step_fn(fn, x: Inputs, **extra):
+    """One forward + backward of `fn` (head_to_loss or the reference), gradients into .grad."""
+    def step():
+        x.clear_grads()
+        out = fn(x.z_s, x.z_t, (x.v, x.g), (x.v_t, x.g_t), **x.kw, **extra)
+        out.loss.backward()
+        return out
+    return step
+
+
+def floor_fn(x: Inputs):
+    """The unavoidable GEMMs at full size (outputs preallocated, as in the op)."""
+    N = x.S * x.B
+    z_s, v = x.z_s.detach(), x.v.detach()
+    logits = torch.empty(N, x.K, dtype=z_s.dtype)
+    grad = torch.randn(N, x.K, dtype=z_s.dtype) * 1e-3
+    dz = torch.empty(N, x.p, dtype=z_s.dtype)
+    dv = torch.empty(x.K, x.p, dtype=z_s.dtype)
+    dots = torch.empty(x.T * x.B, x.K, dtype=z_s.dtype)
+
+    def gemms():
+        torch.mm(z_s, v.t(), out=logits)
+        torch.mm(grad, v, out=dz)
+        torch.mm(grad.t(), z_s, out=dv)
+        torch.mm(x.z_t, x.v_t.t(), out=dots)
+    return gemms
+
+
+def alternate(fns: dict, iters: int, warmup: int) -> dict:
+    """Median ms of each callable, timed round-robin so that machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def profile_fused(x: Inputs, backend: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    step = step_fn(head_to_loss, x, backend=backend)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--methods", nargs="+", default=["dino_vmf"], choices=list(METHODS))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="row kernels of the fused op (auto: cpp on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the fused op and exit")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    backend = backends.resolve_backend(args.backend, "cpu")
+    rows = []
+    for config in args.configs:
+        S, T, B, K, p = CONFIGS[config]
+        for method in args.methods:
+            x = Inputs(S, T, B, K, p, method)
+            if args.profile:
+                profile_fused(x, backend)
+                continue
+            fns = {"fused": step_fn(head_to_loss, x, backend=backend), "eager": step_fn(head_to_loss_reference, x)}
+            if not args.no_compile:
+                fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
+            fns["floor"] = floor_fn(x)
+            ms = alternate(fns, args.iters, args.warmup)
+            floor = ms["floor"]
+            scratch = CPP_SCRATCH_FLOATS_PER_THREAD * args.threads * K * 4 if backend == "cpp" else 0
+            base = dict(config=config, method=method, S=S, T=T, B=B, K=K, p=p, dtype="float32",
+                        threads=args.threads, floor_ms=round(floor, 2),
+                        floor_gflop=round(2 * (3 * S * B + T * B) * K * p / 1e9, 2))
+            for name, f in fns.items():
+                row = dict(base, impl=name, ms=round(ms[name], 2), x_floor=round(ms[name] / floor, 3),
+                           non_gemm_ms=round(ms[name] - floor, 2))
+                if name != "floor":
+                    peak = peak_memory(f, "cpu") + (scratch if name == "fused" else 0)
+                    extra = peak - x.probs_bytes() - x.grad_bytes()
+                    row.update(peak_extra_mb=round(extra / 2 ** 20, 2),
+                               peak_extra_x_logits=round(extra / x.logits_bytes(), 3))
+                if name == "fused" and "torch.compile" in ms:
+                    row["non_gemm_speedup_vs_compile"] = round((ms["torch.compile"] - floor) / (ms[name] - floor), 2)
+                rows.append(row)
+    if rows:
+        record("head_loss", rows, x="K", y="x_floor", group="impl", logx=True,
+               title=f"head-to-loss fwd+bwd / GEMM floor ({args.threads} threads, fp32)", device="cpu")
+
+
+if __name__ == "__main__":
+    main()
