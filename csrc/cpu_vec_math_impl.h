@@ -194,6 +194,16 @@ static inline void axpy(float* acc, float a, const float* x, int64_t n) {
   for (; i < n; ++i) acc[i] += a * x[i];
 }
 
+// sum x[i] y[i] (fp32 lanes)
+static inline float dot(const float* x, const float* y, int64_t n) {
+  vf s = splat(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) s += load(x + i) * load(y + i);
+  float t = 0.f;
+  for (; i < n; ++i) t += x[i] * y[i];
+  return hsum(s) + t;
+}
+
 // acc[i] += a * x[i] * w[i]
 static inline void axpy_mul(float* acc, float a, const float* x, const float* w, int64_t n) {
   int64_t i = 0;

@@ -409,6 +409,33 @@ at::Tensor column_lse(const at::Tensor& dots, const at::Tensor& col_a, const at:
   return out;
 }
 
+// --- weight-norm gradient -------------------------------------------------------------------------
+
+// In place, one pass over [K, p]: u_k <- u_k - (u_k . v_k / v_norm_k^2) v_k (the gradient w.r.t. v of
+// w = g v / ||v|| from u = (g / ||v||) dL/dw); returns u_k . v_k (before the update), from which the host
+// forms dL/dg. Rows are independent: parallel over k.
+at::Tensor weight_norm_backward_(at::Tensor& u, const at::Tensor& v, const at::Tensor& v_norm) {
+  check_cpu_contiguous(u, "u");
+  check_cpu_contiguous(v, "v");
+  TORCH_CHECK(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && u.sizes() == v.sizes() &&
+                  u.dim() == 2,
+              "u and v must be float32 [K, p] tensors of one shape");
+  const int64_t K = u.size(0), p = u.size(1);
+  const float* vn = optional_vector(v_norm, K, "v_norm");
+  auto dots = at::empty({K}, u.options());
+  float *U = u.data_ptr<float>(), *out = dots.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    FlushDenormals ftz;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float d = vec::dot(U + k * p, V + k * p, p);
+      out[k] = d;
+      vec::axpy(U + k * p, -d / (vn[k] * vn[k]), V + k * p, p);
+    }
+  });
+  return dots;
+}
+
 }  // namespace
 }  // namespace dinovmf
 
@@ -417,5 +444,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_rows", &dinovmf::ce_rows, "student rows of a chunk -> stats [4, c]; gradient in grad_out");
   m.def("teacher_rows", &dinovmf::teacher_rows, "teacher softmax rows -> (row_lse, row_entropy, row_argmax, stat)");
   m.def("column_lse", &dinovmf::column_lse, "per-prototype log-sum-exp over rows (Sinkhorn column step)");
+  m.def("weight_norm_backward_", &dinovmf::weight_norm_backward_, "u <- u - (u.v/|v|^2) v in place; returns u.v");
   m.def("cpu_isa", [] { return std::string(dinovmf::vec::isa_name()); }, "the SIMD instruction set the loops use");
 }

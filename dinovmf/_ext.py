@@ -66,3 +66,10 @@ def _teacher_rows(ext, dots, temp, mode, center, col_scale, bias, out):
         return probs, None, entropy, argmax
     _, entropy, argmax, stat = ext.teacher_rows(d, a, b, probs, stat_kind, stat_weight)
     return probs, finish_teacher_stat(stat, temp, mode, center), entropy, argmax
+
+
+def weight_norm_backward_cpp(u: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor) -> torch.Tensor:
+    """In place over [K, p] in one pass: u_k <- u_k - (u_k . v_k / v_norm_k^2) v_k; returns u_k . v_k [K]
+    (float32 CPU tensors; see `dinovmf.head_loss.weight_norm_backward_`)."""
+    with torch.profiler.record_function("dinovmf::weight_norm_backward_cpp"):
+        return load_extension().weight_norm_backward_(u, v.contiguous(), v_norm.float().contiguous())

@@ -279,3 +279,19 @@ def test_float64_needs_the_reference_backend():
     assert head_to_loss(*args, **kw).loss.dtype == torch.float64  # "auto" picks the float64 reference
     with pytest.raises(ValueError, match="backend='torch'"):
         head_to_loss(*args, backend="cpp", **kw)
+
+
+def test_weight_norm_backward_one_pass_matches_float64():
+    """The C++ one-pass (fp32 CPU) and the torch two-op forms of u <- u - (u.v/|v|^2) v, dots u.v."""
+    from dinovmf.head_loss import weight_norm_backward_
+    g = torch.Generator().manual_seed(11)
+    u, v = torch.randn(1000, 37, generator=g, dtype=torch.float64), torch.randn(1000, 37, generator=g, dtype=torch.float64)
+    norm = v.norm(dim=1)
+    want_dot = (u * v).sum(1)
+    want_u = u - (want_dot / norm ** 2)[:, None] * v
+    for dtype in (torch.float32, torch.float64):  # fp32: the C++ pass; float64: the torch ops
+        got_u = u.to(dtype).clone()
+        got_dot = weight_norm_backward_(got_u, v.to(dtype), norm.to(dtype))
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got_dot.double(), want_dot, rtol=tol, atol=tol * want_dot.abs().max().item())
+        torch.testing.assert_close(got_u.double(), want_u, rtol=tol, atol=tol * want_u.abs().max().item())
