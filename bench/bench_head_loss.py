@@ -9,8 +9,12 @@ Implementations, timed alternately in one run (median of `--iters` rounds):
   * torch.compile:  `torch.compile` of that same reference;
   * floor:          the GEMMs no implementation can avoid, alone, at full size: the student logits
                     z_s @ v.T, its two backward products G @ v and G.T @ z_s, and the teacher's z_t @ v_t.T.
-Columns: `ms` (median step), `x_floor` (= ms / floor_ms), `non_gemm_ms` (= ms - floor_ms) and, for the
-fused op, `non_gemm_speedup_vs_compile` (= non-GEMM time of torch.compile / non-GEMM time of fused).
+Columns: `ms` (median wall time of a step), `cpu_ms` (median process CPU time: on a shared machine the
+better estimate of the quiet-machine time at 1 thread; at 2 threads it adds both threads' work, spin-waits
+included), `x_floor` (= ms / floor_ms) and `cpu_x_floor`, `non_gemm_ms` (= ms - floor_ms) and, for the
+fused op, `non_gemm_speedup_vs_compile` (= non-GEMM time of torch.compile / non-GEMM time of fused, wall)
+and `cpu_non_gemm_speedup_vs_compile` (the same in CPU time). The reference compiles to one graph (no
+graph breaks), so torch.compile gets its best chance.
 
 Peak extra memory (`peak_extra_mb`, `peak_extra_x_logits`): the high-water mark of what one step
 allocates through torch (profiler replay, `bench.harness.peak_memory`; inputs exist before the step and
@@ -21,7 +25,7 @@ thread: the per-block [K] column sums of ce_rows and teacher_rows). `peak_extra_
 fp32 [S*B, K] logits tensor (the issue's target: <= 0.25).
 
     python -m bench.bench_head_loss                       # issue size (S=12,T=2,B=64,K=65536,p=256) and the demo's
-    python -m bench.bench_head_loss --configs issue --iters 7 --threads 2
+    python -m bench.bench_head_loss --configs issue --iters 7 --threads 1 2
     python -m bench.bench_head_loss --profile             # where the fused op's time goes (torch.profiler)
 """
 from __future__ import annotations
@@ -122,18 +126,20 @@ def floor_fn(x: Inputs):
     return gemms
 
 
-def alternate(fns: dict, iters: int, warmup: int) -> dict:
-    """Median ms of each callable, timed round-robin so that machine noise hits all of them alike."""
+def alternate(fns: dict, iters: int, warmup: int) -> tuple[dict, dict]:
+    """Median wall and CPU ms of each callable, timed round-robin so that machine noise hits all alike."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    times = {name: [] for name in fns}
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(iters):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return ({n: statistics.median(t) for n, t in wall.items()}, {n: statistics.median(t) for n, t in cpu.items()})
 
 
 def profile_fused(x: Inputs, backend: str) -> None:
@@ -145,51 +151,61 @@ def profile_fused(x: Inputs, backend: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+def measure(x: Inputs, config: str, method: str, threads: int, backend: str, compile_ref: bool, iters: int,
+            warmup: int) -> list[dict]:
+    """The CSV rows of one configuration: every implementation, alternated, plus its peak extra memory."""
+    fns = {"fused": step_fn(head_to_loss, x, backend=backend), "eager": step_fn(head_to_loss_reference, x)}
+    if compile_ref:
+        fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
+    fns["floor"] = floor_fn(x)
+    wall, cpu = alternate(fns, iters, warmup)
+    scratch = CPP_SCRATCH_FLOATS_PER_THREAD * threads * x.K * 4 if backend == "cpp" else 0
+    base = dict(config=config, method=method, S=x.S, T=x.T, B=x.B, K=x.K, p=x.p, dtype="float32", threads=threads,
+                floor_ms=round(wall["floor"], 2), floor_cpu_ms=round(cpu["floor"], 2),
+                floor_gflop=round(2 * (3 * x.S * x.B + x.T * x.B) * x.K * x.p / 1e9, 2))
+    rows = []
+    for name, f in fns.items():
+        row = dict(base, impl=name, series=f"{name}, {threads} thread{'s' if threads > 1 else ''}", ms=round(wall[name], 2), cpu_ms=round(cpu[name], 2),
+                   x_floor=round(wall[name] / wall["floor"], 3), cpu_x_floor=round(cpu[name] / cpu["floor"], 3),
+                   non_gemm_ms=round(wall[name] - wall["floor"], 2))
+        if name != "floor":
+            extra = measured_peak(f, x) + (scratch if name == "fused" else 0) - x.probs_bytes() - x.grad_bytes()
+            row.update(peak_extra_mb=round(extra / 2 ** 20, 2), peak_extra_x_logits=round(extra / x.logits_bytes(), 3))
+        if name == "fused" and "torch.compile" in wall:
+            row["non_gemm_speedup_vs_compile"] = round((wall["torch.compile"] - wall["floor"])
+                                                       / (wall[name] - wall["floor"]), 2)
+            row["cpu_non_gemm_speedup_vs_compile"] = round((cpu["torch.compile"] - cpu["floor"])
+                                                           / (cpu[name] - cpu["floor"]), 2)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--methods", nargs="+", default=["dino_vmf"], choices=list(METHODS))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--backend", default="auto", help="row kernels of the fused op (auto: cpp on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the fused op and exit")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     backend = backends.resolve_backend(args.backend, "cpu")
     rows = []
-    for config in args.configs:
-        S, T, B, K, p = CONFIGS[config]
-        for method in args.methods:
-            x = Inputs(S, T, B, K, p, method)
-            if args.profile:
-                profile_fused(x, backend)
-                continue
-            fns = {"fused": step_fn(head_to_loss, x, backend=backend), "eager": step_fn(head_to_loss_reference, x)}
-            if not args.no_compile:
-                fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
-            fns["floor"] = floor_fn(x)
-            ms = alternate(fns, args.iters, args.warmup)
-            floor = ms["floor"]
-            scratch = CPP_SCRATCH_FLOATS_PER_THREAD * args.threads * K * 4 if backend == "cpp" else 0
-            base = dict(config=config, method=method, S=S, T=T, B=B, K=K, p=p, dtype="float32",
-                        threads=args.threads, floor_ms=round(floor, 2),
-                        floor_gflop=round(2 * (3 * S * B + T * B) * K * p / 1e9, 2))
-            for name, f in fns.items():
-                row = dict(base, impl=name, ms=round(ms[name], 2), x_floor=round(ms[name] / floor, 3),
-                           non_gemm_ms=round(ms[name] - floor, 2))
-                if name != "floor":
-                    peak = measured_peak(f, x) + (scratch if name == "fused" else 0)
-                    extra = peak - x.probs_bytes() - x.grad_bytes()
-                    row.update(peak_extra_mb=round(extra / 2 ** 20, 2),
-                               peak_extra_x_logits=round(extra / x.logits_bytes(), 3))
-                if name == "fused" and "torch.compile" in ms:
-                    row["non_gemm_speedup_vs_compile"] = round((ms["torch.compile"] - floor) / (ms[name] - floor), 2)
-                rows.append(row)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for config in args.configs:
+            for method in args.methods:
+                x = Inputs(*CONFIGS[config], method)
+                if args.profile:
+                    profile_fused(x, backend)
+                    continue
+                rows += measure(x, config, method, threads, backend, compile_ref=not args.no_compile, iters=args.iters,
+                                warmup=args.warmup)
     if rows:
-        record("head_loss", rows, x="K", y="x_floor", group="impl", logx=True,
-               title=f"head-to-loss fwd+bwd / GEMM floor ({args.threads} threads, fp32)", device="cpu")
+        record("head_loss", rows, x="K", y="cpu_x_floor", group="series", logx=True,
+               title=f"head-to-loss fwd+bwd, CPU time / GEMM floor (threads {args.threads}, fp32)", device="cpu")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def _check_positive(kappa: torch.Tensor, name: str = "kappa") -> None:
     cost a host sync every training step; there a kappa <= 0 yields NaN, which the trainer's
     non-finite-loss guard reports."""
     _check_float_tensor(kappa, name)
-    if kappa.device.type != "cpu":
+    if kappa.device.type != "cpu" or torch.compiler.is_compiling():  # a data-dependent branch breaks the graph
         return
     if kappa.numel() and not bool((kappa > 0).all()):
         bad = kappa[~(kappa > 0)].flatten()[:3].tolist()
@@ -235,6 +235,7 @@ def vmf_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Ten
 
 
 @functools.lru_cache(maxsize=64)
+@torch._dynamo.assume_constant_result  # a function of Python numbers: torch.compile bakes the value in
 def _log_vmf_normalizer_at(kappa: float, p: int) -> float:
     """log C_p(kappa) for one host value, as a Python float (cached: the offset of `vmf_column_bias` is
     the same every step for a fixed temperature, and computing it costs ~40 small tensor ops)."""
