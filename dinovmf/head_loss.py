@@ -81,6 +81,13 @@ def _split_prototypes(prototypes, name: str):
     return w, g
 
 
+def check_prototypes(prototypes, name: str, K: int, p: int) -> None:
+    """ValueError naming `name` unless `prototypes` is W [K, p] or (v [K, p], g [K])."""
+    w, _ = _split_prototypes(prototypes, name)
+    if tuple(w.shape) != (K, p):
+        raise ValueError(f"{name} must be W [K={K}, p={p}] or (v [K, p], g [K]), got a {tuple(w.shape)} matrix")
+
+
 def check_head_loss_inputs(student_z, teacher_z, student_prototypes, teacher_prototypes, n_global, same_view,
                            row_weight) -> tuple[int, int, int] | None:
     """Validate the op's tensors (ValueError naming the argument); returns (S, T, B) for DINO pairing."""
@@ -213,7 +220,7 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     col_scale, norm, g_eff, w_norm = _column_scale(w, g, tau, vdt)
     need_grad = need_dz or need_dw or need_dg
     # The vMF bias, with a leaf to differentiate it by (|g| for (v, g), ||W|| for W) when the prototypes learn.
-    bias_leaf = bias = None
+    bias_leaf = bias = bias64 = None
     if plan.vmf:
         bias_leaf = (g.detach().to(torch.float64) if g is not None else norm.double()).requires_grad_(need_dw or need_dg)
         with torch.enable_grad():
@@ -253,25 +260,31 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     plan.result = HeadLossOutput(loss.detach(), stat, probs, t_entropy, t_argmax, (stats[1] - stats[3]).detach(),
                                  norm / tau)
 
-    dw = dg = None
-    if u is not None:
-        d_bias = None
-        if dbeta is not None:
-            (d_bias,) = torch.autograd.grad(bias64, bias_leaf, dbeta.to(torch.float64))
-        if g is None:  # W: U is dL/dW through the logits; the bias adds dbeta_k dbeta_k/d||w_k|| w_k/||w_k||
-            if d_bias is not None:
-                u.addcmul_(w_gemm.to(acc_dt), (d_bias / bias_leaf.detach()).to(acc_dt).unsqueeze(1))
-            dw = u.to(w.dtype)
-        else:  # u becomes dL/dv in place (it is the returned buffer); dL/dg from the dots
-            u_dot_v = weight_norm_backward_(u, w_gemm, w_norm)
-            if need_dg:
-                dg = u_dot_v.to(vdt) / g_eff
-                if d_bias is not None:
-                    dg = dg + d_bias.to(vdt)
-                dg = dg.to(g.dtype)
-            if need_dw:
-                dw = u.to(w.dtype)
+    dw, dg = _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_dw, need_dg, vdt)
     return loss.to(torch.float64 if z.dtype == torch.float64 else torch.float32), (dz, dw, dg)
+
+
+def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_dw: bool, need_dg: bool, vdt):
+    """(dL/dW or dL/dv, dL/dg) from U (the accumulated (G c)^T z, a buffer that becomes dW or dv in place)
+    and the bias gradient dbeta (module docstring, step 3)."""
+    if u is None:
+        return None, None
+    w = w.detach()
+    d_bias = None
+    if dbeta is not None:
+        (d_bias,) = torch.autograd.grad(bias64, bias_leaf, dbeta.to(torch.float64))
+    if g is None:  # W: U is dL/dW through the logits; the bias adds dbeta_k dbeta_k/d||w_k|| w_k/||w_k||
+        if d_bias is not None:
+            u.addcmul_(w.to(u.dtype), (d_bias / bias_leaf.detach()).to(u.dtype).unsqueeze(1))
+        return u.to(w.dtype), None
+    u_dot_v = weight_norm_backward_(u, w, w_norm)  # u becomes dL/dv in place; dL/dg from the dots
+    dg = None
+    if need_dg:
+        dg = u_dot_v.to(vdt) / g_eff
+        if d_bias is not None:
+            dg = dg + d_bias.to(vdt)
+        dg = dg.to(g.dtype)
+    return (u.to(w.dtype) if need_dw else None), dg
 
 
 def hand_over_scaled(grads, grad_loss: torch.Tensor) -> tuple:
@@ -362,5 +375,5 @@ def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_proto
     return plan.result._replace(loss=loss)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "chunk_rows", "hand_over_scaled",
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "check_prototypes", "chunk_rows", "hand_over_scaled",
            "head_to_loss", "image_major_order"]

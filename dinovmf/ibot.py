@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dinovmf.centering import TeacherCenter
-from dinovmf.head_loss import head_to_loss
+from dinovmf.head_loss import check_prototypes, head_to_loss
 from dinovmf.loss import used_prototype_count
 
 
@@ -91,11 +91,8 @@ class IBOTPatchLoss(torch.nn.Module):
         if masks.shape != student_patch_z.shape[:2]:
             raise ValueError(f"masks must have shape [G*B, n]={tuple(student_patch_z.shape[:2])}, "
                              f"got {tuple(masks.shape)}")
-        for name, w in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-            matrix = w if isinstance(w, torch.Tensor) else (w[0] if isinstance(w, (tuple, list)) and w else None)
-            if not isinstance(matrix, torch.Tensor) or tuple(matrix.shape) != (self.out_dim, self.p):
-                raise ValueError(f"{name} must be W [K={self.out_dim}, p={self.p}] or (v [K, p], g [K]), got "
-                                 f"{tuple(getattr(matrix, 'shape', ()))}")
+        check_prototypes(student_weight, "student_weight", self.out_dim, self.p)
+        check_prototypes(teacher_weight, "teacher_weight", self.out_dim, self.p)
 
     def forward(self, student_patch_z: torch.Tensor, teacher_patch_z: torch.Tensor, masks: torch.Tensor,
                 student_weight: torch.Tensor, teacher_weight: torch.Tensor, teacher_temp: float):

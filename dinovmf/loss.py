@@ -10,7 +10,7 @@ import torch
 
 from dinovmf import backends
 from dinovmf.centering import TeacherCenter, teacher_distribution, teacher_distribution_reference  # noqa: F401
-from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, hand_over_scaled, head_to_loss
+from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, check_prototypes, hand_over_scaled, head_to_loss
 from dinovmf.kernels.common import check_ce_inputs, pair_count
 from dinovmf.loss_reference import (dino_cross_entropy_reference, effective_prototypes,  # noqa: F401 - re-exported
                                     patch_cross_entropy, prototype_logits)
@@ -111,11 +111,8 @@ class DINOLoss(torch.nn.Module):
         for name, x in (("student_z", student_z), ("teacher_z", teacher_z)):
             if x.dim() != 2 or x.shape[1] != self.p:
                 raise ValueError(f"{name} must be [rows, p={self.p}], got {tuple(x.shape)}")
-        for name, w in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-            matrix = w if isinstance(w, torch.Tensor) else (w[0] if isinstance(w, (tuple, list)) and w else None)
-            if matrix is None or tuple(matrix.shape) != (self.out_dim, self.p):
-                raise ValueError(f"{name} must be W [K={self.out_dim}, p={self.p}] or (v [K, p], g [K]), got "
-                                 f"{tuple(getattr(matrix, 'shape', ())) if matrix is not None else type(w).__name__}")
+        check_prototypes(student_weight, "student_weight", self.out_dim, self.p)
+        check_prototypes(teacher_weight, "teacher_weight", self.out_dim, self.p)
         if isinstance(n_global, bool) or not isinstance(n_global, int) or n_global < 1:
             raise ValueError(f"n_global must be a positive int, got {n_global!r}")
 
