@@ -10,7 +10,7 @@ from functools import lru_cache
 import torch
 
 from dinovmf.kernels.common import (check_ce_rows_inputs, check_teacher_rows_inputs, finish_teacher_stat,
-                                    sinkhorn_knopp, teacher_column_terms)
+                                    serial_vector_math, sinkhorn_knopp, teacher_column_terms)
 
 EXTENSION = "dinovmf._C"
 _BUILD_HINT = "build it with `make install` or `python setup.py build_ext --inplace` in the repository root"
@@ -54,7 +54,8 @@ def teacher_rows_cpp(dots, temp, mode, center=None, col_scale=None, bias=None, o
 def _teacher_rows(ext, dots, temp, mode, center, col_scale, bias, out):
     d = dots.contiguous()
     N, K = d.shape
-    a, b, stat_kind, stat_weight = teacher_column_terms(temp, mode, center, col_scale, bias, K, d.device)
+    with serial_vector_math(d.device):
+        a, b, stat_kind, stat_weight = teacher_column_terms(temp, mode, center, col_scale, bias, K, d.device)
     probs = out if out is not None else torch.empty(N, K, dtype=torch.float32, device=d.device)
     if mode == "sinkhorn":
         def rows(shift, write):

@@ -40,7 +40,7 @@ import torch
 
 from dinovmf import backends
 from dinovmf.centering import teacher_bias
-from dinovmf.kernels.common import check_mode, check_temp, pair_count
+from dinovmf.kernels.common import check_mode, check_temp, pair_count, serial_vector_math
 from dinovmf.vmf import vmf_column_bias
 
 # The student chunk buffer: at K = 65536 in fp32, 160 rows, i.e. 5 chunks of 154 rows for S*B = 768 (0.2x the
@@ -166,7 +166,8 @@ def _column_scale(w, g, temp: float, vdt):
     """(c [K] with l = (z @ w.T) * c + beta, the prototype norms ||w_k||, g with its floor or None, and
     the row norms of the GEMM operand w: ||v_k|| or ||W_k||)."""
     with torch.no_grad():
-        w_norm = torch.linalg.vector_norm(w.detach(), dim=1, dtype=vdt)
+        w_norm = torch.linalg.vector_norm(w.detach(), dim=1, dtype=vdt)  # [K, p]: all threads
+    with torch.no_grad(), serial_vector_math(w.device):
         if g is None:
             return torch.full_like(w_norm, 1.0 / temp), w_norm, None, w_norm
         g_eff = g.detach().to(vdt)
@@ -198,13 +199,15 @@ def _teacher(plan, teacher_rows):
     vdt = _vector_dtype(plan.teacher_z.dtype)
     with torch.no_grad():
         dots = torch.mm(plan.teacher_z.detach(), w_t.detach().t())
-        col_scale = norm = None
-        if g_t is not None:
-            norm = g_t.detach().to(vdt).abs()
-            col_scale = g_t.detach().to(vdt) / torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt)
-        elif plan.vmf:
-            norm = torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt)
-        bias = teacher_bias(norm, plan.teacher_temp, w_t.shape[1]) if plan.vmf else None
+        w_norm = torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt) if (g_t is not None or plan.vmf) else None
+        with serial_vector_math(dots.device):
+            col_scale = norm = None
+            if g_t is not None:
+                norm = g_t.detach().to(vdt).abs()
+                col_scale = g_t.detach().to(vdt) / w_norm
+            elif plan.vmf:
+                norm = w_norm
+            bias = teacher_bias(norm, plan.teacher_temp, w_t.shape[1]) if plan.vmf else None
         out = dots if dots.dtype == torch.float32 else None  # probabilities in place over the dots
         return teacher_rows(dots, plan.teacher_temp, plan.centering, plan.center, col_scale, bias, out)
 
@@ -222,10 +225,11 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     # The vMF bias, with a leaf to differentiate it by (|g| for (v, g), ||W|| for W) when the prototypes learn.
     bias_leaf = bias = bias64 = None
     if plan.vmf:
-        bias_leaf = (g.detach().to(torch.float64) if g is not None else norm.double()).requires_grad_(need_dw or need_dg)
-        with torch.enable_grad():
-            bias64 = vmf_column_bias(bias_leaf.abs() if g is not None else bias_leaf, tau, p)
-        bias = bias64.detach().to(vdt)
+        with serial_vector_math(z.device):
+            bias_leaf = (g.detach().double() if g is not None else norm.double()).requires_grad_(need_dw or need_dg)
+            with torch.enable_grad():
+                bias64 = vmf_column_bias(bias_leaf.abs() if g is not None else bias_leaf, tau, p)
+            bias = bias64.detach().to(vdt)
     dbeta = torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None
 
     order = (torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device))
@@ -272,7 +276,8 @@ def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_
     w = w.detach()
     d_bias = None
     if dbeta is not None:
-        (d_bias,) = torch.autograd.grad(bias64, bias_leaf, dbeta.to(torch.float64))
+        with serial_vector_math(w.device):
+            (d_bias,) = torch.autograd.grad(bias64, bias_leaf, dbeta.to(torch.float64))
     if g is None:  # W: U is dL/dW through the logits; the bias adds dbeta_k dbeta_k/d||w_k|| w_k/||w_k||
         if d_bias is not None:
             u.addcmul_(w.to(u.dtype), (d_bias / bias_leaf.detach()).to(u.dtype).unsqueeze(1))
@@ -280,10 +285,11 @@ def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_
     u_dot_v = weight_norm_backward_(u, w, w_norm)  # u becomes dL/dv in place; dL/dg from the dots
     dg = None
     if need_dg:
-        dg = u_dot_v.to(vdt) / g_eff
-        if d_bias is not None:
-            dg = dg + d_bias.to(vdt)
-        dg = dg.to(g.dtype)
+        with serial_vector_math(w.device):
+            dg = u_dot_v.to(vdt) / g_eff
+            if d_bias is not None:
+                dg = dg + d_bias.to(vdt)
+            dg = dg.to(g.dtype)
     return (u.to(w.dtype) if need_dw else None), dg
 
 

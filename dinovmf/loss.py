@@ -11,7 +11,7 @@ import torch
 from dinovmf import backends
 from dinovmf.centering import TeacherCenter, teacher_distribution, teacher_distribution_reference  # noqa: F401
 from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, check_prototypes, hand_over_scaled, head_to_loss
-from dinovmf.kernels.common import check_ce_inputs, pair_count
+from dinovmf.kernels.common import check_ce_inputs, pair_count, serial_vector_math
 from dinovmf.loss_reference import (dino_cross_entropy_reference, effective_prototypes,  # noqa: F401 - re-exported
                                     patch_cross_entropy, prototype_logits)
 from dinovmf.prototypes import koleo_proto_loss
@@ -132,7 +132,7 @@ class DINOLoss(torch.nn.Module):
             loss = loss_ce
         self.center.update()
 
-        with torch.no_grad():
+        with torch.no_grad(), serial_vector_math(loss.device):
             metrics = {
                 "loss": loss.detach().float(), "loss_ce": loss_ce.detach().float(),
                 "loss_koleo": loss_koleo.detach().float(),

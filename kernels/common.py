@@ -6,6 +6,7 @@ Nothing here imports triton or a compiled extension, so the C++ backend works wi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -196,6 +197,27 @@ def finish_teacher_stat(stat: torch.Tensor | None, temp: float, mode: str, cente
     if mode == "logit":
         return stat.mul_(temp).add_(center.float())
     return stat if mode == "prob" else None
+
+
+@contextlib.contextmanager
+def serial_vector_math(device: torch.device):
+    """One intra-op thread for [K]-vector host math (vMF terms, column scales, metrics) on the CPU.
+
+    Each of these ~100 small ops is microseconds of work, but at K >= 32768 ATen opens a parallel region
+    for it, and waking the other thread can cost more than the work: on the shared 2-core CI box a
+    65536-element float64 multiply took 765 us with 2 threads and 24 us with 1, which made the vMF
+    terms alone cost seconds per step. Switching the count costs ~0.4 us; GEMMs, [K, p] passes and the
+    row kernels stay outside and use every thread.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def allreduce_logsumexp_(x: torch.Tensor) -> torch.Tensor:

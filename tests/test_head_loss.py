@@ -295,3 +295,19 @@ def test_weight_norm_backward_one_pass_matches_float64():
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(got_dot.double(), want_dot, rtol=tol, atol=tol * want_dot.abs().max().item())
         torch.testing.assert_close(got_u.double(), want_u, rtol=tol, atol=tol * want_u.abs().max().item())
+
+
+def test_serial_vector_math_restores_the_thread_count():
+    from dinovmf.kernels.common import serial_vector_math
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with serial_vector_math(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError):
+            with serial_vector_math(torch.device("cpu")):
+                raise KeyError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
