@@ -2,8 +2,8 @@
 
 The Python package lives in ``dinovmf/``; the Triton kernels live in ``kernels/`` and are installed as
 ``dinovmf.kernels`` (PyPI already has an unrelated top-level ``kernels`` package, so we never expose
-that name). The C++ CPU extension ``dinovmf._C`` is built everywhere; the CUDA extension
-``dinovmf._C_cuda`` only where a CUDA-enabled torch and nvcc are both present.
+that name). The C++ CPU extension ``dinovmf._C`` is built everywhere; GPUs run the Triton kernels (the
+CUDA C++ twin was retired: one implementation per device is easier to trust than two).
 
 Install with ``pip install --no-build-isolation -e .`` (the Makefile does this): building against the
 torch that is already installed avoids pip fetching a second, CUDA, torch into an isolated build env.
@@ -23,29 +23,16 @@ def read_version():
 
 
 def extensions():
-    """C++ (always) and CUDA (when possible) extensions; none if torch is not importable."""
+    """The C++ CPU extension; none if torch is not importable or DINOVMF_NO_EXT=1."""
     if os.environ.get("DINOVMF_NO_EXT") == "1":
         return [], {}
     try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    exts = []
-    cpu_src = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(HERE, "csrc")))
-               if f.endswith(".cpp") and not f.endswith("_cuda.cpp")]
-    if cpu_src:
-        exts.append(CppExtension("dinovmf._C", cpu_src, extra_compile_args={"cxx": cxx},
-                                 extra_link_args=["-fopenmp"]))
-    cuda_src = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(HERE, "csrc")))
-                if f.endswith(".cu") or f.endswith("_cuda.cpp")]
-    want_cuda = os.environ.get("DINOVMF_CUDA", "auto")
-    has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
-    if cuda_src and (want_cuda == "1" or (want_cuda == "auto" and has_cuda)):
-        exts.append(CUDAExtension("dinovmf._C_cuda", cuda_src,
-                                  extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                                      "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}))
+    cpu_src = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(HERE, "csrc"))) if f.endswith(".cpp")]
+    exts = [CppExtension("dinovmf._C", cpu_src, extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+                         extra_link_args=["-fopenmp"])]
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

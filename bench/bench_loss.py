@@ -1,8 +1,11 @@
-"""Fused DINO-vMF loss microbenchmark: forward+backward time and peak extra memory per backend.
+"""The loss's building blocks per backend: forward+backward time and peak extra memory.
 
-Two ops, each against (a) the eager PyTorch reference and (b) `torch.compile` of it:
-  * ce: `dino_cross_entropy` forward + backward on student logits [S, B, K] and teacher probs [T, B, K];
-  * teacher: `teacher_distribution` (logit centering, vMF column bias from the prototype norms, p=256).
+Two per-logits ops (each a backend's row kernel under the host code; the whole head-to-loss path is
+bench/bench_head_loss.py), each against (a) the eager PyTorch reference and (b) `torch.compile` of it:
+  * ce: `dino_cross_entropy` forward + backward on student logits [S, B, K] and teacher probs [T, B, K]
+    (the backends' `ce_rows` kernel);
+  * teacher: `teacher_distribution` (logit centering, vMF column bias from the prototype norms, p=256;
+    the backends' `teacher_rows` kernel).
 The issue's configuration is S=12, T=2, B=64, K=65536; `--k` sweeps K (the plot's x axis). On a GPU
 each row also gets the achieved bandwidth (minimal bytes the op must move / time) as a fraction of the
 measured device copy bandwidth. Results go to bench/results/loss_ce.{csv,png}, loss_teacher.{csv,png}.
@@ -13,14 +16,15 @@ measured device copy bandwidth. Results go to bench/results/loss_ce.{csv,png}, l
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
 
 from bench.harness import peak_memory, record, timeit
 from dinovmf import backends
-from dinovmf.centering import teacher_distribution_reference
-from dinovmf.loss import dino_cross_entropy_reference
+from dinovmf.centering import teacher_distribution, teacher_distribution_reference
+from dinovmf.loss import dino_cross_entropy, dino_cross_entropy_reference
 
 P_DIM = 256
 
@@ -71,7 +75,8 @@ def implementations(device: torch.device, compile_ref: bool):
     for name in backends.available_backends(device):
         if name == "torch" or (name == "triton" and device.type == "cpu"):
             continue  # the Triton interpreter on CPU is a correctness tool, not a backend to time
-        out.append((name, backends.cross_entropy_impl(name), backends.teacher_impl(name)))
+        out.append((name, functools.partial(dino_cross_entropy, backend=name),
+                    functools.partial(teacher_distribution, backend=name)))
     return out
 
 

@@ -61,35 +61,130 @@ static inline float max_of(const float* x, int64_t n) {
   return hmax(m);
 }
 
-// y[i] = d[i] * a + c[i]
-static inline void affine(const float* d, float a, const float* c, float* y, int64_t n) {
+// y[i] = x[i] * c[i] + b[i]; a null `c` means 1, a null `b` means 0 (y may alias x).
+static inline void col_affine(const float* x, const float* c, const float* b, float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(y + i, load(d + i) * splat(a) + load(c + i));
-  for (; i < n; ++i) y[i] = d[i] * a + c[i];
+  if (c && b) {
+    for (; i + kW <= n; i += kW) store(y + i, load(x + i) * load(c + i) + load(b + i));
+    for (; i < n; ++i) y[i] = x[i] * c[i] + b[i];
+  } else if (c) {
+    for (; i + kW <= n; i += kW) store(y + i, load(x + i) * load(c + i));
+    for (; i < n; ++i) y[i] = x[i] * c[i];
+  } else if (b) {
+    for (; i + kW <= n; i += kW) store(y + i, load(x + i) + load(b + i));
+    for (; i < n; ++i) y[i] = x[i] + b[i];
+  } else if (y != x) {
+    std::memcpy(y, x, n * sizeof(float));
+  }
 }
 
-// Returns sum exp(y - m); writes the terms to `out` when it is not null.
-static inline float sum_exp(const float* y, float m, float* out, int64_t n) {
-  vf s = splat(0.f);
+// Forward tile of the cross-entropy, one exp per element: e[i] = exp(l[i] - m) (e may alias l), and
+// out4 = {sum e, sum e (l - m), sum pbar l, sum pbar}; fp32 lanes (the caller adds tiles in double).
+static inline void ce_fwd_tile(const float* l, const float* pbar, float m, float* e, int64_t n, float* out4) {
+  vf se = splat(0.f), sel = splat(0.f), dot = splat(0.f), ps = splat(0.f);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const vf e = exp8(load(y + i) - splat(m));
-    if (out) store(out + i, e);
-    s += e;
+    const vf lv = load(l + i), pv = load(pbar + i), d = lv - splat(m), ev = exp8(d);
+    store(e + i, ev);
+    se += ev;
+    sel += ev * d;
+    dot += pv * lv;
+    ps += pv;
   }
-  if (i < n) {
-    const vf e = exp8(load_tail(y + i, n - i, -INFINITY) - splat(m));
-    for (int64_t j = 0; j < n - i; ++j)
-      if (out) out[i + j] = e[j];
-    s += e;
+  float se_t = 0.f, sel_t = 0.f, dot_t = 0.f, ps_t = 0.f;
+  if (i < n) {  // the tail through a padded vector: the same exp polynomial as the body
+    const int64_t r = n - i;
+    const vf lv = load_tail(l + i, r, m), d = lv - splat(m);
+    const vf ev = exp8(d);
+    for (int64_t j = 0; j < r; ++j) {
+      e[i + j] = ev[j];
+      se_t += ev[j];
+      sel_t += ev[j] * d[j];
+      dot_t += pbar[i + j] * l[i + j];
+      ps_t += pbar[i + j];
+    }
   }
-  return hsum(s);
+  out4[0] = hsum(se) + se_t;
+  out4[1] = hsum(sel) + sel_t;
+  out4[2] = hsum(dot) + dot_t;
+  out4[3] = hsum(ps) + ps_t;
 }
 
-static inline void scale_inplace(float* x, float a, int64_t n) {
+// Gradient tile from the stored exponentials: g = (f e - pbar) s; out = g * c (c null: g); acc += g when
+// acc is not null. `out` may alias `e`.
+static inline void ce_grad_tile(const float* e, const float* pbar, float f, float s, const float* c, float* out,
+                                float* acc, int64_t n) {
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(x + i, load(x + i) * splat(a));
-  for (; i < n; ++i) x[i] *= a;
+  const vf fv = splat(f), sv = splat(s);
+  for (; i + kW <= n; i += kW) {
+    const vf g = (fv * load(e + i) - load(pbar + i)) * sv;
+    if (acc) store(acc + i, load(acc + i) + g);
+    store(out + i, c ? g * load(c + i) : g);
+  }
+  for (; i < n; ++i) {
+    const float g = (f * e[i] - pbar[i]) * s;
+    if (acc) acc[i] += g;
+    out[i] = c ? g * c[i] : g;
+  }
+}
+
+// In place y[i] <- exp(y[i] - m); out3 = {sum e, sum e (y - m), sum e w} (w null: the last is 0).
+static inline void exp_tile(float* y, float m, const float* w, int64_t n, float* out3) {
+  vf se = splat(0.f), sey = splat(0.f), sew = splat(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const vf d = load(y + i) - splat(m), ev = exp8(d);
+    store(y + i, ev);
+    se += ev;
+    sey += ev * d;
+    if (w) sew += ev * load(w + i);
+  }
+  float se_t = 0.f, sey_t = 0.f, sew_t = 0.f;
+  if (i < n) {
+    const int64_t r = n - i;
+    const vf d = load_tail(y + i, r, m) - splat(m), ev = exp8(d);
+    for (int64_t j = 0; j < r; ++j) {
+      y[i + j] = ev[j];
+      se_t += ev[j];
+      sey_t += ev[j] * d[j];
+      if (w) sew_t += ev[j] * w[i + j];
+    }
+  }
+  out3[0] = hsum(se) + se_t;
+  out3[1] = hsum(sey) + sey_t;
+  out3[2] = hsum(sew) + sew_t;
+}
+
+// In place x[i] *= a; returns the index of the first largest result (the caller keeps the tile order).
+static inline int64_t scale_argmax(float* x, float a, int64_t n, float* best) {
+  vf mv = splat(-INFINITY), iv = splat(-1.f), lane;
+  for (int j = 0; j < kW; ++j) lane[j] = static_cast<float>(j);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {  // indices as floats: exact below 2^24, and K is far below that
+    const vf v = load(x + i) * splat(a);
+    store(x + i, v);
+    const vi gt = v > mv;  // strict: a lane keeps its first maximum
+    mv = (vf)((gt & (vi)v) | (~gt & (vi)mv));
+    iv = (vf)((gt & (vi)(lane + splat(static_cast<float>(i)))) | (~gt & (vi)iv));
+  }
+  float bv = -INFINITY;
+  int64_t bi = -1;
+  for (int j = 0; j < kW; ++j) {
+    const int64_t idx = static_cast<int64_t>(iv[j]);
+    if (idx >= 0 && (mv[j] > bv || (mv[j] == bv && idx < bi))) {
+      bv = mv[j];
+      bi = idx;
+    }
+  }
+  for (; i < n; ++i) {
+    x[i] *= a;
+    if (x[i] > bv) {
+      bv = x[i];
+      bi = i;
+    }
+  }
+  *best = bv;
+  return bi;
 }
 
 // acc[i] += a * x[i]
@@ -99,14 +194,30 @@ static inline void axpy(float* acc, float a, const float* x, int64_t n) {
   for (; i < n; ++i) acc[i] += a * x[i];
 }
 
-// acc[i] += a * exp(y[i] - m)
-static inline void axpy_exp(float* acc, float a, const float* y, float m, int64_t n) {
+// sum x[i] y[i] (fp32 lanes)
+static inline float dot(const float* x, const float* y, int64_t n) {
+  vf s = splat(0.f);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(acc + i, load(acc + i) + splat(a) * exp8(load(y + i) - splat(m)));
-  if (i < n) {
-    const vf e = exp8(load_tail(y + i, n - i, -INFINITY) - splat(m));
-    for (int64_t j = 0; j < n - i; ++j) acc[i + j] += a * e[j];
-  }
+  for (; i + kW <= n; i += kW) s += load(x + i) * load(y + i);
+  float t = 0.f;
+  for (; i < n; ++i) t += x[i] * y[i];
+  return hsum(s) + t;
+}
+
+// acc[i] += a * x[i] * w[i]
+static inline void axpy_mul(float* acc, float a, const float* x, const float* w, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) store(acc + i, load(acc + i) + splat(a) * load(x + i) * load(w + i));
+  for (; i < n; ++i) acc[i] += a * x[i] * w[i];
+}
+
+// Returns sum exp(y - m) (the log-sum-exp of a tile, with the tile's own max).
+static inline float sum_exp(const float* y, float m, int64_t n) {
+  vf s = splat(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) s += exp8(load(y + i) - splat(m));
+  if (i < n) s += exp8(load_tail(y + i, n - i, -INFINITY) - splat(m));
+  return hsum(s);
 }
 
 // Per column online log-sum-exp over rows: (m, s) <- merge with y (m starts finite: the first row).
@@ -123,34 +234,3 @@ static inline void online_lse(float* m, float* s, const float* y, int64_t n) {
     m[i] = mn;
   }
 }
-
-// Cross-entropy tile: sum exp(l - m), sum pbar * l, sum pbar (fp32 lanes; the caller adds tiles in double).
-static inline void ce_tile(const float* l, const float* pbar, float m, int64_t n, float* out3) {
-  vf se = splat(0.f), dot = splat(0.f), ps = splat(0.f);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const vf lv = load(l + i), pv = load(pbar + i);
-    se += exp8(lv - splat(m));
-    dot += pv * lv;
-    ps += pv;
-  }
-  float se_t = 0.f, dot_t = 0.f, ps_t = 0.f;
-  for (; i < n; ++i) {
-    se_t += std::exp(l[i] - m);
-    dot_t += pbar[i] * l[i];
-    ps_t += pbar[i];
-  }
-  out3[0] = hsum(se) + se_t;
-  out3[1] = hsum(dot) + dot_t;
-  out3[2] = hsum(ps) + ps_t;
-}
-
-// grad[i] = (psum * exp(l[i] - lse) - pbar[i]) * g
-static inline void ce_grad_tile(const float* l, const float* pbar, float lse, float psum, float g, float* grad,
-                                        int64_t n) {
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW)
-    store(grad + i, (splat(psum) * exp8(load(l + i) - splat(lse)) - load(pbar + i)) * splat(g));
-  for (; i < n; ++i) grad[i] = (psum * std::exp(l[i] - lse) - pbar[i]) * g;
-}
-

@@ -1,7 +1,15 @@
-"""Which implementation of the fused loss ops runs: torch (reference), triton, cpp or cuda.
+"""Which implementation of the two fused row kernels runs: torch (reference), cpp or triton.
 
-Every backend implements the same two callables with the signatures of `dinovmf.loss.dino_cross_entropy`
-and `dinovmf.centering.teacher_distribution` (minus `backend`); see docs/INTERFACES.md.
+Every backend implements the same two callables (docs/INTERFACES.md, Backends; the contract of the
+fused head-to-loss op):
+
+* `ce_rows(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
+  grad_out, col_grad_sum) -> stats [4, c]` — the student side of a chunk of rows;
+* `teacher_rows(dots, temp, mode, center, col_scale, bias, out) -> (probs, stat, row_entropy, row_argmax)`.
+
+Everything else (the head-to-loss op, `dino_cross_entropy`, `teacher_distribution`) is host code on top
+of these two, shared by all backends. The CUDA C++ twin of the kernels was retired (Triton covers GPUs):
+asking for "cuda" raises `BackendUnavailable` naming "triton".
 """
 from __future__ import annotations
 
@@ -11,45 +19,40 @@ from functools import lru_cache
 
 import torch
 
-BACKENDS = ("torch", "triton", "cpp", "cuda")
+BACKENDS = ("torch", "triton", "cpp")
 # "auto" tries these in order; torch always runs, so it is the last resort on every device.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 _IMPLS = {
-    # name: (module, cross-entropy callable, teacher callable)
-    "torch": ("dinovmf.loss", "dino_cross_entropy_reference", "teacher_distribution_reference"),
-    "triton": ("dinovmf.kernels.triton_ops", "dino_cross_entropy_triton", "teacher_distribution_triton"),
-    "cpp": ("dinovmf._ext", "dino_cross_entropy_cpp", "teacher_distribution_cpp"),
-    "cuda": ("dinovmf._ext", "dino_cross_entropy_cuda", "teacher_distribution_cuda"),
+    # name: ((module, ce_rows callable), (module, teacher_rows callable))
+    "torch": (("dinovmf.loss_reference", "ce_rows_reference"), ("dinovmf.centering", "teacher_rows_reference")),
+    "triton": (("dinovmf.kernels.triton_ops", "ce_rows_triton"), ("dinovmf.kernels.triton_ops", "teacher_rows_triton")),
+    "cpp": (("dinovmf._ext", "ce_rows_cpp"), ("dinovmf._ext", "teacher_rows_cpp")),
 }
+_RETIRED = {"cuda": "backend 'cuda' (the CUDA C++ kernels) was retired: use 'triton' on CUDA devices (or 'auto')"}
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend is unknown, not built, or cannot run on this device."""
+    """The requested backend is unknown, retired, not built, or cannot run on this device."""
 
 
 @lru_cache(maxsize=None)
-def _import_error(module: str) -> str | None:
-    """None if `module` imports, else the error (cached: a failed import is not retried per call)."""
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - any failure (ImportError, a triton/driver error) means unavailable
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _extension_error(backend: str) -> str | None:
-    from dinovmf._ext import ExtensionUnavailable, load_extension
-
-    try:
-        load_extension(backend)
-    except ExtensionUnavailable as e:
-        return str(e)
+def _import_error(name: str) -> str | None:
+    """None if backend `name`'s modules import and have both entry points, else why not (cached)."""
+    for module, entry_point in _IMPLS[name]:
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any failure (ImportError, a triton/driver error) means unavailable
+            return f"{type(e).__name__}: {e}"
+        if not hasattr(mod, entry_point):
+            return f"{module} has no {entry_point}"
     return None
 
 
 def _why_unavailable(name: str, device: torch.device) -> str | None:
     """None if `name` can run on `device`, else the reason it cannot."""
+    if name in _RETIRED:
+        return _RETIRED[name]
     if name == "torch":
         return None
     if name == "triton":
@@ -62,17 +65,18 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
                 return "backend 'triton' runs on CPU only under TRITON_INTERPRET=1 (the interpreter; slow)"
         else:
             return f"backend 'triton' does not run on {device.type}"
-        err = _import_error(_IMPLS["triton"][0])
-        return None if err is None else f"backend 'triton' cannot be imported ({err})"
-    if name == "cpp":
+    elif name == "cpp":
         if device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors only, not {device.type}"
-        return _extension_error("cpp")
-    if name == "cuda":
-        if device.type != "cuda" or not torch.cuda.is_available():
-            return "backend 'cuda' needs a CUDA device"
-        return _extension_error("cuda")
-    return f"unknown backend {name!r}"
+        from dinovmf._ext import ExtensionUnavailable, load_extension
+        try:
+            load_extension()
+        except ExtensionUnavailable as e:
+            return str(e)
+    else:
+        return f"unknown backend {name!r}"
+    err = _import_error(name)
+    return None if err is None else f"backend {name!r} cannot be loaded ({err})"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -87,6 +91,8 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
         return next(b for b in order if _why_unavailable(b, device) is None)
+    if name in _RETIRED:
+        raise BackendUnavailable(_RETIRED[name])
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     why = _why_unavailable(name, device)
@@ -96,17 +102,19 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
 
 
 def _impl(name: str, index: int):
+    if name in _RETIRED:
+        raise BackendUnavailable(_RETIRED[name])
     if name not in _IMPLS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    module = _IMPLS[name][0]
-    return getattr(importlib.import_module(module), _IMPLS[name][index])
+    module, entry_point = _IMPLS[name][index]
+    return getattr(importlib.import_module(module), entry_point)
 
 
-def cross_entropy_impl(name: str):
-    """The `dino_cross_entropy(student_logits, teacher_probs)` callable of backend `name`."""
+def ce_rows_impl(name: str):
+    """The `ce_rows` callable of backend `name` (see the module docstring)."""
+    return _impl(name, 0)
+
+
+def teacher_rows_impl(name: str):
+    """The `teacher_rows` callable of backend `name` (see the module docstring)."""
     return _impl(name, 1)
-
-
-def teacher_impl(name: str):
-    """The `teacher_distribution(dots, temp, mode, center, weight_norm, p)` callable of backend `name`."""
-    return _impl(name, 2)

@@ -1,57 +1,53 @@
-"""The teacher side of DINO: centering modes, the EMA center, and the teacher temperature schedule.
+"""The teacher side of DINO: centering modes, the teacher row reference, and the EMA center.
 
-The teacher's raw score is `r = dots + temp * bias`, dots = z @ W.T and bias = `vmf_column_bias`
-(absent for plain DINO), so that `r / temp` are the vMF logits and a plain-DINO `r` is exactly what
-DINO's head outputs (docs/INTERFACES.md). Modes:
+The teacher's raw score is `r = dots * col_scale + temp * bias` (dots = z @ v.T with the per-prototype
+column scale `c_k = g_k / ||v_k||` of weight-normed prototypes, or z @ W.T with no scale; bias =
+`vmf_column_bias`, absent for plain DINO), so that `r / temp` are the vMF logits and a plain-DINO `r` is
+exactly what DINO's head outputs (docs/INTERFACES.md). Modes:
 
 * `logit` (DINO):      probs = softmax((r - center) / temp),  stat = mean_rows(r)
 * `prob` (DINO-vMF):   s = softmax(r / temp), probs = normalise_rows(s / center),  stat = mean_rows(s)
 * `none`:              probs = softmax(r / temp)
 * `sinkhorn` (DINOv2): 3 Sinkhorn-Knopp iterations on exp(r / temp) over the global batch
 
-Everything here is computed in float32 (or float64 if the dots are float64): the teacher is never
-differentiated, and its probabilities are the targets every kernel is tested against.
+`teacher_rows_reference` is the PyTorch reference of the `teacher_rows` kernel every backend implements
+(float32, or float64 when the dots are float64); it also returns each row's entropy and argmax, the
+by-products the loss turns into metrics. The teacher temperature itself comes from
+`dinovmf.schedules` (the teacher-temperature warm-up schedule).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
 from dinovmf import backends
+from dinovmf.kernels.common import (CENTERING_MODES, SINKHORN_ITERATIONS, check_mode, check_teacher_inputs,
+                                    check_teacher_rows_inputs)
 from dinovmf.vmf import vmf_column_bias
 
-CENTERING_MODES = ("logit", "prob", "sinkhorn", "none")
-SINKHORN_ITERATIONS = 3
+__all__ = ["CENTERING_MODES", "SINKHORN_ITERATIONS", "TeacherCenter", "row_entropy", "sinkhorn_knopp",
+           "teacher_bias", "teacher_distribution", "teacher_distribution_reference", "teacher_rows_reference"]
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in CENTERING_MODES:
-        raise ValueError(f"mode must be one of {CENTERING_MODES}, got {mode!r}")
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """-sum_k p log p per row (0 log 0 = 0): the one entropy helper of the host code."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
-def _check_temp(temp, name: str = "temp") -> float:
-    if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp > 0):
-        raise ValueError(f"{name} must be a finite float > 0, got {temp!r}")
-    return float(temp)
-
-
-def _raw_scores(dots: torch.Tensor, temp: float, weight_norm: torch.Tensor | None, p: int | None) -> torch.Tensor:
-    """r = dots + temp * vmf_column_bias(weight_norm), in float32 (float64 if dots are float64)."""
-    acc = torch.float64 if dots.dtype == torch.float64 else torch.float32
-    r = dots.to(acc)
-    if weight_norm is not None:
-        if p is None:
-            raise ValueError("p (the bottleneck dim) is required when weight_norm is given")
-        if weight_norm.shape != (dots.shape[1],):
-            raise ValueError(f"weight_norm must have shape [K]={dots.shape[1]}, got {tuple(weight_norm.shape)}")
-        r = r + temp * vmf_column_bias(weight_norm.detach().to(acc), temp, p)
-    return r
+def teacher_bias(weight_norm: torch.Tensor | None, temp: float, p: int | None) -> torch.Tensor | None:
+    """The teacher's vMF column bias [K] (float64 for float64 norms, else float32), computed once per
+    step from the prototype norms and no gradient; None without norms (plain DINO)."""
+    if weight_norm is None:
+        return None
+    if p is None:
+        raise ValueError("p (the bottleneck dim) is required when weight_norm is given")
+    acc = torch.float64 if weight_norm.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return vmf_column_bias(weight_norm.detach().double(), temp, p).to(acc)
 
 
 @torch.no_grad()
@@ -82,47 +78,71 @@ def sinkhorn_knopp(scores: torch.Tensor, iterations: int = SINKHORN_ITERATIONS) 
     return q * n_global
 
 
+@torch.no_grad()
+def teacher_rows_reference(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None = None,
+                           col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                           out: torch.Tensor | None = None):
+    """PyTorch reference of the `teacher_rows` kernel (docs/INTERFACES.md, Backends).
+
+    `r = dots * col_scale + temp * bias`, then the mode of the module docstring. Returns (probs [N,K],
+    stat [K] or None, row_entropy [N], row_argmax [N] int64); probs are written to `out` when given (it
+    may alias `dots`). Float32 arithmetic, float64 when `dots` are float64.
+    """
+    check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out)
+    temp = float(temp)
+    acc = torch.float64 if dots.dtype == torch.float64 else torch.float32
+    r = dots.detach().to(acc)
+    if col_scale is not None:
+        r = r * col_scale.to(acc)
+    if bias is not None:
+        r = r + temp * bias.to(acc)
+    stat = None
+    if mode == "logit":
+        probs, stat = torch.softmax((r - center.to(acc)) / temp, dim=1), r.mean(dim=0)
+    elif mode == "prob":
+        # normalise_rows(softmax(l) / c) == softmax(l - log c): same thing, without underflow.
+        probs = torch.softmax(r / temp - torch.log(center.to(acc)), dim=1)
+        stat = torch.softmax(r / temp, dim=1).mean(dim=0)
+    elif mode == "none":
+        probs = torch.softmax(r / temp, dim=1)
+    else:
+        probs = sinkhorn_knopp(r / temp)
+    entropy, argmax = row_entropy(probs), probs.argmax(dim=1)
+    if out is not None:
+        probs = out.copy_(probs)
+    return probs, stat, entropy, argmax
+
+
 def teacher_distribution_reference(dots: torch.Tensor, temp: float, mode: str,
                                    center: torch.Tensor | None = None,
                                    weight_norm: torch.Tensor | None = None,
                                    p: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PyTorch reference of the teacher distribution: `(probs [N,K] fp32, stat [K] fp32 or None)`.
+    """PyTorch reference of the teacher distribution: `(probs [N,K], stat [K] or None)`, float32
+    (float64 for float64 dots).
 
     dots [N,K] = teacher z @ W.T; `center` [K] is required for `logit` and `prob`; `weight_norm` [K]
     (with `p`) adds the vMF column bias. `stat` is the *local* batch statistic the EMA center is
     updated with (the caller all-reduces it); None for `sinkhorn` and `none`. See the module docstring.
     """
-    _check_mode(mode)
-    temp = _check_temp(temp)
-    if not isinstance(dots, torch.Tensor) or not dots.is_floating_point() or dots.dim() != 2:
-        raise ValueError(f"dots must be a 2-D floating-point tensor [N, K], got "
-                         f"{getattr(dots, 'dtype', type(dots))} {tuple(getattr(dots, 'shape', ()))}")
-    with torch.no_grad():
-        r = _raw_scores(dots.detach(), temp, weight_norm, p)
-        if mode in ("logit", "prob"):
-            if center is None:
-                raise ValueError(f"center is required for mode {mode!r}")
-            if center.shape != (r.shape[1],):
-                raise ValueError(f"center must have shape [K]={r.shape[1]}, got {tuple(center.shape)}")
-            c = center.to(r.dtype)
-        if mode == "logit":
-            return torch.softmax((r - c) / temp, dim=1), r.mean(dim=0)
-        if mode == "prob":
-            logits = r / temp
-            # normalise_rows(softmax(l) / c) == softmax(l - log c): same thing, without underflow.
-            probs = torch.softmax(logits - torch.log(c), dim=1)
-            return probs, torch.softmax(logits, dim=1).mean(dim=0)
-        if mode == "none":
-            return torch.softmax(r / temp, dim=1), None
-        return sinkhorn_knopp(r / temp), None
+    check_teacher_inputs(dots, temp, mode, center, weight_norm, p)
+    bias = teacher_bias(weight_norm, temp, p)
+    if bias is not None and dots.dtype == torch.float64:
+        bias = bias.double()
+    probs, stat, _, _ = teacher_rows_reference(dots, temp, mode, center, None, bias)
+    return probs, stat
 
 
 def teacher_distribution(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None = None,
                          weight_norm: torch.Tensor | None = None, p: int | None = None,
                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher probabilities and center statistic via the chosen backend (see `teacher_distribution_reference`)."""
-    impl = backends.teacher_impl(backends.resolve_backend(backend, dots.device))
-    return impl(dots, temp, mode, center, weight_norm, p)
+    """Teacher probabilities [N,K] fp32 and center statistic via `backend`'s `teacher_rows` kernel (see
+    `teacher_distribution_reference`); the vMF bias is computed once here, on the host, in float64."""
+    check_teacher_inputs(dots, temp, mode, center, weight_norm, p)
+    impl = backends.teacher_rows_impl(backends.resolve_backend(backend, dots.device))
+    bias = teacher_bias(weight_norm, temp, p)
+    probs, stat, _, _ = impl(dots.detach(), float(temp), mode, center, None,
+                             None if bias is None else bias.float(), None)
+    return probs, stat
 
 
 class TeacherCenter(torch.nn.Module):
@@ -137,7 +157,7 @@ class TeacherCenter(torch.nn.Module):
 
     def __init__(self, K: int, mode: str, momentum: float = 0.9, backend: str = "auto"):
         super().__init__()
-        _check_mode(mode)
+        check_mode(mode)
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be a positive int, got {K!r}")
         if not 0.0 <= momentum <= 1.0:
@@ -149,18 +169,28 @@ class TeacherCenter(torch.nn.Module):
         self._pending: torch.Tensor | None = None
         self._pending_work = None
 
+    @property
+    def state(self) -> torch.Tensor | None:
+        """The center a teacher kernel needs for this mode (the EMA buffer), or None (sinkhorn, none)."""
+        return self.center if self.mode in ("logit", "prob") else None
+
     def forward(self, dots: torch.Tensor, temp: float, weight_norm: torch.Tensor | None = None,
                 p: int | None = None) -> torch.Tensor:
-        center = self.center if self.mode in ("logit", "prob") else None
-        probs, stat = teacher_distribution(dots, temp, self.mode, center, weight_norm, p, backend=self.backend)
-        if stat is not None:
-            self._pending = stat.detach().float()
-            self._pending_work = dist.all_reduce(self._pending, async_op=True) if _distributed() else None
+        probs, stat = teacher_distribution(dots, temp, self.mode, self.state, weight_norm, p, backend=self.backend)
+        self.observe(stat)
         return probs
+
+    def observe(self, stat: torch.Tensor | None) -> None:
+        """Remember a batch statistic for the next `update()`, starting its all-reduce (asynchronously)."""
+        if stat is None or self.mode not in ("logit", "prob"):
+            return
+        self._pending = stat.detach().float()
+        self._pending_work = dist.all_reduce(self._pending, async_op=True) if _distributed() else None
 
     @torch.no_grad()
     def update(self, stat: torch.Tensor | None = None) -> None:
-        """Fold a batch statistic into the EMA: `stat` if given (all-reduced here), else the last forward's."""
+        """Fold a batch statistic into the EMA: `stat` if given (all-reduced here), else the last one given
+        to `observe` (by `forward` or by the fused loss), whose all-reduce is already under way."""
         if self.mode not in ("logit", "prob"):
             return
         if stat is not None:
@@ -169,7 +199,7 @@ class TeacherCenter(torch.nn.Module):
                 dist.all_reduce(stat)
         else:
             if self._pending is None:
-                raise RuntimeError("update() without a stat needs a forward() first")
+                raise RuntimeError("update() without a stat needs a forward() or observe(stat) first")
             stat = self._pending
             if self._pending_work is not None:
                 self._pending_work.wait()
@@ -179,16 +209,3 @@ class TeacherCenter(torch.nn.Module):
         if stat.shape != self.center.shape:
             raise ValueError(f"stat must have shape {tuple(self.center.shape)}, got {tuple(stat.shape)}")
         self.center.mul_(self.momentum).add_(stat.to(self.center.device), alpha=1.0 - self.momentum)
-
-
-def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
-    """Teacher temperature: linear from `start` at step 0 to `end` at `warmup_steps`, then flat at `end`."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    _check_temp(start, "start")
-    _check_temp(end, "end")
-    if step >= warmup_steps:
-        return float(end)
-    return float(start + (end - start) * step / warmup_steps)

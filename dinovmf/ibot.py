@@ -15,10 +15,9 @@ different marginals over the prototypes.
 
 Only the masked rows are ever turned into logits, on both sides (the teacher's distribution and its center
 statistic use the masked positions too, as DINOv2 does; iBOT centers over all patch tokens). With
-mask ratios up to 0.3 on half the images that is ~1/13 of the patch tokens, so the [rows, K] logits stay
-small even at K = 8192. The teacher side runs through the fused teacher kernels (`backend`); the
-same-view CE has no fused kernel (the DINO CE kernels pair view s with the *other* views t != s), so it
-uses the PyTorch `dinovmf.loss.patch_cross_entropy` on these few rows.
+mask ratios up to 0.3 on half the images that is ~1/13 of the patch tokens. Both sides run through the
+fused head-to-loss op (`dinovmf.head_loss`) with same-view pairing (student row i against teacher row i)
+and iBOT's row weights; `dinovmf.loss_reference.patch_cross_entropy` is its PyTorch reference.
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from dinovmf.centering import TeacherCenter
-from dinovmf.loss import patch_cross_entropy, prototype_logits
-from dinovmf.prototypes import used_prototypes
+from dinovmf.head_loss import check_prototypes, head_to_loss
+from dinovmf.loss import used_prototype_count
 
 
 def masked_token_weights(masks: torch.Tensor) -> torch.Tensor:
@@ -44,10 +43,6 @@ def masked_token_weights(masks: torch.Tensor) -> torch.Tensor:
     return 1.0 / (per_image[image_of_row].float() * n_masked_images)
 
 
-def _mean_entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()
-
-
 class IBOTPatchLoss(torch.nn.Module):
     """iBOT(-vMF) masked patch loss with its own teacher center (see the module docstring).
 
@@ -56,17 +51,18 @@ class IBOTPatchLoss(torch.nn.Module):
         p: bottleneck dimension (the sphere the patch features and prototypes live on).
         vmf: vMF-normalised logits (iBOT-vMF) or plain DINO logits (iBOT).
         student_temp: tau_s. centering, center_momentum: the patch center (`TeacherCenter`).
-        backend: fused teacher backend ("auto", "torch", "triton", "cpp", "cuda").
+        backend: row-kernel backend of the fused op ("auto", "torch", "cpp", "triton").
 
     forward(student_patch_z [G*B, n, p], teacher_patch_z [G*B, n, p], masks [G*B, n] bool,
-    student_weight [K, p], teacher_weight [K, p], teacher_temp) -> (loss, metrics). The z rows are unit
+    student_weight, teacher_weight, teacher_temp) -> (loss, metrics). The z rows are unit
     vectors (the head normalises them); row r of the student features is the masked version of row r of
     the teacher's. `student_weight` / `teacher_weight` are the patch head's prototypes — the CLS head's
-    when the head is shared. The center is updated after the loss is computed.
+    when the head is shared — as W [K, p] or the weight-norm pair (v [K, p], g [K]) (see `DINOLoss`).
+    The center is updated after the loss is computed.
 
-    Metrics (floats): loss_patch, patch_teacher_entropy, patch_student_entropy (absent when no token is
-    masked), patch_used_prototypes (teacher argmax winners among the masked tokens), masked_tokens,
-    masked_images, mask_ratio (masked tokens / all tokens).
+    Metrics (0-d tensors on the loss's device, as `DINOLoss`'s): loss_patch, patch_teacher_entropy,
+    patch_student_entropy (absent when no token is masked), patch_used_prototypes (teacher argmax winners
+    among the masked tokens), masked_tokens, masked_images, mask_ratio (masked tokens / all tokens).
     """
 
     def __init__(self, out_dim: int, p: int = 256, vmf: bool = True, student_temp: float = 0.1,
@@ -95,10 +91,8 @@ class IBOTPatchLoss(torch.nn.Module):
         if masks.shape != student_patch_z.shape[:2]:
             raise ValueError(f"masks must have shape [G*B, n]={tuple(student_patch_z.shape[:2])}, "
                              f"got {tuple(masks.shape)}")
-        for name, w in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-            if not isinstance(w, torch.Tensor) or w.shape != (self.out_dim, self.p):
-                raise ValueError(f"{name} must be [K={self.out_dim}, p={self.p}], got "
-                                 f"{tuple(getattr(w, 'shape', ()))}")
+        check_prototypes(student_weight, "student_weight", self.out_dim, self.p)
+        check_prototypes(teacher_weight, "teacher_weight", self.out_dim, self.p)
 
     def forward(self, student_patch_z: torch.Tensor, teacher_patch_z: torch.Tensor, masks: torch.Tensor,
                 student_weight: torch.Tensor, teacher_weight: torch.Tensor, teacher_temp: float):
@@ -109,23 +103,22 @@ class IBOTPatchLoss(torch.nn.Module):
         if n_rows == 0:
             return self._no_masked_tokens(student_patch_z, student_weight, masks)
 
-        student_rows = student_patch_z[masks]  # [M, p], image-major then patch order, as the weights
-        logits = prototype_logits(student_rows, student_weight, self.student_temp, self.vmf)  # [M, K]
-        with torch.no_grad():
-            teacher_rows = teacher_patch_z[masks]
-            weight_norm = torch.linalg.vector_norm(teacher_weight.float(), dim=1) if self.vmf else None
-            probs = self.center(teacher_rows @ teacher_weight.t(), teacher_temp, weight_norm, self.p)
-        loss = patch_cross_entropy(logits, probs, weights)
+        out = head_to_loss(student_patch_z[masks], teacher_patch_z[masks], student_weight, teacher_weight,
+                           student_temp=self.student_temp, teacher_temp=teacher_temp, centering=self.center.mode,
+                           center=self.center.state, vmf=self.vmf, same_view=True, row_weight=weights,
+                           backend=self.backend)
+        self.center.observe(out.center_stat)
         self.center.update()
-
+        dev = out.loss.device
         with torch.no_grad():
-            stats = torch.stack([loss.detach().float(), _mean_entropy(probs.float()),
-                                 _mean_entropy(torch.softmax(logits.detach().float(), dim=-1))]).tolist()
-        metrics = {"loss_patch": stats[0], "patch_teacher_entropy": stats[1], "patch_student_entropy": stats[2],
-                   "patch_used_prototypes": float(used_prototypes(probs)), "masked_tokens": float(n_rows),
-                   "masked_images": float((masks.sum(dim=1) > 0).sum()),
-                   "mask_ratio": n_rows / masks.numel()}
-        return loss, metrics
+            metrics = {"loss_patch": out.loss.detach().float(),
+                       "patch_teacher_entropy": out.teacher_entropy.float().mean(),
+                       "patch_student_entropy": out.student_entropy.float().mean(),
+                       "patch_used_prototypes": used_prototype_count(out.teacher_argmax, self.out_dim),
+                       "masked_tokens": torch.tensor(float(n_rows), device=dev),
+                       "masked_images": (masks.sum(dim=1) > 0).sum().float(),
+                       "mask_ratio": torch.tensor(n_rows / masks.numel(), device=dev)}
+        return out.loss, metrics
 
     def _no_masked_tokens(self, student_patch_z, student_weight, masks):
         """A zero loss that still reaches the student's parameters (DDP expects a gradient for each).
@@ -137,8 +130,10 @@ class IBOTPatchLoss(torch.nn.Module):
         if self.center.mode in ("logit", "prob") and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             self.center.update(self.center.center.clone())
-        loss = (student_patch_z.sum() + student_weight.sum()) * 0.0
+        params = [student_weight] if isinstance(student_weight, torch.Tensor) else list(student_weight)
+        loss = (student_patch_z.sum() + sum(w.sum() for w in params)) * 0.0
         # No entropies: there is no distribution to measure (and a 0 would look like collapse).
-        metrics = {"loss_patch": 0.0, "patch_used_prototypes": 0.0, "masked_tokens": 0.0,
-                   "masked_images": 0.0, "mask_ratio": 0.0}
+        zero = torch.zeros((), device=loss.device)
+        metrics = {"loss_patch": zero, "patch_used_prototypes": zero, "masked_tokens": zero,
+                   "masked_images": zero, "mask_ratio": zero}
         return loss, metrics

@@ -29,6 +29,7 @@ only: on a GPU it would cost a host sync per training step, so there kappa <= 0 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,7 +57,7 @@ def _check_positive(kappa: torch.Tensor, name: str = "kappa") -> None:
     cost a host sync every training step; there a kappa <= 0 yields NaN, which the trainer's
     non-finite-loss guard reports."""
     _check_float_tensor(kappa, name)
-    if kappa.device.type != "cpu":
+    if kappa.device.type != "cpu" or torch.compiler.is_compiling():  # a data-dependent branch breaks the graph
         return
     if kappa.numel() and not bool((kappa > 0).all()):
         bad = kappa[~(kappa > 0)].flatten()[:3].tolist()
@@ -80,23 +81,29 @@ def _check_order(nu) -> float:
 # --------------------------------------------------------------------------------------------------
 # The float64 core
 # --------------------------------------------------------------------------------------------------
-def _log_iv_debye(nu: float, kappa: torch.Tensor) -> torch.Tensor:
-    """log I_nu(kappa) by the Debye expansion with U1..U4; nu >= ~30, kappa float64 > 0."""
-    z = kappa / nu
-    s = torch.sqrt(1.0 + z * z)
-    t = 1.0 / s
-    # z / (1 + s) instead of z / s - ...: no cancellation for small or large z.
-    eta = s + torch.log(z / (1.0 + s))
+def debye_series(t, nu: float):
+    """1 + U1(t)/nu + ... + U4(t)/nu^4 (DLMF 10.41.10), Horner in t^2: the one float64 Debye helper of the
+    host code (`_log_iv_debye` here, the reference terms in `dinovmf.kernels.common`). `t` a Python float
+    or a float64 tensor (t = 1/sqrt(1 + (kappa/nu)^2))."""
     t2 = t * t
-    # DLMF 10.41.10, Horner in t^2.
     u1 = t * (3.0 - 5.0 * t2) / 24.0
     u2 = t2 * (81.0 + t2 * (-462.0 + t2 * 385.0)) / 1152.0
     u3 = t * t2 * (30375.0 + t2 * (-369603.0 + t2 * (765765.0 + t2 * -425425.0))) / 414720.0
     u4 = t2 * t2 * (4465125.0 + t2 * (-94121676.0 + t2 * (349922430.0 + t2 * (-446185740.0
                                                                                 + t2 * 185910725.0)))) / 39813120.0
     inv = 1.0 / nu
-    series = 1.0 + inv * (u1 + inv * (u2 + inv * (u3 + inv * u4)))
-    return nu * eta - 0.5 * math.log(2.0 * math.pi * nu) - 0.5 * torch.log(s) + torch.log(series)
+    return 1.0 + inv * (u1 + inv * (u2 + inv * (u3 + inv * u4)))
+
+
+def _log_iv_debye(nu, kappa: torch.Tensor) -> torch.Tensor:
+    """log I_nu(kappa) by the Debye expansion with U1..U4; nu >= ~30 (a float, or a float64 tensor that
+    broadcasts against kappa: several orders in one pass of elementwise ops), kappa float64 > 0."""
+    z = kappa / nu
+    s = torch.sqrt(1.0 + z * z)
+    # z / (1 + s) instead of z / s - ...: no cancellation for small or large z.
+    eta = s + torch.log(z / (1.0 + s))
+    log_2pi_nu = torch.log(2.0 * math.pi * nu) if isinstance(nu, torch.Tensor) else math.log(2.0 * math.pi * nu)
+    return nu * eta - 0.5 * log_2pi_nu - 0.5 * torch.log(s) + torch.log(debye_series(1.0 / s, nu))
 
 
 def _log_iv_and_ratio(nu: float, kappa: torch.Tensor,
@@ -108,12 +115,15 @@ def _log_iv_and_ratio(nu: float, kappa: torch.Tensor,
     """
     steps = max(0, math.ceil(_DEBYE_MIN_ORDER - nu))
     top = nu + steps
-    log_i = _log_iv_debye(top, kappa)
     if steps == 0 and not need_ratio:
-        return log_i, None
+        return _log_iv_debye(top, kappa), None
+    # Orders top and top + 1 in one batched evaluation (half the elementwise calls of two).
+    orders = torch.tensor([top, top + 1.0], dtype=kappa.dtype, device=kappa.device).view((2,) + (1,) * kappa.dim())
+    log_i, log_i_next = _log_iv_debye(orders, kappa.unsqueeze(0))
     # rho_top = exp(log I_{top+1} - log I_top): the difference of two large logs loses only
     # |log I| * 2^-52 ~ 1e-11 absolute at kappa = 1e5, i.e. 1e-11 relative in rho.
-    rho = torch.exp(_log_iv_debye(top + 1.0, kappa) - log_i)
+    rho = torch.exp(log_i_next - log_i)
+    log_i = log_i.clone()  # a view of the batched result; the recurrence below updates it in place
     two_over_kappa = 2.0 / kappa
     # Multiply the factors I_{n-1}/I_n (all > 1) and take one log per block of 8 instead of one per
     # step: 3 elementwise ops a step. 8 factors of at most 1 + 66/kappa stay finite in float64 for
@@ -226,9 +236,15 @@ def vmf_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Ten
         raise ValueError(f"temp must be a finite float > 0, got {temp!r}")
     p = _check_dim(p)
     _check_positive(weight_norm, "weight_norm")
-    # The offset is a Python float computed on the host (no device sync) and subtracted in float64.
-    offset = log_vmf_normalizer(torch.tensor([1.0 / temp], dtype=torch.float64), p).item()
-    return _LogVmfNormalizer.apply(weight_norm / temp, p, offset)
+    return _LogVmfNormalizer.apply(weight_norm / temp, p, _log_vmf_normalizer_at(1.0 / temp, p))
+
+
+@functools.lru_cache(maxsize=64)
+@torch._dynamo.assume_constant_result  # a function of Python numbers: torch.compile bakes the value in
+def _log_vmf_normalizer_at(kappa: float, p: int) -> float:
+    """log C_p(kappa) for one host value, as a Python float (cached: the offset of `vmf_column_bias` is
+    the same every step for a fixed temperature, and computing it costs ~40 small tensor ops)."""
+    return log_vmf_normalizer(torch.tensor([kappa], dtype=torch.float64), p).item()
 
 
 def vmf_logits(z: torch.Tensor, weight: torch.Tensor, temp: float) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Host-side pieces shared by every fused backend (Triton, C++, CUDA): input checks, the DINO pairing
-counts, the Debye constants of the vMF column bias, and the Sinkhorn-Knopp driver.
+"""Host-side pieces shared by every fused backend (torch reference, C++, Triton): the centering modes,
+input checks of the two row kernels (`ce_rows`, `teacher_rows`, see docs/INTERFACES.md), the DINO pairing
+counts, the per-column vectors a teacher kernel applies, and the Sinkhorn-Knopp driver.
 
 Nothing here imports triton or a compiled extension, so the C++ backend works without either.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -14,7 +16,24 @@ CENTERING_MODES = ("logit", "prob", "none", "sinkhorn")
 SINKHORN_ITERATIONS = 3  # DINOv2's default; the contract fixes it.
 # Below this bottleneck size the Debye expansion is not accurate enough in fp32 (DESIGN.md §1: the
 # truncation error is 2e-7 at nu = 7), so the column bias is precomputed with dinovmf.vmf instead.
+# (Only the pre-contract Triton teacher kernel computes the bias in-kernel; the row kernels take a [K] bias.)
 MIN_P_IN_KERNEL_BIAS = 32
+# Teacher kernels' centre statistic: none, the row mean of the output logits y, or the row mean of
+# normalise_rows(softmax(y) * stat_weight) (see `teacher_column_terms`).
+STAT_NONE, STAT_MEAN_LOGITS, STAT_MEAN_REWEIGHTED = 0, 1, 2
+
+
+def check_mode(mode) -> None:
+    """ValueError unless `mode` is one of CENTERING_MODES."""
+    if mode not in CENTERING_MODES:
+        raise ValueError(f"mode must be one of {CENTERING_MODES}, got {mode!r}")
+
+
+def check_temp(temp, name: str = "temp") -> float:
+    """The temperature as a float; ValueError naming `name` unless it is a finite number > 0."""
+    if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {temp!r}")
+    return float(temp)
 
 
 def pair_count(S: int, T: int) -> int:
@@ -50,63 +69,155 @@ def check_ce_inputs(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -
 def check_teacher_inputs(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None,
                          weight_norm: torch.Tensor | None, p: int | None) -> None:
     """Validate `teacher_distribution` inputs; raise ValueError naming the offending argument."""
-    if dots.dim() != 2 or dots.shape[0] < 1 or dots.shape[1] < 1:
-        raise ValueError(f"dots must be a non-empty [N, K] tensor, got shape {tuple(dots.shape)}")
+    if not isinstance(dots, torch.Tensor) or dots.dim() != 2 or dots.shape[0] < 1 or dots.shape[1] < 1:
+        raise ValueError(f"dots must be a non-empty [N, K] tensor, got shape {tuple(getattr(dots, 'shape', ()))}")
     if not dots.is_floating_point():
         raise ValueError(f"dots must be a floating-point tensor, got {dots.dtype}")
-    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp > 0):
-        raise ValueError(f"temp must be a positive finite float, got {temp!r}")
-    if mode not in CENTERING_MODES:
-        raise ValueError(f"mode must be one of {CENTERING_MODES}, got {mode!r}")
+    check_temp(temp)
+    check_mode(mode)
     K = dots.shape[1]
-    if mode in ("logit", "prob"):
-        if center is None:
-            raise ValueError(f"mode={mode!r} needs a center of shape [{K}]")
-        if center.shape != (K,):
-            raise ValueError(f"center must have shape [{K}], got {tuple(center.shape)}")
+    _check_center(center, mode, K)
     if weight_norm is not None:
         if weight_norm.shape != (K,):
-            raise ValueError(f"weight_norm must have shape [{K}], got {tuple(weight_norm.shape)}")
+            raise ValueError(f"weight_norm must have shape [K]={K}, got {tuple(weight_norm.shape)}")
         if p is None or int(p) != p or p < 2:
             raise ValueError(f"p (the bottleneck dim) must be an integer >= 2 with weight_norm, got {p!r}")
 
 
-def _debye_series(t: float, nu: float) -> float:
-    """1 + U1(t)/nu + ... + U4(t)/nu^4 (DLMF 10.41.10), in float64."""
-    t2 = t * t
-    u1 = t * (3.0 - 5.0 * t2) / 24.0
-    u2 = t2 * (81.0 + t2 * (-462.0 + t2 * 385.0)) / 1152.0
-    u3 = t * t2 * (30375.0 + t2 * (-369603.0 + t2 * (765765.0 - 425425.0 * t2))) / 414720.0
-    u4 = t2 * t2 * (4465125.0 + t2 * (-94121676.0 + t2 * (349922430.0 + t2 * (-446185740.0
-                                                                             + t2 * 185910725.0))))
-    u4 /= 39813120.0
-    return 1.0 + u1 / nu + u2 / nu ** 2 + u3 / nu ** 3 + u4 / nu ** 4
+def _check_center(center, mode: str, K: int) -> None:
+    if mode in ("logit", "prob"):
+        if center is None:
+            raise ValueError(f"center is required for mode {mode!r}: a [K]={K} tensor")
+        if not isinstance(center, torch.Tensor) or center.shape != (K,):
+            raise ValueError(f"center must have shape [K]={K}, got {tuple(getattr(center, 'shape', ()))}")
 
 
-def debye_reference_terms(temp: float, p: int) -> tuple[float, float, float, float]:
-    """Float64 terms of log C_p at the reference concentration kappa0 = 1/temp, for the in-kernel bias.
+def _check_vector(x, name: str, K: int, device: torch.device) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or x.shape != (K,) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape [K]={K}, got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the rows on {device}")
 
-    With z = kappa/nu, s = sqrt(1 + z^2), the Debye form of log C_p(kappa) is, up to a constant that
-    only depends on p, `nu (log(1+s) - s) + 0.5 log s - log series(1/s)`. The kernels evaluate
-    `bias = log C_p(kappa) - log C_p(kappa0)` as differences of these terms, so the large p-dependent
-    constant (about +344 at p = 256) never reaches fp32. Returns (nu, z0, s0, log series(1/s0)).
+
+def check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B: int, T: int, same_view: bool,
+                         row_weight, grad_out, col_grad_sum) -> None:
+    """Validate the arguments of a `ce_rows` kernel (docs/INTERFACES.md, Backends); ValueError naming the
+    argument. Values of `row_index` are not read here (that would be a device sync); kernels bound-check
+    them where that is free."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a 2-D float tensor [c, K], got {getattr(logits, 'dtype', type(logits))} "
+                         f"{tuple(getattr(logits, 'shape', ()))}")
+    if not logits.is_contiguous():
+        raise ValueError("logits must be contiguous")
+    c, K = logits.shape
+    dev = logits.device
+    _check_vector(col_scale, "col_scale", K, dev)
+    _check_vector(bias, "bias", K, dev)
+    if (not isinstance(teacher_probs, torch.Tensor) or teacher_probs.dim() != 2 or teacher_probs.shape[1] != K
+            or not teacher_probs.is_floating_point() or not teacher_probs.is_contiguous()):
+        raise ValueError(f"teacher_probs must be a contiguous float [Nt, K={K}] tensor, got "
+                         f"{tuple(getattr(teacher_probs, 'shape', ()))}")
+    if teacher_probs.device != dev:
+        raise ValueError(f"teacher_probs is on {teacher_probs.device}, logits on {dev}")
+    if (not isinstance(row_index, torch.Tensor) or row_index.dtype != torch.int64 or row_index.shape != (c,)
+            or row_index.device != dev):
+        raise ValueError(f"row_index must be an int64 tensor of shape [c]={c} on {dev}, got "
+                         f"{getattr(row_index, 'dtype', type(row_index))} {tuple(getattr(row_index, 'shape', ()))}")
+    if not same_view:
+        if not (isinstance(B, int) and isinstance(T, int) and B >= 1 and T >= 1):
+            raise ValueError(f"B and T must be positive ints for DINO pairing, got B={B!r}, T={T!r}")
+        if teacher_probs.shape[0] != T * B:
+            raise ValueError(f"teacher_probs must have T*B={T * B} rows for DINO pairing, got {teacher_probs.shape[0]}")
+    if row_weight is not None and (not isinstance(row_weight, torch.Tensor) or row_weight.shape != (c,)
+                                   or row_weight.device != dev):
+        raise ValueError(f"row_weight must be a [c]={c} tensor on {dev}, got {tuple(getattr(row_weight, 'shape', ()))}")
+    if grad_out is not None and (not isinstance(grad_out, torch.Tensor) or grad_out.shape != logits.shape
+                                 or grad_out.dtype != logits.dtype or not grad_out.is_contiguous()
+                                 or grad_out.device != dev):
+        raise ValueError(f"grad_out must be a contiguous {logits.dtype} tensor shaped like logits {tuple(logits.shape)}")
+    # float32; float64 accepted with float64 logits (the reference backend's float64 path).
+    sum_dtypes = (torch.float32, torch.float64) if logits.dtype == torch.float64 else (torch.float32,)
+    if col_grad_sum is not None and (not isinstance(col_grad_sum, torch.Tensor) or col_grad_sum.shape != (K,)
+                                     or col_grad_sum.dtype not in sum_dtypes or col_grad_sum.device != dev):
+        raise ValueError(f"col_grad_sum must be a float32 [K]={K} tensor on {dev}")
+
+
+def check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out) -> None:
+    """Validate the arguments of a `teacher_rows` kernel; ValueError naming the argument."""
+    if not isinstance(dots, torch.Tensor) or dots.dim() != 2 or dots.shape[0] < 1 or dots.shape[1] < 1 \
+            or not dots.is_floating_point():
+        raise ValueError(f"dots must be a non-empty 2-D float tensor [N, K], got "
+                         f"{getattr(dots, 'dtype', type(dots))} {tuple(getattr(dots, 'shape', ()))}")
+    check_temp(temp)
+    check_mode(mode)
+    K = dots.shape[1]
+    _check_center(center, mode, K)
+    _check_vector(col_scale, "col_scale", K, dots.device)
+    _check_vector(bias, "bias", K, dots.device)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != dots.shape or not out.is_contiguous() \
+                or out.device != dots.device:
+            raise ValueError(f"out must be a contiguous tensor shaped like dots {tuple(dots.shape)}")
+        if out.data_ptr() == dots.data_ptr() and out.dtype != dots.dtype:
+            raise ValueError("out may alias dots only when both have the same dtype")
+
+
+def teacher_column_terms(temp: float, mode: str, center: torch.Tensor | None, col_scale: torch.Tensor | None,
+                         bias: torch.Tensor | None, K: int, device: torch.device):
+    """The per-column vectors of a teacher row pass, so that the output logits are `y = dots * a + b`:
+
+    * a = col_scale / temp;  b = bias + shift, with shift = -center/temp (logit), -log(center) (prob), 0 else;
+    * the centre statistic: `logit` needs mean_rows(r), r = temp * y + center, so the kernel accumulates
+      mean_rows(y) (STAT_MEAN_LOGITS) and `finish_teacher_stat` maps it back; `prob` needs
+      mean_rows(softmax(r / temp)) = mean_rows(normalise_rows(softmax(y) * center)), accumulated with the
+      weight `center / max(center)` (<= 1: no overflow) from the same exponentials (STAT_MEAN_REWEIGHTED).
+
+    Returns float32 (a [K], b [K], stat_kind, stat_weight [K] or None). Sinkhorn uses `b` as the base
+    that its per-iteration column offsets are added to.
     """
-    nu = p / 2.0 - 1.0
-    z0 = (1.0 / temp) / nu
-    s0 = math.sqrt(1.0 + z0 * z0)
-    return nu, z0, s0, math.log(_debye_series(1.0 / s0, nu))
+    f32 = dict(device=device, dtype=torch.float32)
+    a = (col_scale.float() / temp) if col_scale is not None else torch.full((K,), 1.0 / temp, **f32)
+    b = bias.float().clone() if bias is not None else torch.zeros(K, **f32)
+    stat_kind, stat_weight = STAT_NONE, None
+    if mode == "logit":
+        b.sub_(center.float(), alpha=1.0 / temp)
+        stat_kind = STAT_MEAN_LOGITS
+    elif mode == "prob":
+        c = center.float()
+        b.sub_(torch.log(c))
+        stat_kind, stat_weight = STAT_MEAN_REWEIGHTED, (c / c.max()).contiguous()
+    return a.contiguous(), b.contiguous(), stat_kind, stat_weight
 
 
-def column_bias_in_kernel(weight_norm: torch.Tensor | None, p: int | None) -> bool:
-    """Whether the kernels compute the vMF column bias themselves (Debye, p >= 32)."""
-    return weight_norm is not None and p >= MIN_P_IN_KERNEL_BIAS
+def finish_teacher_stat(stat: torch.Tensor | None, temp: float, mode: str, center: torch.Tensor | None):
+    """The centre statistic from what a kernel accumulated (see `teacher_column_terms`); None if no stat."""
+    if mode == "logit":
+        return stat.mul_(temp).add_(center.float())
+    return stat if mode == "prob" else None
 
 
-def precomputed_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Tensor:
-    """[K] fp32 bias from the float64 dinovmf.vmf module, for p < 32 where Debye is not accurate."""
-    from dinovmf.vmf import vmf_column_bias
+@contextlib.contextmanager
+def serial_vector_math(device: torch.device):
+    """One intra-op thread for [K]-vector host math (vMF terms, column scales, metrics) on the CPU.
 
-    return vmf_column_bias(weight_norm.double(), temp, p).float().contiguous()
+    Each of these ~100 small ops is microseconds of work, but at K >= 32768 ATen opens a parallel region
+    for it, and waking the other thread can cost more than the work: on the shared 2-core CI box a
+    65536-element float64 multiply took 765 us with 2 threads and 24 us with 1, which made the vMF
+    terms alone cost seconds per step. Switching the count costs ~0.4 us; GEMMs, [K, p] passes and the
+    row kernels stay outside and use every thread.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def allreduce_logsumexp_(x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +235,8 @@ def allreduce_logsumexp_(x: torch.Tensor) -> torch.Tensor:
 
 def sinkhorn_knopp(row_lse: Callable[[torch.Tensor], torch.Tensor],
                    col_lse: Callable[[torch.Tensor], torch.Tensor],
-                   row_softmax: Callable[[torch.Tensor], torch.Tensor], N: int, K: int,
-                   device: torch.device) -> torch.Tensor:
+                   row_softmax: Callable[[torch.Tensor], object], N: int, K: int,
+                   device: torch.device):
     """DINOv2's Sinkhorn-Knopp on Q = exp(x) [N, K] in log space, backend kernels doing the passes.
 
     DINOv2 alternates `Q /= Q.sum(rows) * K` (per prototype) and `Q /= Q.sum(cols) * B` (per sample),
@@ -133,8 +244,8 @@ def sinkhorn_knopp(row_lse: Callable[[torch.Tensor], torch.Tensor],
     offsets `a` and per-sample offsets `v` this is, for each iteration,
         a_k = -logsumexp_b(x_bk + v_b),   v_b = -logsumexp_k(x_bk + a_k),
     from v = 0, and the result is softmax_k(x_bk + a_k). The three callables each read x once:
-    `col_lse(v) -> [K]`, `row_lse(a) -> [N]` and `row_softmax(a) -> probs [N, K]`. The column
-    log-sum-exp is reduced over ranks, so the iteration runs over the global batch.
+    `col_lse(v) -> [K]`, `row_lse(a) -> [N]` and `row_softmax(a)` (whose result is returned as is). The
+    column log-sum-exp is reduced over ranks, so the iteration runs over the global batch.
     """
     v = torch.zeros(N, device=device, dtype=torch.float32)
     a = None
@@ -143,3 +254,33 @@ def sinkhorn_knopp(row_lse: Callable[[torch.Tensor], torch.Tensor],
         if it + 1 < SINKHORN_ITERATIONS:
             v = -row_lse(a)
     return row_softmax(a)
+
+
+def debye_reference_terms(temp: float, p: int) -> tuple[float, float, float, float]:
+    """Float64 terms of log C_p at the reference concentration kappa0 = 1/temp, for an in-kernel bias.
+
+    With z = kappa/nu, s = sqrt(1 + z^2), the Debye form of log C_p(kappa) is, up to a constant that
+    only depends on p, `nu (log(1+s) - s) + 0.5 log s - log series(1/s)`. A kernel evaluates
+    `bias = log C_p(kappa) - log C_p(kappa0)` as differences of these terms, so the large p-dependent
+    constant (about +344 at p = 256) never reaches fp32. Returns (nu, z0, s0, log series(1/s0)).
+    The series is `dinovmf.vmf.debye_series`, the one float64 Debye helper of the host code.
+    """
+    from dinovmf.vmf import debye_series
+
+    nu = p / 2.0 - 1.0
+    z0 = (1.0 / temp) / nu
+    s0 = math.sqrt(1.0 + z0 * z0)
+    return nu, z0, s0, math.log(debye_series(1.0 / s0, nu))
+
+
+def column_bias_in_kernel(weight_norm: torch.Tensor | None, p: int | None) -> bool:
+    """Whether a kernel computes the vMF column bias itself (Debye, p >= 32)."""
+    return weight_norm is not None and p >= MIN_P_IN_KERNEL_BIAS
+
+
+def precomputed_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Tensor:
+    """[K] fp32 vMF column bias from the float64 `dinovmf.vmf` module (no autograd)."""
+    from dinovmf.vmf import vmf_column_bias
+
+    with torch.no_grad():
+        return vmf_column_bias(weight_norm.detach().double(), temp, p).float().contiguous()

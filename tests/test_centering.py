@@ -1,5 +1,6 @@
-"""Teacher distribution modes against their definitions, the EMA center (also across 2 gloo ranks),
-Sinkhorn-Knopp against a literal loop, and the teacher temperature schedule."""
+"""Teacher distribution modes against their definitions, the teacher row reference's by-products (row
+entropy, argmax, column scale, in-place output), the EMA center (also across 2 gloo ranks), and
+Sinkhorn-Knopp against a literal loop."""
 import socket
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinovmf.centering import (TeacherCenter, sinkhorn_knopp, teacher_distribution,
-                               teacher_distribution_reference, teacher_temperature)
+from dinovmf.centering import (TeacherCenter, row_entropy, sinkhorn_knopp, teacher_distribution,
+                               teacher_distribution_reference, teacher_rows_reference)
 from dinovmf.vmf import log_vmf_normalizer
 
 N, K, P, TEMP = 6, 9, 8, 0.07
@@ -130,18 +131,37 @@ def test_stateless_modes_and_bad_center_args():
         TeacherCenter(K, "logit", momentum=1.5)
 
 
-def test_teacher_temperature_schedule():
-    assert teacher_temperature(0, 10) == pytest.approx(0.04)
-    assert teacher_temperature(5, 10) == pytest.approx(0.055)
-    assert teacher_temperature(10, 10) == pytest.approx(0.07)
-    assert teacher_temperature(10_000, 10) == pytest.approx(0.07)
-    assert teacher_temperature(3, 0, start=0.02, end=0.05) == pytest.approx(0.05)
-    values = [teacher_temperature(s, 30) for s in range(31)]
-    assert all(b > a for a, b in zip(values, values[1:]))
-    with pytest.raises(ValueError, match="step"):
-        teacher_temperature(-1, 10)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        teacher_temperature(0, -1)
+@pytest.mark.parametrize("mode", ["logit", "prob", "none", "sinkhorn"])
+def test_teacher_rows_reference_col_scale_and_by_products(seed, mode):
+    """r = dots * col_scale + temp * bias; row entropy and argmax are those of the output rows."""
+    dots = _dots()
+    col_scale = torch.rand(K, dtype=torch.float64) + 0.5
+    bias = torch.randn(K, dtype=torch.float64) * 0.3
+    center = {"logit": torch.randn(K, dtype=torch.float64), "prob": torch.rand(K, dtype=torch.float64) + 0.1}.get(mode)
+    probs, stat, entropy, argmax = teacher_rows_reference(dots, TEMP, mode, center, col_scale, bias)
+    # the same distribution from the raw scores written out by hand
+    want_probs, want_stat = teacher_distribution_reference(dots * col_scale + TEMP * bias, TEMP, mode, center)
+    torch.testing.assert_close(probs, want_probs)
+    if want_stat is None:
+        assert stat is None
+    else:
+        torch.testing.assert_close(stat, want_stat)
+    want_entropy = torch.tensor([-sum(float(q) * np.log(float(q)) for q in row if q > 0) for row in probs],
+                                dtype=torch.float64)
+    torch.testing.assert_close(entropy, want_entropy)
+    assert argmax.tolist() == [int(np.argmax(row.numpy())) for row in probs]  # numpy: first maximum
+
+
+def test_teacher_rows_reference_writes_in_place_and_breaks_ties_low():
+    dots = torch.zeros(2, K)
+    dots[1, 3] = dots[1, 5] = 1.0  # a tie between columns 3 and 5
+    out = dots  # in place over the dots
+    probs, _, entropy, argmax = teacher_rows_reference(dots, TEMP, "none", out=out)
+    assert probs.data_ptr() == dots.data_ptr()
+    torch.testing.assert_close(dots[0], torch.full((K,), 1.0 / K))
+    assert argmax.tolist() == [0, 3]
+    torch.testing.assert_close(entropy[0], torch.tensor(float(np.log(K))))
+    torch.testing.assert_close(row_entropy(torch.tensor([[0.5, 0.5, 0.0]])), torch.tensor([float(np.log(2))]))
 
 
 # ---------------------------------------------------------------------------------------------------
