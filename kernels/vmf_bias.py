@@ -1,7 +1,7 @@
-"""Triton device function for the vMF column bias log C_p(||w_k||/temp) - log C_p(1/temp) (Debye).
+"""The vMF column bias log C_p(||w_k||/temp) - log C_p(1/temp) in Triton (Debye expansion, p >= 32).
 
-The teacher kernels call `log_cp_diff` per K tile so the bias never needs its own [K] tensor;
-`vmf_column_bias_triton` wraps it in a kernel of its own so tests can check it against float64.
+`vmf_column_bias_triton` computes the [K] bias once per step with `_column_bias_kernel`; `ce_rows` and
+`teacher_rows` take it as a [K] input (never recomputed per row).
 """
 from __future__ import annotations
 

@@ -1,0 +1,299 @@
+"""`ce_rows` in Triton: the fused DINO / iBOT cross-entropy of one chunk of student rows (contract in
+docs/INTERFACES.md, "fused head-to-loss op"), forward statistics and gradient, no autograd inside.
+
+For chunk row i (global student row `row_index[i]` = s*B + b) with logits l = logits_i * col_scale + bias:
+    Pbar_i = sum_{t < T, t != s} P[t*B + b]   (DINO pairing)   or   P[row_index[i]]   (same view)
+    loss_i = psum_i LSE(l) - Pbar_i . l,   G_i = (psum_i softmax(l) - Pbar_i) * grad_scale * w_i
+Three launches, each over the grid of `kernels.tiling` (column blocks x row groups):
+1. `_ce_partials_kernel` reads logits and teacher rows once and writes, per (row, column block), the
+   block's softmax statistics (m, s, t), Pbar.(l - m) and psum: 20 bytes per 256 columns.
+2. `_ce_finish_kernel` merges a row's blocks into the row statistics [4, c].
+3. `_ce_grad_kernel` (only with grad_out or col_grad_sum) reads logits and teacher rows again, writes
+   G * col_scale (in place over the logits if asked) and the column sums of G, with no atomics. It walks
+   its rows in reverse, so it starts on the rows pass 1 read last, which are still in L2.
+All arithmetic is fp32; a row's sums are split over K / 256 blocks of 256 lanes, so for K <= 131072
+each fp32 partial sums at most 256 terms and the merge at most 512.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dinovmf.kernels import tiling
+from dinovmf.kernels.softmax_tiles import merge_block_stats, tile_row_stats, zero_if_empty
+
+N_PARTIALS = 5  # m, s, t, Pbar.(l - m), psum per (row, column block)
+
+
+@triton.jit
+def _visited_rows(p, visit_inner, visit_outer):
+    """Chunk row visited at position p: p itself when visit_inner == 1; else (p % inner) * outer +
+    p // inner, which walks view-major rows [S*B] image-major (inner = S, outer = B)."""
+    return (p % visit_inner) * visit_outer + p // visit_inner
+
+
+@triton.jit
+def _column_vectors(CS, BIAS, cols, cmask, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The program's slice of col_scale and bias (1 and 0 when absent), read once per program."""
+    if HAS_CS:
+        cs = tl.load(CS + cols, mask=cmask, other=1.0)
+    else:
+        cs = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=cmask, other=0.0)
+    else:
+        bias = tl.zeros(cols.shape, tl.float32)
+    return cs, bias
+
+
+@triton.jit
+def _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Pbar for the tile's rows (global indices gi, int64): the paired teacher rows summed. Rows of one
+    image are adjacent in the chunk, so a tile mostly re-reads the same teacher rows (L1 hits)."""
+    if SAME_VIEW:
+        return tl.load(P + gi[:, None] * stride_p + cols[None, :], mask=mask2, other=0.0)
+    s = gi // B
+    b = gi % B
+    pbar = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    for t in range(0, T):
+        paired = mask2 & (s != t)[:, None]  # a view is not paired with itself: that load is skipped
+        pbar += tl.load(P + (t * B + b)[:, None] * stride_p + cols[None, :], mask=paired, other=0.0)
+    return pbar
+
+
+@triton.jit
+def _ce_partials_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, PART, n_rows, K, B, T, rows_per_group,
+                        visit_inner, visit_outer, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SAME_VIEW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    j = tl.program_id(0)
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    cs, bias = _column_vectors(CS, BIAS, cols, cmask, HAS_CS, HAS_BIAS)
+    start = tl.program_id(1) * rows_per_group
+    end = tl.minimum(start + rows_per_group, n_rows)
+    part = PART + j.to(tl.int64) * n_rows
+    plane = tl.num_programs(0).to(tl.int64) * n_rows
+    for p0 in range(start, end, ROWS):
+        p = p0 + tl.arange(0, ROWS)
+        rmask = p < end
+        r = _visited_rows(p, visit_inner, visit_outer)
+        mask2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(L + r.to(tl.int64)[:, None] * stride_l + cols[None, :], mask=mask2, other=0.0)
+        l = x.to(tl.float32) * cs[None, :] + bias[None, :]
+        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0)
+        pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, BLOCK_C)
+        m, s, t = tile_row_stats(tl.where(mask2, l, float("-inf")))
+        # Pbar.(l - m) <= 0 term by term: the finish kernel forms the loss without cancellation.
+        dot = tl.sum(pbar * tl.where(mask2, l - m[:, None], 0.0), axis=1)
+        tl.store(part + r, m, mask=rmask)
+        tl.store(part + plane + r, s, mask=rmask)
+        tl.store(part + 2 * plane + r, t, mask=rmask)
+        tl.store(part + 3 * plane + r, dot, mask=rmask)
+        tl.store(part + 4 * plane + r, tl.sum(pbar, axis=1), mask=rmask)
+
+
+@triton.jit
+def _ce_finish_kernel(PART, STATS, n_rows, n_blocks, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """STATS [4, n_rows] = (loss_row, lse, psum, sum softmax*l) from the per-block partials."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    plane = n_blocks.to(tl.int64) * n_rows
+    m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
+        mask = (jj < n_blocks)[:, None] & rmask[None, :]
+        m_max = tl.maximum(m_max, tl.max(tl.load(PART + idx, mask=mask, other=float("-inf")), axis=0))
+    s_tot = tl.zeros([BLOCK_R], tl.float32)
+    t_tot = tl.zeros([BLOCK_R], tl.float32)
+    dot = tl.zeros([BLOCK_R], tl.float32)  # Pbar.(l - M) = sum_j Pbar_j.(l - m_j) + (m_j - M) psum_j
+    psum = tl.zeros([BLOCK_R], tl.float32)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
+        mask = (jj < n_blocks)[:, None] & rmask[None, :]
+        m = tl.load(PART + idx, mask=mask, other=float("-inf"))
+        ds, dt = merge_block_stats(m, tl.load(PART + plane + idx, mask=mask, other=0.0),
+                                   tl.load(PART + 2 * plane + idx, mask=mask, other=0.0), m_max)
+        s_tot += ds
+        t_tot += dt
+        ps = tl.load(PART + 4 * plane + idx, mask=mask, other=0.0)
+        shift = tl.where(ps > 0.0, m - zero_if_empty(m_max)[None, :], 0.0) * ps
+        dot += tl.sum(tl.load(PART + 3 * plane + idx, mask=mask, other=0.0) + shift, axis=0)
+        psum += tl.sum(ps, axis=0)
+    log_s = tl.log(tl.where(rmask, s_tot, 1.0))  # padding rows: no log(0)
+    # loss = psum LSE - Pbar.l = psum log S - Pbar.(l - M): both terms >= 0, no cancellation.
+    tl.store(STATS + r, psum * log_s - dot, mask=rmask)
+    tl.store(STATS + n_rows + r, m_max + log_s, mask=rmask)
+    tl.store(STATS + 2 * n_rows + r, psum, mask=rmask)
+    tl.store(STATS + 3 * n_rows + r, m_max + t_tot / tl.where(rmask, s_tot, 1.0), mask=rmask)
+
+
+@triton.jit
+def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS, GO, stride_go, CGS,
+                    n_rows, K, B, T, rows_per_group, visit_inner, visit_outer, grad_scale,
+                    HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, SAME_VIEW: tl.constexpr, HAS_W: tl.constexpr,
+                    GS_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr, COL_SUM: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """G = (psum softmax(l) - Pbar) * grad_scale [* GS[0]] [* W[row]]; GO = G * col_scale (WRITE_GRAD);
+    COL_SUM 1: CGS[cols] += sum_rows G (one row group owns the columns), 2: CGS[g, cols] = sum_rows G."""
+    j = tl.program_id(0)
+    g = tl.program_id(1)
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    cs, bias = _column_vectors(CS, BIAS, cols, cmask, HAS_CS, HAS_BIAS)
+    scale = grad_scale
+    if GS_FROM_PTR:  # the upstream gradient, read on the device: no host sync in autograd's backward
+        scale = scale * tl.load(GS).to(tl.float32)
+    start = g * rows_per_group
+    n_tiles = tl.cdiv(tl.minimum(start + rows_per_group, n_rows) - start, ROWS)
+    end = start + n_tiles * ROWS
+    col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    for i in range(0, n_tiles):
+        p = end - (i + 1) * ROWS + tl.arange(0, ROWS)  # last tile first: it is still in L2 after pass 1
+        rmask = p < n_rows
+        r = _visited_rows(p, visit_inner, visit_outer)
+        mask2 = rmask[:, None] & cmask[None, :]
+        r64 = r.to(tl.int64)
+        x = tl.load(L + r64[:, None] * stride_l + cols[None, :], mask=mask2, other=0.0)
+        l = x.to(tl.float32) * cs[None, :] + bias[None, :]
+        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0)
+        pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, BLOCK_C)
+        lse = tl.load(STATS + n_rows + r, mask=rmask, other=0.0)
+        psum = tl.load(STATS + 2 * n_rows + r, mask=rmask, other=0.0)
+        w = tl.full([ROWS], 1.0, tl.float32) * scale
+        if HAS_W:
+            w = w * tl.load(W + r, mask=rmask, other=0.0)
+        grad = (psum[:, None] * tl.exp(l - lse[:, None]) - pbar) * w[:, None]
+        grad = tl.where(mask2, grad, 0.0)
+        if COL_SUM != 0:
+            col_acc += grad  # reduced over rows once, after the loop
+        if WRITE_GRAD:
+            tl.store(GO + r64[:, None] * stride_go + cols[None, :], (grad * cs[None, :]).to(GO.dtype.element_ty),
+                     mask=mask2)
+    if COL_SUM == 1:
+        tl.store(CGS + cols, tl.load(CGS + cols, mask=cmask, other=0.0) + tl.sum(col_acc, axis=0), mask=cmask)
+    if COL_SUM == 2:
+        tl.store(CGS + g.to(tl.int64) * K + cols, tl.sum(col_acc, axis=0), mask=cmask)
+
+
+_ce_partials = tiling.tuned(_ce_partials_kernel)
+
+
+def _check_rows_matrix(name: str, x: torch.Tensor, K: int | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got {getattr(x, 'shape', type(x))}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {x.dtype}")
+    if K is not None and x.shape[1] != K:
+        raise ValueError(f"{name} must have K={K} columns, got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride (rows may be strided), got strides {x.stride()}")
+
+
+def _check_vector(name: str, x: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or x.shape != (n,) or x.dtype != dtype or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [{n}] {dtype} tensor, got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the logits on {device}")
+
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
+                       col_grad_sum) -> None:
+    """Shapes, dtypes and devices of a `ce_rows` call; ValueError naming the argument. The values of
+    row_index are not checked (that would cost a device sync per chunk): they must be valid rows."""
+    _check_rows_matrix("logits", logits, dtypes=LOGIT_DTYPES)
+    c, K = logits.shape
+    dev = logits.device
+    _check_rows_matrix("teacher_probs", teacher_probs, K, (torch.float32,))
+    _check_vector("col_scale", col_scale, K, torch.float32, dev)
+    _check_vector("bias", bias, K, torch.float32, dev)
+    _check_vector("row_index", row_index, c, torch.int64, dev)
+    _check_vector("row_weight", row_weight, c, torch.float32, dev)
+    _check_vector("col_grad_sum", col_grad_sum, K, torch.float32, dev)
+    if teacher_probs.device != dev:
+        raise ValueError(f"teacher_probs is on {teacher_probs.device}, the logits on {dev}")
+    for name, v in (("B", B), ("T", T)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not same_view and teacher_probs.shape[0] != T * B:
+        raise ValueError(f"teacher_probs must have T*B = {T * B} rows for the DINO pairing, got "
+                         f"{teacher_probs.shape[0]}")
+    if grad_out is not None:
+        _check_rows_matrix("grad_out", grad_out, K, (logits.dtype,))
+        if grad_out.shape[0] != c or grad_out.device != dev:
+            raise ValueError(f"grad_out must be [{c}, {K}] on {dev} like the logits, got {tuple(grad_out.shape)} "
+                             f"on {grad_out.device}")
+
+
+def ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, *, visit_inner=1,
+                 plan=None) -> torch.Tensor:
+    """Passes 1 and 2: the row statistics [4, c] (loss_row, lse, psum, sum softmax*l)."""
+    c, K = logits.shape
+    dev = logits.device
+    stats = torch.empty(4, c, device=dev, dtype=torch.float32)
+    if c == 0:
+        return stats
+    plan = plan or tiling.column_plan(c, K, dev)
+    part = torch.empty(N_PARTIALS, plan.n_col_blocks, c, device=dev, dtype=torch.float32)
+    dummy = part
+    tiling.launch(_ce_partials, plan.grid, logits, logits.stride(0), col_scale if col_scale is not None else dummy,
+                  bias if bias is not None else dummy, teacher_probs, teacher_probs.stride(0), row_index, part, c, K,
+                  B, T, plan.rows_per_group, visit_inner, c // visit_inner, HAS_CS=col_scale is not None,
+                  HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view), BLOCK_C=plan.block_c)
+    _ce_finish_kernel[(triton.cdiv(c, tiling.FINISH_BLOCK_R),)](part, stats, c, plan.n_col_blocks,
+                                                                BLOCK_R=tiling.FINISH_BLOCK_R,
+                                                                BLOCK_J=tiling.FINISH_BLOCK_J, num_warps=4)
+    return stats
+
+
+def ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
+                grad_out, col_grad_sum, stats, *, visit_inner=1, grad_scale_tensor=None, plan=None) -> None:
+    """Pass 3: grad_out = G * col_scale and col_grad_sum += G.sum(0), from the row statistics."""
+    c, K = logits.shape
+    if c == 0 or (grad_out is None and col_grad_sum is None):
+        return
+    dev = logits.device
+    plan = plan or tiling.column_plan(c, K, dev)
+    col_sum_mode, cgs = 0, stats
+    if col_grad_sum is not None:
+        if plan.groups == 1:
+            col_sum_mode, cgs = 1, col_grad_sum
+        else:
+            col_sum_mode, cgs = 2, torch.empty(plan.groups, K, device=dev, dtype=torch.float32)
+    tiling.launch(_ce_grad_kernel, plan.grid, logits, logits.stride(0), col_scale if col_scale is not None else stats,
+                  bias if bias is not None else stats, teacher_probs, teacher_probs.stride(0), row_index, stats,
+                  row_weight if row_weight is not None else stats,
+                  grad_scale_tensor if grad_scale_tensor is not None else stats,
+                  grad_out if grad_out is not None else logits, grad_out.stride(0) if grad_out is not None else 0,
+                  cgs, c, K, B, T, plan.rows_per_group, visit_inner, c // visit_inner, float(grad_scale),
+                  HAS_CS=col_scale is not None, HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view),
+                  HAS_W=row_weight is not None, GS_FROM_PTR=grad_scale_tensor is not None,
+                  WRITE_GRAD=grad_out is not None, COL_SUM=col_sum_mode, BLOCK_C=plan.block_c)
+    if col_sum_mode == 2:
+        col_grad_sum += cgs.sum(0)
+
+
+def ce_rows(logits: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Tensor | None,
+            teacher_probs: torch.Tensor, row_index: torch.Tensor, B: int, T: int, same_view: bool,
+            row_weight: torch.Tensor | None, grad_scale: float, grad_out: torch.Tensor | None,
+            col_grad_sum: torch.Tensor | None, *, plan: tiling.ColumnPlan | None = None) -> torch.Tensor:
+    """The contract's `ce_rows` (see the module docstring): returns the row statistics [4, c] fp32
+    (loss_row, lse, psum, sum softmax*l); writes G * col_scale to `grad_out` (which may be `logits`
+    itself) and adds G.sum(0) to `col_grad_sum` when they are given. Rows may have any stride as long
+    as the columns are contiguous. `plan` forces the launch geometry (tests)."""
+    check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
+                       col_grad_sum)
+    plan = plan or tiling.column_plan(logits.shape[0], logits.shape[1], logits.device)
+    stats = ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, plan=plan)
+    ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale, grad_out,
+                col_grad_sum, stats, plan=plan)
+    return stats
