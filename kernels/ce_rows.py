@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
-from dinovmf.kernels.softmax_tiles import merge_block_stats, tile_row_stats, zero_if_empty
+from dinovmf.kernels.softmax_tiles import merge_block_stats, online_exp_update, online_rescale, zero_if_empty
 
 N_PARTIALS = 5  # m, s, t, Pbar.(l - m), psum per (row, column block)
 
@@ -35,7 +35,9 @@ def _visited_rows(p, visit_inner, visit_outer):
 
 @triton.jit
 def _column_vectors(CS, BIAS, cols, cmask, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The program's slice of col_scale and bias (1 and 0 when absent), read once per program."""
+    """col_scale and bias (1 and 0 when absent) at `cols`. Inside a streaming loop, pass `cols` broadcast
+    to the tile's shape [R, C]: the load then gets the tile's own layout (the R copies are L1 hits),
+    where a [C] or [1, C] load would be moved into it through shared memory, two barriers per vector."""
     if HAS_CS:
         cs = tl.load(CS + cols, mask=cmask, other=1.0)
     else:
@@ -50,48 +52,61 @@ def _column_vectors(CS, BIAS, cols, cmask, HAS_CS: tl.constexpr, HAS_BIAS: tl.co
 @triton.jit
 def _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_C: tl.constexpr):
-    """Pbar for the tile's rows (global indices gi, int64): the paired teacher rows summed. Rows of one
-    image are adjacent in the chunk, so a tile mostly re-reads the same teacher rows (L1 hits)."""
+    """Pbar for the tile's rows (global indices gi) and columns cols [1, C]: the paired teacher rows summed.
+    Rows of one image are adjacent in the chunk, so a tile mostly re-reads the same teacher rows (L1 hits)."""
     if SAME_VIEW:
-        return tl.load(P + gi[:, None] * stride_p + cols[None, :], mask=mask2, other=0.0)
-    s = gi // B
+        return tl.load(P + gi.to(tl.int64)[:, None] * stride_p + cols, mask=mask2, other=0.0)
+    s = gi // B  # int32: a chunk never has 2^31 rows
     b = gi % B
     pbar = tl.zeros([ROWS, BLOCK_C], tl.float32)
     for t in range(0, T):
         paired = mask2 & (s != t)[:, None]  # a view is not paired with itself: that load is skipped
-        pbar += tl.load(P + (t * B + b)[:, None] * stride_p + cols[None, :], mask=paired, other=0.0)
+        pbar += tl.load(P + (t * B + b).to(tl.int64)[:, None] * stride_p + cols, mask=paired, other=0.0)
     return pbar
 
 
 @triton.jit
-def _ce_partials_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, PART, n_rows, K, B, T, rows_per_group,
-                        visit_inner, visit_outer, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        SAME_VIEW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ce_partials_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, PART, n_rows, K, B, T, range_c,
+                        rows_per_group, visit_inner, visit_outer, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SAME_VIEW: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr):
+    """PART[:, j, row] = (m, s, t, Pbar.(l - m), psum) of the row over columns [j*range_c, (j+1)*range_c)."""
     j = tl.program_id(0)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < K
-    cs, bias = _column_vectors(CS, BIAS, cols, cmask, HAS_CS, HAS_BIAS)
+    c_start = j * range_c
+    c_end = tl.minimum(c_start + range_c, K)
     start = tl.program_id(1) * rows_per_group
     end = tl.minimum(start + rows_per_group, n_rows)
-    part = PART + j.to(tl.int64) * n_rows
+    offset = j.to(tl.int64) * n_rows
     plane = tl.num_programs(0).to(tl.int64) * n_rows
     for p0 in range(start, end, ROWS):
         p = p0 + tl.arange(0, ROWS)
         rmask = p < end
         r = _visited_rows(p, visit_inner, visit_outer)
-        mask2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(L + r.to(tl.int64)[:, None] * stride_l + cols[None, :], mask=mask2, other=0.0)
-        l = x.to(tl.float32) * cs[None, :] + bias[None, :]
-        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0)
-        pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, BLOCK_C)
-        m, s, t = tile_row_stats(tl.where(mask2, l, float("-inf")))
-        # Pbar.(l - m) <= 0 term by term: the finish kernel forms the loss without cancellation.
-        dot = tl.sum(pbar * tl.where(mask2, l - m[:, None], 0.0), axis=1)
-        tl.store(part + r, m, mask=rmask)
-        tl.store(part + plane + r, s, mask=rmask)
-        tl.store(part + 2 * plane + r, t, mask=rmask)
-        tl.store(part + 3 * plane + r, dot, mask=rmask)
-        tl.store(part + 4 * plane + r, tl.sum(pbar, axis=1), mask=rmask)
+        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0).to(tl.int32)
+        row_ptr = L + r.to(tl.int64)[:, None] * stride_l
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS, STEP], tl.float32)
+        t = tl.zeros([ROWS, STEP], tl.float32)
+        dot = tl.zeros([ROWS, STEP], tl.float32)  # Pbar.(l - m), <= 0 term by term: no cancellation later
+        psum = tl.zeros([ROWS, STEP], tl.float32)
+        for c0 in range(c_start, c_end, STEP):
+            cols = c0 + tl.arange(0, STEP)[None, :]
+            cmask = cols < c_end
+            cs, bias = _column_vectors(CS, BIAS, cols + tl.zeros([ROWS, 1], tl.int32), cmask, HAS_CS, HAS_BIAS)
+            mask2 = rmask[:, None] & cmask
+            x = tl.load(row_ptr + cols, mask=mask2, other=0.0)
+            y = tl.where(mask2, x.to(tl.float32) * cs + bias, float("-inf"))
+            pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, STEP)
+            m, ref, alpha, delta = online_rescale(m, tl.max(y, axis=1))
+            dot += delta[:, None] * psum
+            s, t, d = online_exp_update(s, t, y, mask2, ref, alpha, delta)
+            dot += pbar * d
+            psum += pbar
+        part = PART + offset + r
+        tl.store(part, m, mask=rmask)
+        tl.store(part + plane, tl.sum(s, axis=1), mask=rmask)
+        tl.store(part + 2 * plane, tl.sum(t, axis=1), mask=rmask)
+        tl.store(part + 3 * plane, tl.sum(dot, axis=1), mask=rmask)
+        tl.store(part + 4 * plane, tl.sum(psum, axis=1), mask=rmask)
 
 
 @triton.jit
@@ -141,7 +156,7 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
     COL_SUM 1: CGS[cols] += sum_rows G (one row group owns the columns), 2: CGS[g, cols] = sum_rows G."""
     j = tl.program_id(0)
     g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
     cs, bias = _column_vectors(CS, BIAS, cols, cmask, HAS_CS, HAS_BIAS)
     scale = grad_scale
@@ -155,11 +170,11 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
         p = end - (i + 1) * ROWS + tl.arange(0, ROWS)  # last tile first: it is still in L2 after pass 1
         rmask = p < n_rows
         r = _visited_rows(p, visit_inner, visit_outer)
-        mask2 = rmask[:, None] & cmask[None, :]
+        mask2 = rmask[:, None] & cmask
         r64 = r.to(tl.int64)
-        x = tl.load(L + r64[:, None] * stride_l + cols[None, :], mask=mask2, other=0.0)
-        l = x.to(tl.float32) * cs[None, :] + bias[None, :]
-        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0)
+        x = tl.load(L + r64[:, None] * stride_l + cols, mask=mask2, other=0.0)
+        l = x.to(tl.float32) * cs + bias
+        gi = tl.load(ROW_INDEX + r, mask=rmask, other=0).to(tl.int32)
         pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, BLOCK_C)
         lse = tl.load(STATS + n_rows + r, mask=rmask, other=0.0)
         psum = tl.load(STATS + 2 * n_rows + r, mask=rmask, other=0.0)
@@ -171,12 +186,13 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
         if COL_SUM != 0:
             col_acc += grad  # reduced over rows once, after the loop
         if WRITE_GRAD:
-            tl.store(GO + r64[:, None] * stride_go + cols[None, :], (grad * cs[None, :]).to(GO.dtype.element_ty),
-                     mask=mask2)
-    if COL_SUM == 1:
-        tl.store(CGS + cols, tl.load(CGS + cols, mask=cmask, other=0.0) + tl.sum(col_acc, axis=0), mask=cmask)
-    if COL_SUM == 2:
-        tl.store(CGS + g.to(tl.int64) * K + cols, tl.sum(col_acc, axis=0), mask=cmask)
+            tl.store(GO + r64[:, None] * stride_go + cols, (grad * cs).to(GO.dtype.element_ty), mask=mask2)
+    if COL_SUM != 0:
+        col_sum = tl.sum(col_acc, axis=0)[None, :]
+        if COL_SUM == 1:
+            tl.store(CGS + cols, tl.load(CGS + cols, mask=cmask, other=0.0) + col_sum, mask=cmask)
+        else:
+            tl.store(CGS + g.to(tl.int64) * K + cols, col_sum, mask=cmask)
 
 
 _ce_partials = tiling.tuned(_ce_partials_kernel)
@@ -242,14 +258,14 @@ def ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_v
     stats = torch.empty(4, c, device=dev, dtype=torch.float32)
     if c == 0:
         return stats
-    plan = plan or tiling.column_plan(c, K, dev)
-    part = torch.empty(N_PARTIALS, plan.n_col_blocks, c, device=dev, dtype=torch.float32)
+    grid = (plan or tiling.column_plan(c, K, dev, logits.element_size())).stats
+    part = torch.empty(N_PARTIALS, grid.n_col_blocks, c, device=dev, dtype=torch.float32)
     dummy = part
-    tiling.launch(_ce_partials, plan.grid, logits, logits.stride(0), col_scale if col_scale is not None else dummy,
+    tiling.launch(_ce_partials, grid.grid, logits, logits.stride(0), col_scale if col_scale is not None else dummy,
                   bias if bias is not None else dummy, teacher_probs, teacher_probs.stride(0), row_index, part, c, K,
-                  B, T, plan.rows_per_group, visit_inner, c // visit_inner, HAS_CS=col_scale is not None,
-                  HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view), BLOCK_C=plan.block_c)
-    _ce_finish_kernel[(triton.cdiv(c, tiling.FINISH_BLOCK_R),)](part, stats, c, plan.n_col_blocks,
+                  B, T, grid.cols, grid.rows_per_group, visit_inner, c // visit_inner, HAS_CS=col_scale is not None,
+                  HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view), STEP=grid.step)
+    _ce_finish_kernel[(triton.cdiv(c, tiling.FINISH_BLOCK_R),)](part, stats, c, grid.n_col_blocks,
                                                                 BLOCK_R=tiling.FINISH_BLOCK_R,
                                                                 BLOCK_J=tiling.FINISH_BLOCK_J, num_warps=4)
     return stats
@@ -262,22 +278,22 @@ def ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_vi
     if c == 0 or (grad_out is None and col_grad_sum is None):
         return
     dev = logits.device
-    plan = plan or tiling.column_plan(c, K, dev)
+    grid = (plan or tiling.column_plan(c, K, dev, logits.element_size())).stream
     col_sum_mode, cgs = 0, stats
     if col_grad_sum is not None:
-        if plan.groups == 1:
+        if grid.groups == 1:
             col_sum_mode, cgs = 1, col_grad_sum
         else:
-            col_sum_mode, cgs = 2, torch.empty(plan.groups, K, device=dev, dtype=torch.float32)
-    tiling.launch(_ce_grad_kernel, plan.grid, logits, logits.stride(0), col_scale if col_scale is not None else stats,
+            col_sum_mode, cgs = 2, torch.empty(grid.groups, K, device=dev, dtype=torch.float32)
+    tiling.launch(_ce_grad_kernel, grid.grid, logits, logits.stride(0), col_scale if col_scale is not None else stats,
                   bias if bias is not None else stats, teacher_probs, teacher_probs.stride(0), row_index, stats,
                   row_weight if row_weight is not None else stats,
                   grad_scale_tensor if grad_scale_tensor is not None else stats,
                   grad_out if grad_out is not None else logits, grad_out.stride(0) if grad_out is not None else 0,
-                  cgs, c, K, B, T, plan.rows_per_group, visit_inner, c // visit_inner, float(grad_scale),
+                  cgs, c, K, B, T, grid.rows_per_group, visit_inner, c // visit_inner, float(grad_scale),
                   HAS_CS=col_scale is not None, HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view),
                   HAS_W=row_weight is not None, GS_FROM_PTR=grad_scale_tensor is not None,
-                  WRITE_GRAD=grad_out is not None, COL_SUM=col_sum_mode, BLOCK_C=plan.block_c)
+                  WRITE_GRAD=grad_out is not None, COL_SUM=col_sum_mode, BLOCK_C=grid.cols)
     if col_sum_mode == 2:
         col_grad_sum += cgs.sum(0)
 
@@ -292,7 +308,7 @@ def ce_rows(logits: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Te
     as the columns are contiguous. `plan` forces the launch geometry (tests)."""
     check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
                        col_grad_sum)
-    plan = plan or tiling.column_plan(logits.shape[0], logits.shape[1], logits.device)
+    plan = plan or tiling.column_plan(logits.shape[0], logits.shape[1], logits.device, logits.element_size())
     stats = ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, plan=plan)
     ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale, grad_out,
                 col_grad_sum, stats, plan=plan)

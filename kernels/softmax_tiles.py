@@ -1,12 +1,14 @@
-"""Triton device functions for softmax statistics over column tiles, shared by `ce_rows` and `teacher_rows`.
+"""Triton device functions for streaming softmax statistics, shared by `ce_rows` and `teacher_rows`.
 
-Both ops cut a [rows, K] matrix into column blocks. Pass 1 writes, for every (row, column block), the
-block's exact statistics of the row's logits y:
+Pass 1 of both ops walks a column range of a tile of rows in steps of [ROWS, STEP] and keeps, per row,
+a running maximum m (ONE per row and step: a warp holds whole rows, so it is a shuffle reduction, no
+barrier) and per-lane sums relative to it:
 
-    m = max_k y_k,   s = sum_k exp(y_k - m),   t = sum_k exp(y_k - m) (y_k - m)    (<= 0)
+    s = sum_k exp(y_k - m),   t = sum_k exp(y_k - m) (y_k - m)    (<= 0)
 
-(one exp per element, the max of the block taken first: no running max, no rescaling per element). A
-finish kernel merges a row's blocks with `merge_block_stats`; then
+one exp per element; when m grows, the lanes rescale by the per-row scalars exp(m_old - m_new) and
+m_old - m_new. The lanes are summed once per range, and a finish kernel merges a row's ranges with
+`merge_block_stats`:
 
     LSE(y) = M + log S,   sum_k softmax(y)_k y_k = M + T / S,   entropy(softmax(y)) = log S - T / S.
 
@@ -26,28 +28,30 @@ def zero_if_empty(m):
 
 
 @triton.jit
-def _exp_stats(y, m):
-    """(s, t) of a [R, C] tile given its row maxima m [R]."""
-    d = y - zero_if_empty(m)[:, None]
-    e = tl.exp(d)
-    # e == 0 where y == -inf (masked lanes): such a lane adds 0, not 0 * -inf.
-    return tl.sum(e, axis=1), tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+def online_rescale(m, m_step):
+    """A row's running max m [R] meets a step's max m_step [R]: returns (m_new, ref, alpha, delta) with
+    ref the new reference point, alpha = exp(m - ref) and delta = m - ref (0 before anything was seen)
+    to carry sums kept relative to m over to ref."""
+    m_new = tl.maximum(m, m_step)
+    ref = zero_if_empty(m_new)
+    return m_new, ref, tl.exp(m - ref), tl.where(m == float("-inf"), 0.0, m - ref)
 
 
 @triton.jit
-def tile_row_stats(y):
-    """Per-row (m, s, t) of a [R, C] tile of logits (-inf on masked lanes)."""
-    m = tl.max(y, axis=1)
-    s, t = _exp_stats(y, m)
-    return m, s, t
+def online_exp_update(s, t, y, mask, ref, alpha, delta):
+    """Per-lane (s, t) [R, C] carried to the reference ref [R] and extended by the step y [R, C] (-inf
+    on masked lanes). Also returns y - ref, 0 on masked lanes, for sums like Pbar.(l - m)."""
+    d = tl.where(mask, y - ref[:, None], 0.0)
+    e = tl.where(mask, tl.exp(d), 0.0)
+    t = alpha[:, None] * (t + delta[:, None] * s) + e * d
+    return alpha[:, None] * s + e, t, d
 
 
 @triton.jit
-def tile_row_stats_argmax(y):
-    """`tile_row_stats` plus the column of each row's maximum within the tile (lowest on ties)."""
-    m, idx = tl.max(y, axis=1, return_indices=True)  # ties: the lowest index (the default)
-    s, t = _exp_stats(y, m)
-    return m, s, t, idx
+def online_exp_sum(s, y, mask, ref, alpha):
+    """`online_exp_update` for s alone (a softmax whose entropy is not needed)."""
+    e = tl.where(mask, tl.exp(tl.where(mask, y - ref[:, None], 0.0)), 0.0)
+    return alpha[:, None] * s + e
 
 
 @triton.jit
@@ -63,7 +67,8 @@ def merge_block_stats(m, s, t, m_max):
 @triton.jit
 def column_lse_step(m, s, y):
     """One [R, C] tile of a per-column online log-sum-exp over rows: (m, s) [C] running max and
-    sum of exp(y - m). One exp per element plus one per column for the rescale."""
+    sum of exp(y - m). One exp per element plus one per column for the rescale. The caller picks
+    C so that a column's rows live in one thread (no barrier for the max over rows)."""
     m_new = tl.maximum(m, tl.max(y, axis=0))
     ref = zero_if_empty(m_new)
     return m_new, s * tl.exp(m - ref) + tl.sum(tl.exp(y - ref[None, :]), axis=0)

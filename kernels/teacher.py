@@ -24,51 +24,40 @@ import triton.language as tl
 from dinovmf.kernels import tiling
 from dinovmf.kernels.common import (CENTERING_MODES, check_teacher_inputs, column_bias_in_kernel,
                                     precomputed_column_bias, sinkhorn_knopp)
-from dinovmf.kernels.softmax_tiles import column_lse_step, merge_block_stats, tile_row_stats, tile_row_stats_argmax
+from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, online_exp_sum, online_exp_update,
+                                             online_rescale)
 from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
 
-MODE_NONE, MODE_LOGIT, MODE_PROB, MODE_SHIFT = 0, 1, 2, 3
-_MODES = {"none": MODE_NONE, "logit": MODE_LOGIT, "prob": MODE_PROB, "sinkhorn": MODE_SHIFT}
+STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic of none/sinkhorn, logit, prob
+_STAT_KIND = {"none": STAT_NONE, "logit": STAT_MEAN_SCORE, "prob": STAT_MEAN_SOFTMAX, "sinkhorn": STAT_NONE}
 N_PARTIALS = 5  # m, s, t of y and m, s of x (prob mode) per (row, column block), plus an int32 argmax
 DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _column_terms(CS, BIAS, CENTER, SHIFT, cols, cmask, inv_temp, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  MODE: tl.constexpr):
-    """Per-column (cs, a, b_x, b_y) with x = dots * a + b_x and y = dots * a + b_y: read once per program."""
-    if HAS_CS:
-        cs = tl.load(CS + cols, mask=cmask, other=1.0)
+def _column_vector(PTR, cols, cmask, HAS: tl.constexpr, default: tl.constexpr):
+    """PTR[cols] (`default` where absent). Inside a streaming loop `cols` is broadcast to the tile's
+    shape [R, C], so that the load gets the tile's own layout (see ce_rows._column_vectors)."""
+    if HAS:
+        return tl.load(PTR + cols, mask=cmask, other=default)
     else:
-        cs = tl.full(cols.shape, 1.0, tl.float32)
-    if HAS_BIAS:
-        b_x = tl.load(BIAS + cols, mask=cmask, other=0.0)
-    else:
-        b_x = tl.zeros(cols.shape, tl.float32)
-    if MODE == 1:
-        b_y = b_x - tl.load(CENTER + cols, mask=cmask, other=0.0) * inv_temp
-    elif MODE == 2:
-        b_y = b_x - tl.log(tl.load(CENTER + cols, mask=cmask, other=1.0))
-    elif MODE == 3:
-        b_y = b_x + tl.load(SHIFT + cols, mask=cmask, other=0.0)
-    else:
-        b_y = b_x
-    return cs, cs * inv_temp, b_x, b_y
+        return tl.full(cols.shape, default, tl.float32)
 
 
 @triton.jit
 def _load_dots(D, stride_d, r, cols, mask2):
-    return tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    return tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols, mask=mask2, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _teacher_partials_kernel(D, stride_d, CS, BIAS, CENTER, SHIFT, PART, ARGMAX_PART, n_rows, K, inv_temp,
-                             rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-                             ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_rows, K, inv_temp, range_c,
+                             rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BY: tl.constexpr,
+                             WITH_X: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr):
+    """PART[:, j, row] = (m, s, t of y; m, s of x if WITH_X) and ARGMAX_PART[j, row] = argmax of y, over the
+    columns [j*range_c, (j+1)*range_c), with x = dots * cs / temp + bias and y = dots * cs / temp + BY."""
     j = tl.program_id(0)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < K
-    cs, a, b_x, b_y = _column_terms(CS, BIAS, CENTER, SHIFT, cols, cmask, inv_temp, HAS_CS, HAS_BIAS, MODE)
+    c_start = j * range_c
+    c_end = tl.minimum(c_start + range_c, K)
     start = tl.program_id(1) * rows_per_group
     end = tl.minimum(start + rows_per_group, n_rows)
     offset = j.to(tl.int64) * n_rows
@@ -76,17 +65,41 @@ def _teacher_partials_kernel(D, stride_d, CS, BIAS, CENTER, SHIFT, PART, ARGMAX_
     for p0 in range(start, end, ROWS):
         r = p0 + tl.arange(0, ROWS)
         rmask = r < end
-        mask2 = rmask[:, None] & cmask[None, :]
-        d = _load_dots(D, stride_d, r, cols, mask2)
-        m, s, t, idx = tile_row_stats_argmax(tl.where(mask2, d * a[None, :] + b_y[None, :], float("-inf")))
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        arg = tl.zeros([ROWS], tl.int32)
+        s = tl.zeros([ROWS, STEP], tl.float32)
+        t = tl.zeros([ROWS, STEP], tl.float32)
+        m_x = tl.full([ROWS], float("-inf"), tl.float32)  # prob mode: the uncentred softmax, for the stat
+        s_x = tl.zeros([ROWS, STEP], tl.float32)
+        for c0 in range(c_start, c_end, STEP):
+            cols = c0 + tl.arange(0, STEP)[None, :]
+            cmask = cols < c_end
+            cols2 = cols + tl.zeros([ROWS, 1], tl.int32)
+            a = _column_vector(CS, cols2, cmask, HAS_CS, 1.0) * inv_temp
+            mask2 = rmask[:, None] & cmask
+            d = _load_dots(D, stride_d, r, cols, mask2)
+            if WITH_X or not HAS_BY:
+                b_x = _column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
+            if HAS_BY:
+                b_y = tl.load(BY + cols2, mask=cmask, other=0.0)
+            else:
+                b_y = b_x
+            y = tl.where(mask2, d * a + b_y, float("-inf"))
+            y_max, y_arg = tl.max(y, axis=1, return_indices=True)  # ties: the lowest index (the default)
+            arg = tl.where(y_max > m, c0 + y_arg, arg)  # strictly greater: an earlier step keeps a tie
+            m, ref, alpha, delta = online_rescale(m, y_max)
+            s, t, _ = online_exp_update(s, t, y, mask2, ref, alpha, delta)
+            if WITH_X:
+                x = tl.where(mask2, d * a + b_x, float("-inf"))
+                m_x, ref_x, alpha_x, _ = online_rescale(m_x, tl.max(x, axis=1))
+                s_x = online_exp_sum(s_x, x, mask2, ref_x, alpha_x)
         tl.store(PART + offset + r, m, mask=rmask)
-        tl.store(PART + plane + offset + r, s, mask=rmask)
-        tl.store(PART + 2 * plane + offset + r, t, mask=rmask)
-        tl.store(ARGMAX_PART + offset + r, j * BLOCK_C + idx, mask=rmask)
-        if MODE == 2:  # the uncentred softmax, for the statistic
-            m_x, s_x, _ = tile_row_stats(tl.where(mask2, d * a[None, :] + b_x[None, :], float("-inf")))
+        tl.store(PART + plane + offset + r, tl.sum(s, axis=1), mask=rmask)
+        tl.store(PART + 2 * plane + offset + r, tl.sum(t, axis=1), mask=rmask)
+        tl.store(ARGMAX_PART + offset + r, arg, mask=rmask)
+        if WITH_X:
             tl.store(PART + 3 * plane + offset + r, m_x, mask=rmask)
-            tl.store(PART + 4 * plane + offset + r, s_x, mask=rmask)
+            tl.store(PART + 4 * plane + offset + r, tl.sum(s_x, axis=1), mask=rmask)
 
 
 @triton.jit
@@ -119,7 +132,7 @@ def _teacher_finish_kernel(PART, ARGMAX_PART, ROW_STATS, ROW_ARGMAX, n_rows, n_b
                                    tl.load(PART + 2 * plane + idx, mask=mask, other=0.0), m_max)
         s_tot += ds
         t_tot += dt
-        # The row's argmax: the lowest column among the blocks that reach the row maximum.
+        # The row's argmax: the lowest column among the ranges that reach the row maximum.
         block_arg = tl.load(ARGMAX_PART + idx, mask=mask, other=0)
         argmax = tl.minimum(argmax, tl.min(tl.where(mask & (m == m_max[None, :]), block_arg, K), axis=0))
         if HAS_X:
@@ -137,35 +150,40 @@ def _teacher_finish_kernel(PART, ARGMAX_PART, ROW_STATS, ROW_ARGMAX, n_rows, n_b
 
 
 @triton.jit
-def _teacher_probs_kernel(D, stride_d, CS, BIAS, CENTER, SHIFT, ROW_STATS, OUT, stride_o, STAT, n_rows, K, temp,
-                          inv_temp, inv_n, rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          MODE: tl.constexpr, WRITE_STAT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT = exp(y - LSE(y)); STAT[g, cols] = this row group's share of the center statistic."""
+def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, STAT, n_rows, K, temp, inv_temp,
+                          inv_n, rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BY: tl.constexpr,
+                          STAT_KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT = exp(y - LSE(y)); STAT[g, cols] = this row group's share of the center statistic: STAT_KIND 1
+    mean_rows(r) (logit centering), 2 mean_rows(softmax(x)) (prob centering), 0 none."""
     j = tl.program_id(0)
     g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
-    cs, a, b_x, b_y = _column_terms(CS, BIAS, CENTER, SHIFT, cols, cmask, inv_temp, HAS_CS, HAS_BIAS, MODE)
+    cs = _column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program, outside the loop
+    a = cs * inv_temp
+    b_x = _column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
+    if HAS_BY:
+        b_y = tl.load(BY + cols, mask=cmask, other=0.0)
+    else:
+        b_y = b_x
     start = g * rows_per_group
     end = tl.minimum(start + rows_per_group, n_rows)
     col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
     for p0 in range(start, end, ROWS):
         r = p0 + tl.arange(0, ROWS)
         rmask = r < end
-        mask2 = rmask[:, None] & cmask[None, :]
+        mask2 = rmask[:, None] & cmask
         d = _load_dots(D, stride_d, r, cols, mask2)
         lse_y = tl.load(ROW_STATS + r, mask=rmask, other=0.0)
-        probs = tl.exp(d * a[None, :] + b_y[None, :] - lse_y[:, None])
-        tl.store(OUT + r.to(tl.int64)[:, None] * stride_o + cols[None, :], probs, mask=mask2)
-        if WRITE_STAT:
-            if MODE == 1:  # mean_rows(r) = mean_rows(dots) * cs + temp * bias
-                col_acc += d  # masked lanes loaded as 0
-            if MODE == 2:  # mean_rows(softmax(x))
-                lse_x = tl.load(ROW_STATS + 2 * n_rows + r, mask=rmask, other=0.0)
-                col_acc += tl.where(mask2, tl.exp(d * a[None, :] + b_x[None, :] - lse_x[:, None]), 0.0)
-    if WRITE_STAT:
-        stat = tl.sum(col_acc, axis=0) * inv_n
-        if MODE == 1:
+        tl.store(OUT + r.to(tl.int64)[:, None] * stride_o + cols, tl.exp(d * a + b_y - lse_y[:, None]), mask=mask2)
+        if STAT_KIND == 1:  # mean_rows(r) = mean_rows(dots) * cs + temp * bias
+            col_acc += d  # masked lanes were loaded as 0
+        if STAT_KIND == 2:
+            lse_x = tl.load(ROW_STATS + 2 * n_rows + r, mask=rmask, other=0.0)
+            col_acc += tl.where(mask2, tl.exp(d * a + b_x - lse_x[:, None]), 0.0)
+    if STAT_KIND != 0:
+        stat = tl.sum(col_acc, axis=0)[None, :] * inv_n
+        if STAT_KIND == 1:
             stat = stat * cs + tl.where(g == 0, temp * b_x, 0.0)
         tl.store(STAT + g.to(tl.int64) * K + cols, stat, mask=cmask)
 
@@ -176,9 +194,10 @@ def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_tem
     """OUT[g, k] = logsumexp over the group's rows n of (x[n, k] + ROW_SHIFT[n])."""
     j = tl.program_id(0)
     g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
-    cs, a, b_x, _ = _column_terms(CS, BIAS, CS, CS, cols, cmask, inv_temp, HAS_CS, HAS_BIAS, 0)
+    a = _column_vector(CS, cols, cmask, HAS_CS, 1.0) * inv_temp
+    b_x = _column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
     start = g * rows_per_group
     end = tl.minimum(start + rows_per_group, n_rows)
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
@@ -186,15 +205,15 @@ def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_tem
     for p0 in range(start, end, ROWS):
         r = p0 + tl.arange(0, ROWS)
         rmask = r < end
-        mask2 = rmask[:, None] & cmask[None, :]
+        mask2 = rmask[:, None] & cmask
         d = _load_dots(D, stride_d, r, cols, mask2)
         v = tl.load(ROW_SHIFT + r, mask=rmask, other=0.0)
-        m, s = column_lse_step(m, s, tl.where(mask2, d * a[None, :] + b_x[None, :] + v[:, None], float("-inf")))
-    tl.store(OUT + g.to(tl.int64) * K + cols, m + tl.log(tl.where(cmask, s, 1.0)), mask=cmask)
+        m, s = column_lse_step(m, s, tl.where(mask2, d * a + b_x + v[:, None], float("-inf")))
+    lse = (m + tl.log(tl.where(s > 0.0, s, 1.0)))[None, :]  # masked columns: no log(0)
+    tl.store(OUT + g.to(tl.int64) * K + cols, lse, mask=cmask)
 
 
 _teacher_partials = tiling.tuned(_teacher_partials_kernel)
-_column_lse = tiling.tuned(_column_lse_kernel)
 
 
 def check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out) -> None:
@@ -219,46 +238,59 @@ def check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out) -> N
 class _TeacherLaunch:
     """The launches of one `teacher_rows` call, sharing its inputs and plan."""
 
-    def __init__(self, dots, temp, col_scale, bias, plan):
+    def __init__(self, dots, temp, col_scale, bias, plan: tiling.ColumnPlan):
         self.d, self.temp, self.plan = dots, float(temp), plan
         self.N, self.K = dots.shape
         self.f32 = dict(device=dots.device, dtype=torch.float32)
         self.dummy = torch.empty(1, **self.f32)
+        self.bias_or_none = bias
         self.cs = col_scale if col_scale is not None else self.dummy
         self.bias = bias if bias is not None else self.dummy
         self.flags = dict(HAS_CS=col_scale is not None, HAS_BIAS=bias is not None)
 
-    def row_stats(self, mode_id, center, shift):
-        """(ROW_STATS [3, N] = LSE(y), entropy, LSE(x); argmax [N] int64) for y of `mode_id`."""
-        p = self.plan
+    def y_offsets(self, mode: str, center, shift):
+        """The [K] column offsets of y = dots * cs / temp + offsets (None: the bias alone), once per call."""
+        if mode == "none":
+            return None
+        b = self.bias_or_none if self.bias_or_none is not None else torch.zeros(self.K, **self.f32)
+        if mode == "logit":
+            return b - center / self.temp
+        if mode == "prob":
+            return b - torch.log(center)
+        return b + shift  # a Sinkhorn round's column offsets
+
+    def row_stats(self, by, with_x: bool):
+        """(ROW_STATS [3, N] = LSE(y), entropy, LSE(x); argmax [N] int64) for y with column offsets `by`."""
+        p = self.plan.stats
         part = torch.empty(N_PARTIALS, p.n_col_blocks, self.N, **self.f32)
         arg_part = torch.empty(p.n_col_blocks, self.N, device=self.d.device, dtype=torch.int32)
-        tiling.launch(_teacher_partials, p.grid, self.d, self.d.stride(0), self.cs, self.bias, center, shift, part,
-                      arg_part, self.N, self.K, 1.0 / self.temp, p.rows_per_group, MODE=mode_id,
-                      BLOCK_C=p.block_c, **self.flags)
+        tiling.launch(_teacher_partials, p.grid, self.d, self.d.stride(0), self.cs, self.bias,
+                      by if by is not None else self.dummy, part, arg_part, self.N, self.K, 1.0 / self.temp, p.cols,
+                      p.rows_per_group, HAS_BY=by is not None, WITH_X=with_x, STEP=p.step, **self.flags)
         row_stats = torch.empty(3, self.N, **self.f32)
         row_argmax = torch.empty(self.N, device=self.d.device, dtype=torch.int64)
         _teacher_finish_kernel[(triton.cdiv(self.N, tiling.FINISH_BLOCK_R),)](
-            part, arg_part, row_stats, row_argmax, self.N, p.n_col_blocks, self.K, HAS_X=mode_id == MODE_PROB,
+            part, arg_part, row_stats, row_argmax, self.N, p.n_col_blocks, self.K, HAS_X=with_x,
             BLOCK_R=tiling.FINISH_BLOCK_R, BLOCK_J=tiling.FINISH_BLOCK_J, num_warps=4)
         return row_stats, row_argmax
 
-    def probs(self, mode_id, center, shift, row_stats, out, with_stat):
-        """Write probs to `out`; return the center statistic [K] (None without `with_stat`)."""
-        p = self.plan
-        stat = torch.empty(p.groups, self.K, **self.f32) if with_stat else self.dummy
-        tiling.launch(_teacher_probs_kernel, p.grid, self.d, self.d.stride(0), self.cs, self.bias, center, shift,
-                      row_stats, out, out.stride(0), stat, self.N, self.K, self.temp, 1.0 / self.temp, 1.0 / self.N,
-                      p.rows_per_group, MODE=mode_id, WRITE_STAT=with_stat, BLOCK_C=p.block_c, **self.flags)
-        if not with_stat:
+    def probs(self, by, row_stats, out, stat_kind: int):
+        """Write probs to `out`; return the center statistic [K] (None for stat_kind 0)."""
+        p = self.plan.stream
+        stat = torch.empty(p.groups, self.K, **self.f32) if stat_kind else self.dummy
+        tiling.launch(_teacher_probs_kernel, p.grid, self.d, self.d.stride(0), self.cs, self.bias,
+                      by if by is not None else self.dummy, row_stats, out, out.stride(0), stat, self.N, self.K,
+                      self.temp, 1.0 / self.temp, 1.0 / self.N, p.rows_per_group, HAS_BY=by is not None,
+                      STAT_KIND=stat_kind, BLOCK_C=p.cols, **self.flags)
+        if not stat_kind:
             return None
         return stat[0] if p.groups == 1 else stat.sum(0)
 
     def column_lse(self, row_shift):
-        p = self.plan
+        p = self.plan.columns
         out = torch.empty(p.groups, self.K, **self.f32)
-        tiling.launch(_column_lse, p.grid, self.d, self.d.stride(0), self.cs, self.bias, row_shift, out, self.N,
-                      self.K, 1.0 / self.temp, p.rows_per_group, BLOCK_C=p.block_c, **self.flags)
+        tiling.launch(_column_lse_kernel, p.grid, self.d, self.d.stride(0), self.cs, self.bias, row_shift, out,
+                      self.N, self.K, 1.0 / self.temp, p.rows_per_group, BLOCK_C=p.cols, **self.flags)
         return out[0] if p.groups == 1 else torch.logsumexp(out, dim=0)
 
 
@@ -271,25 +303,25 @@ def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tenso
     that of the row's logits y (of probs, unless two probs round to the same fp32 value)."""
     check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out)
     N, K = dots.shape
-    run = _TeacherLaunch(dots, temp, col_scale, bias, plan or tiling.column_plan(N, K, dots.device))
+    run = _TeacherLaunch(dots, temp, col_scale, bias, plan or tiling.column_plan(N, K, dots.device, dots.element_size()))
     out = torch.empty(N, K, **run.f32) if out is None else out
-    mode_id = _MODES[mode]
     if mode == "sinkhorn":
         final = {}
 
         def row_lse(a):
-            return run.row_stats(MODE_SHIFT, run.dummy, a)[0][0]
+            return run.row_stats(run.y_offsets(mode, None, a), False)[0][0]
 
         def row_softmax(a):
-            final["stats"], final["argmax"] = run.row_stats(MODE_SHIFT, run.dummy, a)
-            run.probs(MODE_SHIFT, run.dummy, a, final["stats"], out, False)
+            by = run.y_offsets(mode, None, a)
+            final["stats"], final["argmax"] = run.row_stats(by, False)
+            run.probs(by, final["stats"], out, 0)
             return out
 
         sinkhorn_knopp(row_lse=row_lse, col_lse=run.column_lse, row_softmax=row_softmax, N=N, K=K, device=dots.device)
         return out, None, final["stats"][1], final["argmax"]
-    center_t = center if center is not None else run.dummy
-    row_stats, row_argmax = run.row_stats(mode_id, center_t, run.dummy)
-    stat = run.probs(mode_id, center_t, run.dummy, row_stats, out, mode in ("logit", "prob"))
+    by = run.y_offsets(mode, center, None)
+    row_stats, row_argmax = run.row_stats(by, mode == "prob")
+    stat = run.probs(by, row_stats, out, _STAT_KIND[mode])
     return out, stat, row_stats[1], row_argmax
 
 
@@ -310,4 +342,4 @@ def teacher_distribution(dots: torch.Tensor, temp: float, mode: str, center: tor
     return probs, stat
 
 
-assert set(_MODES) == set(CENTERING_MODES)
+assert set(_STAT_KIND) == set(CENTERING_MODES)

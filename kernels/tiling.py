@@ -1,17 +1,25 @@
 """Launch geometry of the column-tiled Triton kernels (`ce_rows`, `teacher_rows`).
 
-Every pass over a [rows, K] matrix runs on a grid (column blocks, row groups): program (j, g) owns the
-BLOCK_C columns of block j and walks the rows of group g in tiles of [ROWS, BLOCK_C]. Owning a column
-block means the [K] vectors (column scale, bias, center) are read once per program instead of once
-per row, column sums (the bias gradient, the center statistic) stay in registers and are written
-without atomics, and consecutive rows of one image (the host orders chunks image-major) share their
-teacher rows through L1 within a tile. Row groups only exist to fill the GPU when K / BLOCK_C is
-small; each group writes its own column partials, summed on the host.
+Every pass over a [rows, K] matrix runs on a grid (column blocks, row groups): program (j, g) owns a
+block of columns and walks the rows of group g in tiles of ROWS rows. Owning columns means the [K]
+vectors (column scale, bias, center) are read once per program and tile rather than once per row,
+column sums (the bias gradient, the center statistic) stay in registers and are written without
+atomics, and the rows of one image (the host orders chunks image-major) share their teacher rows
+through L1 within a tile. Row groups exist to fill the GPU when the column blocks alone do not; each
+group writes its own column partials, summed on the host.
 
-On a GPU the row-streaming passes are autotuned over (ROWS, num_warps); under the interpreter (CPU
-tests) one fixed config runs. BLOCK_C is fixed because the partial buffers are sized from it. The
-interpreter runs one program at a time at a cost per tile op (about 25 ms per tile, whatever its
-size), so it uses 4096-column blocks; tests also run the GPU geometry (`column_plan(block_c=256)`).
+Three grids per call (`ColumnPlan`):
+* `stats` (pass 1, row statistics): a program owns a 2048-column range and walks it in steps of
+  [ROWS, 128] for each tile of rows: at 4 warps a warp holds whole 128-column rows, so the one row-max
+  reduction per step is a warp shuffle, never a barrier. Partials: one per (row, range), 32 per row at
+  K = 65536.
+* `stream` (the passes that write: gradient, probs): [ROWS, 256] tiles, no reduction inside the loop.
+* `columns` (the Sinkhorn column log-sum-exp): 32 lanes x num_warps x one 16-byte vector of columns,
+  so that a column's rows live in one thread and the max over rows needs no barrier either.
+
+On a GPU the read-only passes are autotuned over (ROWS, num_warps); under the interpreter (CPU tests)
+one fixed config runs. The interpreter runs one program at a time at a cost per tile op (about 25 ms
+per tile, whatever its size), so it uses 4096-column tiles; tests also force the GPU geometry.
 """
 from __future__ import annotations
 
@@ -23,26 +31,29 @@ import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-BLOCK_C = 256  # one fp32 row segment is 1 KiB; K = 65536 gives 256 column programs (132 SMs on H100)
-INTERPRETER_BLOCK_C = 4096
-ROWS = 8  # [8, 256] tiles: 16 fp32 per thread at 4 warps, i.e. 4 x 128-bit loads per operand
+ROWS = 8  # rows per tile
 NUM_WARPS = 4
 MAX_ROWS = 16  # the largest ROWS of an autotune config; row groups are a multiple of it
-CTAS_PER_SM = 4  # grid target when K / BLOCK_C alone does not fill the GPU
-MIN_ROWS_PER_GROUP = 64  # below this a row group's loop is too short to hide its set-up
-FINISH_BLOCK_R = 64  # finish kernels: rows per program ...
-FINISH_BLOCK_J = 32  # ... and column blocks merged per step
+STATS_STEP = 128  # pass 1: 32 lanes x 4 fp32 per step, so a warp holds whole rows
+STATS_RANGE = 2048  # pass 1: columns per program
+STREAM_BLOCK = 256  # gradient / probs passes: one fp32 row segment is 1 KiB
+INTERPRETER_STEP = 4096
+INTERPRETER_RANGE = 16384
+CTAS_PER_SM = 4  # grid target when the column blocks alone do not fill the GPU
+MIN_ROWS_PER_GROUP = 32  # below this a row group's loop is too short to hide its set-up
+FINISH_BLOCK_R = 32  # finish kernels: rows per program ...
+FINISH_BLOCK_J = 16  # ... and ranges merged per step (32 spills 4 bytes in ptxas 12.9 and 13.4)
 
 # (ROWS, num_warps) tried by the autotuner on a GPU; the first is the interpreter's fixed config.
-TUNE_CONFIGS = ((ROWS, NUM_WARPS), (16, 8), (4, 4), (16, 4))
+TUNE_CONFIGS = ((ROWS, NUM_WARPS), (16, 4), (16, 8), (4, 4))
 
 
 @dataclass(frozen=True)
-class ColumnPlan:
-    """Grid of one column-tiled pass: program (j, g) owns columns [j*block_c, (j+1)*block_c) and the
-    rows [g*rows_per_group, (g+1)*rows_per_group)."""
-    n_rows: int
-    block_c: int
+class Grid:
+    """Program (j, g) owns columns [j*cols, (j+1)*cols), walked `step` at a time, and the rows
+    [g*rows_per_group, (g+1)*rows_per_group)."""
+    cols: int
+    step: int
     n_col_blocks: int
     groups: int
     rows_per_group: int
@@ -52,18 +63,27 @@ class ColumnPlan:
         return (self.n_col_blocks, self.groups)
 
 
+@dataclass(frozen=True)
+class ColumnPlan:
+    stats: Grid
+    stream: Grid
+    columns: Grid
+
+
+def column_block(element_size: int, num_warps: int) -> int:
+    """Columns of a `columns` program: 32 lanes x num_warps x one 16-byte vector, so that every row of a
+    column lives in one thread."""
+    return 32 * num_warps * (16 // element_size)
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def column_plan(n_rows: int, K: int, device: torch.device, groups: int | None = None,
-                block_c: int | None = None) -> ColumnPlan:
-    """The plan for `n_rows` x `K`; `groups` and `block_c` force the row-group count and the column
-    block (tests run every layout under the interpreter)."""
-    if block_c is None:
-        block_c = INTERPRETER_BLOCK_C if INTERPRETING else BLOCK_C
-    block_c = min(block_c, max(16, triton.next_power_of_2(K)))
-    n_col_blocks = triton.cdiv(K, block_c)
+def _grid(n_rows: int, K: int, cols: int, step: int, device: torch.device, groups: int | None) -> Grid:
+    step = min(step, max(16, triton.next_power_of_2(K)))
+    cols = max(step, min(cols, triton.cdiv(K, step) * step))
+    n_col_blocks = triton.cdiv(K, cols)
     if groups is None:
         groups = 1
         if device.type == "cuda" and not INTERPRETING:
@@ -71,7 +91,24 @@ def column_plan(n_rows: int, K: int, device: torch.device, groups: int | None = 
                          triton.cdiv(n_rows, MIN_ROWS_PER_GROUP))
     groups = max(1, min(groups, n_rows))
     rows_per_group = triton.cdiv(triton.cdiv(n_rows, groups), MAX_ROWS) * MAX_ROWS
-    return ColumnPlan(n_rows, block_c, n_col_blocks, max(1, triton.cdiv(n_rows, rows_per_group)), rows_per_group)
+    return Grid(cols, step, n_col_blocks, max(1, triton.cdiv(n_rows, rows_per_group)), rows_per_group)
+
+
+def column_plan(n_rows: int, K: int, device: torch.device, element_size: int = 4, *, groups: int | None = None,
+                stream_block: int | None = None, stats_step: int | None = None,
+                stats_range: int | None = None) -> ColumnPlan:
+    """The three grids for `n_rows` x `K` of `element_size`-byte inputs; the keywords force a geometry
+    (tests run every layout under the interpreter)."""
+    if INTERPRETING:
+        step, rng, block, col_block = INTERPRETER_STEP, INTERPRETER_RANGE, INTERPRETER_STEP, INTERPRETER_STEP
+    else:
+        step, rng, block = STATS_STEP, STATS_RANGE, STREAM_BLOCK
+        col_block = column_block(element_size, NUM_WARPS)
+    step, block = stats_step or step, stream_block or block
+    col_block = stream_block or col_block
+    return ColumnPlan(stats=_grid(n_rows, K, stats_range or max(rng, step), step, device, groups),
+                      stream=_grid(n_rows, K, block, block, device, groups),
+                      columns=_grid(n_rows, K, col_block, col_block, device, groups))
 
 
 def tuned(kernel):

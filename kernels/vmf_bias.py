@@ -11,6 +11,9 @@ import triton.language as tl
 
 from dinovmf.kernels.common import MIN_P_IN_KERNEL_BIAS, debye_reference_terms
 
+BIAS_BLOCK_K = 1024  # one [K] pass per step: 64 programs at K = 65536
+BIAS_NUM_WARPS = 4
+
 
 @triton.jit
 def log_cp_diff(kappa, nu, z0, s0, log_series0):
@@ -62,7 +65,6 @@ def vmf_column_bias_triton(weight_norm: torch.Tensor, temp: float, p: int) -> to
     wn = weight_norm.contiguous()
     out = torch.empty(wn.shape[0], device=wn.device, dtype=torch.float32)
     nu, z0, s0, ls0 = debye_reference_terms(temp, p)
-    block = 1024
-    _column_bias_kernel[(triton.cdiv(wn.shape[0], block),)](wn, out, wn.shape[0], 1.0 / temp, nu, z0, s0, ls0,
-                                                           BLOCK_K=block)
+    _column_bias_kernel[(triton.cdiv(wn.shape[0], BIAS_BLOCK_K),)](wn, out, wn.shape[0], 1.0 / temp, nu, z0, s0, ls0,
+                                                                  BLOCK_K=BIAS_BLOCK_K, num_warps=BIAS_NUM_WARPS)
     return out

@@ -29,8 +29,13 @@ def _with_plan(fn, **plan_kwargs):
     from dinovmf.kernels import tiling
 
     def run(x, *args):
-        return fn(x, *args, plan=tiling.column_plan(x.shape[0], x.shape[1], x.device, **plan_kwargs))
+        return fn(x, *args, plan=tiling.column_plan(x.shape[0], x.shape[1], x.device, x.element_size(),
+                                                    **plan_kwargs))
     return run
+
+
+# The GPU's launch geometry (kernels.tiling), at K ~ 1000: 4-step ranges and 256-column stream blocks.
+GPU_GEOMETRY = dict(groups=2, stats_step=128, stats_range=512, stream_block=256)
 
 
 def _shuffled_rows(n_all, c, seed=0):
@@ -59,15 +64,17 @@ def test_ce_rows_against_float64(ops, case):
 
 
 def test_ce_rows_gpu_geometry(ops):
-    """The GPU's 256-column blocks with two row groups (column sums as per-group partials)."""
-    fn = _with_plan(ops.ce_rows_triton, block_c=256, groups=2)
+    """The GPU's 128-column steps over 512-column ranges (online rescaling across steps), 256-column
+    stream blocks and two row groups (column sums as per-group partials)."""
+    fn = _with_plan(ops.ce_rows_triton, **GPU_GEOMETRY)
     kt.check_ce_rows(fn, 4, 2, 10, 1000, torch.float32, device=DEVICE)
     kt.check_ce_rows(fn, 3, 1, 8, 1000, torch.bfloat16, same_view=True, grad="out", device=DEVICE)
 
 
 def test_ce_rows_merges_more_blocks_than_one_finish_step(ops):
-    """38 blocks of 16 columns: the finish kernel merges them in two steps of FINISH_BLOCK_J = 32."""
-    kt.check_ce_rows(_with_plan(ops.ce_rows_triton, block_c=16), 2, 2, 2, 600, torch.float32, device=DEVICE)
+    """38 ranges of 16 columns: the finish kernel merges them in two steps of FINISH_BLOCK_J = 32."""
+    fn = _with_plan(ops.ce_rows_triton, stats_step=16, stats_range=16, stream_block=64)
+    kt.check_ce_rows(fn, 2, 2, 2, 600, torch.float32, device=DEVICE)
 
 
 def test_ce_rows_issue_width(ops):
@@ -138,8 +145,8 @@ def test_teacher_rows_against_float64(ops, case):
 
 @pytest.mark.parametrize("mode", ["logit", "prob", "sinkhorn"])
 def test_teacher_rows_gpu_geometry(ops, mode):
-    """256-column blocks and two row groups: the stat and the Sinkhorn column LSE as group partials."""
-    kt.check_teacher_rows(_with_plan(ops.teacher_rows_triton, block_c=256, groups=2), 40, 1000, torch.float32, mode,
+    """The GPU's tiles and two row groups: the stat and the Sinkhorn column LSE as group partials."""
+    kt.check_teacher_rows(_with_plan(ops.teacher_rows_triton, **GPU_GEOMETRY), 40, 1000, torch.float32, mode,
                           device=DEVICE)
 
 
@@ -147,14 +154,16 @@ def test_teacher_rows_issue_width(ops):
     kt.check_teacher_rows(ops.teacher_rows_triton, 2, 65536, torch.float32, "prob", inplace=True, device=DEVICE)
 
 
-@pytest.mark.parametrize("block_c", [None, 64])
-def test_teacher_rows_argmax_ties_take_the_lowest_index(ops, block_c):
-    """Exact ties within a column block and (block_c=64) across blocks: the lowest index wins."""
+@pytest.mark.parametrize("step", [None, 64])
+def test_teacher_rows_argmax_ties_take_the_lowest_index(ops, step):
+    """Exact ties within one step and (step=64) across the steps of a range and across ranges: the
+    lowest index wins."""
     dots = torch.zeros(3, 700)
-    dots[0, [650, 5, 300]] = 1.0
+    dots[0, [650, 70, 5, 300]] = 1.0
     dots[1, [699, 70]] = 1.0
     dots[2] = 0.5  # a flat row: every column ties
-    fn = ops.teacher_rows_triton if block_c is None else _with_plan(ops.teacher_rows_triton, block_c=block_c)
+    fn = ops.teacher_rows_triton if step is None else \
+        _with_plan(ops.teacher_rows_triton, stats_step=step, stats_range=2 * step)
     _, _, ent, arg = fn(dots.to(DEVICE), kt.TEMP, "none", None, None, None, None)
     assert arg.tolist() == [5, 70, 0]
     assert abs(ent[2].item() - torch.log(torch.tensor(700.0)).item()) < 1e-5
