@@ -4,8 +4,11 @@ compilation without a GPU (the AOT check in tools/ and the static kernel report 
 `launch_cases()` lists, per kernel, the argument types the host passes (pointers by dtype, i32 sizes and
 strides, fp32 scalars), the constexpr variants it launches, the autotune configs (ROWS, num_warps) of the
 tuned kernels, and the arguments the launcher sees as 16-aligned at K = 65536 (pointers, strides, K,
-rows_per_group). Integer arguments equal to 1 are specialized by Triton: `visit_inner` is 1 for the
-contract op (`ce_rows`) and S for the per-logits API, so both appear. Nothing here imports a GPU.
+rows_per_group). Integer arguments equal to 1 are specialized by Triton into constants: `visit_inner` is
+1 for the contract op (`ce_rows`) and S for the per-logits API, so both appear, and `ones_cases()` has
+one launch per kernel with every integer argument that can be 1 set to 1 (one column range when
+K <= 2048, B = 1, T = 1, one row): code that treats such an argument as a tensor (`n.to(...)`) fails
+there and only there, which the interpreter (no specialization) cannot show. Nothing here needs a GPU.
 """
 from __future__ import annotations
 
@@ -135,3 +138,23 @@ def launch_cases(quick: bool = False) -> list[LaunchCase]:
                            log_series0="fp32"),
                       dict(BLOCK_K=vmf_bias.BIAS_BLOCK_K), ("WN", "OUT", "K"), vmf_bias.BIAS_NUM_WARPS)
     return _ce_cases(quick) + _teacher_cases(quick) + [bias]
+
+
+# Integer arguments that a real launch can pass as 1 (Triton then specializes them to constants).
+_CAN_BE_ONE = ("n_rows", "n_blocks", "K", "B", "T", "rows_per_group", "range_c", "visit_outer", "stride_l",
+               "stride_p", "stride_go", "stride_d", "stride_o")
+
+
+def ones_cases() -> list[LaunchCase]:
+    """One launch per kernel (first quick variant) with every integer argument that can be 1 set to 1."""
+    seen, out = set(), []
+    for c in launch_cases(quick=True):
+        name = c.label.split()[0]
+        if name in seen:
+            continue
+        seen.add(name)
+        ones = {n: 1 for n in _CAN_BE_ONE if n in c.signature}
+        out.append(c._replace(label=c.label + " ones", signature={k: v for k, v in c.signature.items() if k not in ones},
+                              constexprs=dict(c.constexprs, **ones),
+                              aligned=tuple(a for a in c.aligned if a not in ones)))
+    return out

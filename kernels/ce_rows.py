@@ -114,7 +114,7 @@ def _ce_finish_kernel(PART, STATS, n_rows, n_blocks, BLOCK_R: tl.constexpr, BLOC
     """STATS [4, n_rows] = (loss_row, lse, psum, sum softmax*l) from the per-block partials."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < n_rows
-    plane = n_blocks.to(tl.int64) * n_rows
+    plane = tl.cast(n_blocks, tl.int64) * n_rows  # tl.cast: n_blocks == 1 arrives as a Python int
     m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for j0 in range(0, n_blocks, BLOCK_J):
         jj = j0 + tl.arange(0, BLOCK_J)

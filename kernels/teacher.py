@@ -108,7 +108,7 @@ def _teacher_finish_kernel(PART, ARGMAX_PART, ROW_STATS, ROW_ARGMAX, n_rows, n_b
     """ROW_STATS [3, n_rows] = (LSE(y), entropy(softmax(y)), LSE(x)); ROW_ARGMAX [n_rows] int64."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < n_rows
-    plane = n_blocks.to(tl.int64) * n_rows
+    plane = tl.cast(n_blocks, tl.int64) * n_rows  # tl.cast: n_blocks == 1 arrives as a Python int
     m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     mx_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for j0 in range(0, n_blocks, BLOCK_J):

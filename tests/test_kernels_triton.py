@@ -6,6 +6,9 @@ block, rows in arbitrary order, the GPU's 256-column geometry and several row gr
 once per contract op. On a GPU (`make gpu-check`) the same tests run there, with the tolerance widened by
 the bound on what the GPU's approximate exp adds (`kernels.testing.gpu_exp_error`)."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -260,6 +263,64 @@ def test_contiguous_tensors_past_2_31_elements_on_gpu(ops):
     got = run.column_lse(v)[:1024].double()
     ref = (dots[:, :1024].double() / kt.TEMP + v.double()[:, None]).logsumexp(0)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# The compiled kernels (no GPU needed): what the interpreter cannot show. Triton turns integer arguments
+# equal to 1 into constants (n_blocks is 1 whenever K <= 2048), so `n.to(...)` on one fails to compile
+# only there; and the row offsets must be 64-bit in the IR the GPU runs, not only in numpy.
+_COMPILE_CHECK = textwrap.dedent("""
+    import os, re
+    os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from dinovmf.kernels.aot_cases import launch_cases, ones_cases
+
+    def ttir(c):
+        names = c.kernel.arg_names
+        sig = {n: c.signature.get(n, "constexpr") for n in names}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in c.aligned}
+        src = ASTSource(fn=c.kernel, signature=sig, constexprs=c.constexprs, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=c.num_warps)).asm["ttir"]
+
+    def i32_offsets_from_strides(ir):
+        # tt.addptr ops whose offset derives from a row-stride argument but is not i64
+        tainted, bad = set(), []
+        for line in ir.splitlines():
+            m = re.match(r"\\s*(%[\\w.]+)(?:#\\d+)? = ([\\w.]+) (.*)", line)
+            if not m:
+                continue
+            res, op, body = m.group(1), m.group(2), m.group(3).split(" loc(")[0]
+            operands = re.findall(r"%[\\w.]+", body.split(" : ")[0])
+            if any(o.startswith("%stride") or o in tainted for o in operands):
+                tainted.add(res)
+            if op == "tt.addptr" and (operands[1].startswith("%stride") or operands[1] in tainted) \\
+                    and not re.search(r"i64>?\\s*$", body):
+                bad.append(line.strip())
+        return bad
+
+    for c in ones_cases():
+        ttir(c)  # compiles: no tensor method on a specialized int
+    seen = set()
+    for c in launch_cases(quick=True):
+        name = c.label.split()[0]
+        if name in seen or not any(a.startswith("stride") for a in c.signature):
+            continue
+        seen.add(name)
+        bad = i32_offsets_from_strides(ttir(c))
+        assert not bad, f"{c.label}: 32-bit row offsets: {bad}"
+    print("checked", sorted(seen))
+""")
+
+
+def test_compiled_kernels_specialize_ones_and_keep_row_offsets_64_bit():
+    """Compile for sm_90 in a subprocess (the interpreter must be off before triton is imported): every
+    kernel with all its can-be-1 integer arguments set to 1, and the TTIR of each kernel that takes a
+    row stride, where every pointer offset derived from a stride must be i64."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "_ce_grad_kernel" in r.stdout and "_column_lse_kernel" in r.stdout, r.stdout
 
 
 # --------------------------------------------------------------- the per-logits API on top of them
