@@ -4,15 +4,17 @@ docs/INTERFACES.md, "fused head-to-loss op"), forward statistics and gradient, n
 For chunk row i (global student row `row_index[i]` = s*B + b) with logits l = logits_i * col_scale + bias:
     Pbar_i = sum_{t < T, t != s} P[t*B + b]   (DINO pairing)   or   P[row_index[i]]   (same view)
     loss_i = psum_i LSE(l) - Pbar_i . l,   G_i = (psum_i softmax(l) - Pbar_i) * grad_scale * w_i
-Three launches, each over the grid of `kernels.tiling` (column blocks x row groups):
-1. `_ce_partials_kernel` reads logits and teacher rows once and writes, per (row, column block), the
-   block's softmax statistics (m, s, t), Pbar.(l - m) and psum: 20 bytes per 256 columns.
-2. `_ce_finish_kernel` merges a row's blocks into the row statistics [4, c].
+Three launches, on the grids of `kernels.tiling` (column blocks x row groups):
+1. `_ce_partials_kernel` reads the logits and teacher rows once and writes, per (row, column range of
+   2048), the range's softmax statistics (m, s, t, see `kernels.softmax_tiles`), Pbar.(l - m) and psum:
+   20 bytes per 2048 columns.
+2. `_ce_finish_kernel` merges a row's ranges into the row statistics [4, c].
 3. `_ce_grad_kernel` (only with grad_out or col_grad_sum) reads logits and teacher rows again, writes
-   G * col_scale (in place over the logits if asked) and the column sums of G, with no atomics. It walks
-   its rows in reverse, so it starts on the rows pass 1 read last, which are still in L2.
-All arithmetic is fp32; a row's sums are split over K / 256 blocks of 256 lanes, so for K <= 131072
-each fp32 partial sums at most 256 terms and the merge at most 512.
+   G * col_scale (in place over the logits if asked) and the column sums of G from registers: no
+   atomics, deterministic. It walks its rows in reverse, starting on the rows pass 1 read last, which
+   are the likeliest to be still in L2 (all of them when the chunk's logits fit in L2).
+All arithmetic is fp32. A lane sums range/128 = 16 terms, a row's 32 lanes and K / 2048 ranges are
+summed by trees and the finish kernel: for K <= 131072 no fp32 sum has more than 64 sequential terms.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import triton.language as tl
 from dinovmf.kernels import tiling
 from dinovmf.kernels.softmax_tiles import merge_block_stats, online_exp_update, online_rescale, zero_if_empty
 
-N_PARTIALS = 5  # m, s, t, Pbar.(l - m), psum per (row, column block)
+N_PARTIALS = 5  # m, s, t, Pbar.(l - m), psum per (row, column range)
 
 
 @triton.jit
@@ -31,22 +33,6 @@ def _visited_rows(p, visit_inner, visit_outer):
     """Chunk row visited at position p: p itself when visit_inner == 1; else (p % inner) * outer +
     p // inner, which walks view-major rows [S*B] image-major (inner = S, outer = B)."""
     return (p % visit_inner) * visit_outer + p // visit_inner
-
-
-@triton.jit
-def _column_vectors(CS, BIAS, cols, cmask, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """col_scale and bias (1 and 0 when absent) at `cols`. Inside a streaming loop, pass `cols` broadcast
-    to the tile's shape [R, C]: the load then gets the tile's own layout (the R copies are L1 hits),
-    where a [C] or [1, C] load would be moved into it through shared memory, two barriers per vector."""
-    if HAS_CS:
-        cs = tl.load(CS + cols, mask=cmask, other=1.0)
-    else:
-        cs = tl.full(cols.shape, 1.0, tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=cmask, other=0.0)
-    else:
-        bias = tl.zeros(cols.shape, tl.float32)
-    return cs, bias
 
 
 @triton.jit
@@ -91,7 +77,9 @@ def _ce_partials_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, PART, n_r
         for c0 in range(c_start, c_end, STEP):
             cols = c0 + tl.arange(0, STEP)[None, :]
             cmask = cols < c_end
-            cs, bias = _column_vectors(CS, BIAS, cols + tl.zeros([ROWS, 1], tl.int32), cmask, HAS_CS, HAS_BIAS)
+            cols2 = cols + tl.zeros([ROWS, 1], tl.int32)  # the tile's layout: see tiling.column_vector
+            cs = tiling.column_vector(CS, cols2, cmask, HAS_CS, 1.0)
+            bias = tiling.column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
             mask2 = rmask[:, None] & cmask
             x = tl.load(row_ptr + cols, mask=mask2, other=0.0)
             y = tl.where(mask2, x.to(tl.float32) * cs + bias, float("-inf"))
@@ -158,7 +146,8 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
     g = tl.program_id(1)
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
-    cs, bias = _column_vectors(CS, BIAS, cols, cmask, HAS_CS, HAS_BIAS)
+    cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program
+    bias = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
     scale = grad_scale
     if GS_FROM_PTR:  # the upstream gradient, read on the device: no host sync in autograd's backward
         scale = scale * tl.load(GS).to(tl.float32)

@@ -35,16 +35,6 @@ DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _column_vector(PTR, cols, cmask, HAS: tl.constexpr, default: tl.constexpr):
-    """PTR[cols] (`default` where absent). Inside a streaming loop `cols` is broadcast to the tile's
-    shape [R, C], so that the load gets the tile's own layout (see ce_rows._column_vectors)."""
-    if HAS:
-        return tl.load(PTR + cols, mask=cmask, other=default)
-    else:
-        return tl.full(cols.shape, default, tl.float32)
-
-
-@triton.jit
 def _load_dots(D, stride_d, r, cols, mask2):
     return tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols, mask=mask2, other=0.0).to(tl.float32)
 
@@ -74,12 +64,12 @@ def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_row
         for c0 in range(c_start, c_end, STEP):
             cols = c0 + tl.arange(0, STEP)[None, :]
             cmask = cols < c_end
-            cols2 = cols + tl.zeros([ROWS, 1], tl.int32)
-            a = _column_vector(CS, cols2, cmask, HAS_CS, 1.0) * inv_temp
+            cols2 = cols + tl.zeros([ROWS, 1], tl.int32)  # the tile's layout: see tiling.column_vector
+            a = tiling.column_vector(CS, cols2, cmask, HAS_CS, 1.0) * inv_temp
             mask2 = rmask[:, None] & cmask
             d = _load_dots(D, stride_d, r, cols, mask2)
             if WITH_X or not HAS_BY:
-                b_x = _column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
+                b_x = tiling.column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
             if HAS_BY:
                 b_y = tl.load(BY + cols2, mask=cmask, other=0.0)
             else:
@@ -159,9 +149,9 @@ def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, S
     g = tl.program_id(1)
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
-    cs = _column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program, outside the loop
+    cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program, outside the loop
     a = cs * inv_temp
-    b_x = _column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
+    b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
     if HAS_BY:
         b_y = tl.load(BY + cols, mask=cmask, other=0.0)
     else:
@@ -196,8 +186,8 @@ def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_tem
     g = tl.program_id(1)
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = cols < K
-    a = _column_vector(CS, cols, cmask, HAS_CS, 1.0) * inv_temp
-    b_x = _column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
+    a = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0) * inv_temp
+    b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
     start = g * rows_per_group
     end = tl.minimum(start + rows_per_group, n_rows)
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)

@@ -67,8 +67,9 @@ def cross_entropy_inputs(S, T, B, K, dtype, device="cpu", seed=0):
     return logits, probs.to(device=device, dtype=torch.float32)
 
 
-def check_cross_entropy(ce_fn, S, T, B, K, dtype, device="cpu", grad_scale=1.7):
-    """Value and gradient of backend `ce_fn` against float64, under the flash rule; returns the errors."""
+def check_cross_entropy(ce_fn, S, T, B, K, dtype, device="cpu", grad_scale=1.7, truncating_bf16_store=False):
+    """Value and gradient of backend `ce_fn` against float64, under the flash rule; returns the errors.
+    `truncating_bf16_store`: the backend is the Triton interpreter (see `interpreter_store_error`)."""
     logits, probs = cross_entropy_inputs(S, T, B, K, dtype, device)
     l64 = logits.double().requires_grad_()
     ref = dino_cross_entropy_reference(l64, probs.double())
@@ -87,8 +88,16 @@ def check_cross_entropy(ce_fn, S, T, B, K, dtype, device="cpu", grad_scale=1.7):
     assert out.dim() == 0 and out.dtype == torch.float32, f"loss must be an fp32 scalar, got {out.dtype} {out.shape}"
     (out * grad_scale).backward()
     assert l_k.grad.dtype == dtype, f"gradient dtype {l_k.grad.dtype} != logits dtype {dtype}"
-    assert_flash_rule("loss", out, loop, ref_torch, torch.float32)
-    assert_flash_rule("grad", l_k.grad, l64.grad, l_torch.grad, dtype)
+    # On a GPU: every row LSE may be off by gpu_lse_error, each gradient element by its softmax's bound.
+    S, B, K = logits.shape
+    bound_p = gpu_exp_error(torch.softmax(logits.double(), -1))
+    n_s = torch.full((S, 1, 1), float(probs.shape[0]), dtype=torch.float64)
+    n_s[:probs.shape[0]] -= 1.0
+    scale = abs(grad_scale) / (pair_count(S, probs.shape[0]) * B)
+    # the loss is sum_rows n_s LSE / (|pairs| B) + ...: its LSE errors weigh sum_s n_s B / (|pairs| B) = 1
+    assert_flash_rule("loss", out, loop, ref_torch, torch.float32, gpu_extra=gpu_lse_error(K))
+    assert_flash_rule("grad", l_k.grad, l64.grad, l_torch.grad, dtype, gpu_extra=_row_max(n_s * scale * bound_p),
+                      interpreter_extra=interpreter_store_error(dtype, l64.grad) if truncating_bf16_store else 0.0)
     return max_abs_err(out, loop), max_abs_err(l_k.grad, l64.grad)
 
 
@@ -114,14 +123,19 @@ def check_teacher(teacher_fn, N, K, dtype, mode, p=256, vmf=True, device="cpu"):
     probs_t, stat_t = teacher_distribution_reference(dots, TEMP, mode, c, wn, p if vmf else None)
     probs, stat = teacher_fn(dots, TEMP, mode, c, wn, p if vmf else None)
     assert probs.dtype == torch.float32, f"probs must be fp32, got {probs.dtype}"
-    assert_flash_rule("probs", probs, probs64, probs_t, torch.float32)
+    bound_p = gpu_exp_error(probs64)
+    if mode == "sinkhorn":  # see check_teacher_rows
+        bound_p = bound_p + probs64 * 6 * gpu_lse_error(max(N, K))
+    assert_flash_rule("probs", probs, probs64, probs_t, torch.float32, gpu_extra=_row_max(bound_p))
     row_sums = probs.double().sum(-1)
     assert torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-5), "probs rows must sum to 1"
     if stat64 is None:
         assert stat is None, f"mode {mode!r} has no stat, got {type(stat)}"
     else:
         assert stat is not None and stat.dtype == torch.float32
-        assert_flash_rule("stat", stat, stat64, stat_t, torch.float32)
+        extra = _row_max(gpu_exp_error(torch.softmax(probs64.log() + torch.log(c.double()), 1)).mean(0)) \
+            if mode == "prob" else 0.0  # softmax(x) = normalise(probs * center)
+        assert_flash_rule("stat", stat, stat64, stat_t, torch.float32, gpu_extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,9 +247,11 @@ def _row_max(x: torch.Tensor) -> float:
 
 
 def check_ce_rows(ce_fn, S, T, B, K, dtype, *, same_view=False, rows=None, col_scale=True, bias=True,
-                  row_weight=True, grad="inplace", col_grad_sum=True, device="cpu", grad_scale=0.37):
+                  row_weight=True, grad="inplace", col_grad_sum=True, device="cpu", grad_scale=0.37,
+                  truncating_bf16_store=False):
     """A `ce_rows` backend against float64 under the flash rule: the four row statistics, grad_out
-    ("inplace": over the logits, "out": a separate buffer, None: no gradient) and `col_grad_sum +=`."""
+    ("inplace": over the logits, "out": a separate buffer, None: no gradient) and `col_grad_sum +=`.
+    `truncating_bf16_store`: the backend is the Triton interpreter (see `interpreter_store_error`)."""
     logits, cs, b, P, ri, w = ce_rows_inputs(S, T, B, K, dtype, same_view=same_view, rows=rows, col_scale=col_scale,
                                              bias=bias, row_weight=row_weight, device=device)
     args = (P, ri, B, T, same_view, w, grad_scale)
@@ -261,7 +277,7 @@ def check_ce_rows(ce_fn, S, T, B, K, dtype, *, same_view=False, rows=None, col_s
         cs_abs = cs.double().abs() if cs is not None else 1.0
         assert_flash_rule("grad_out", grad_out, grad64, grad32.to(dtype), dtype,
                           gpu_extra=_row_max(g_scale * bound_p * cs_abs),
-                          interpreter_extra=interpreter_store_error(grad_out.dtype, grad64))
+                          interpreter_extra=interpreter_store_error(dtype, grad64) if truncating_bf16_store else 0.0)
     if col_grad_sum:
         assert_flash_rule("col_grad_sum", cgs, cgs0.double() + colsum64, cgs0 + colsum32, torch.float32,
                           gpu_extra=_row_max((g_scale * bound_p).sum(0)))

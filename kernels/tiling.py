@@ -28,19 +28,20 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 ROWS = 8  # rows per tile
 NUM_WARPS = 4
-MAX_ROWS = 16  # the largest ROWS of an autotune config; row groups are a multiple of it
 STATS_STEP = 128  # pass 1: 32 lanes x 4 fp32 per step, so a warp holds whole rows
 STATS_RANGE = 2048  # pass 1: columns per program
 STREAM_BLOCK = 256  # gradient / probs passes: one fp32 row segment is 1 KiB
 INTERPRETER_STEP = 4096
 INTERPRETER_RANGE = 16384
 CTAS_PER_SM = 4  # grid target when the column blocks alone do not fill the GPU
-MIN_ROWS_PER_GROUP = 32  # below this a row group's loop is too short to hide its set-up
+MIN_ROWS_PER_GROUP = MAX_ROWS = 16  # a row group is at least one tile of the largest ROWS
+MIN_STATS_RANGE = 512  # pass 1 halves its range (more programs, more partials) down to this
 FINISH_BLOCK_R = 32  # finish kernels: rows per program ...
 FINISH_BLOCK_J = 16  # ... and ranges merged per step (32 spills 4 bytes in ptxas 12.9 and 13.4)
 
@@ -80,13 +81,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and not INTERPRETING
+
+
 def _grid(n_rows: int, K: int, cols: int, step: int, device: torch.device, groups: int | None) -> Grid:
     step = min(step, max(16, triton.next_power_of_2(K)))
     cols = max(step, min(cols, triton.cdiv(K, step) * step))
     n_col_blocks = triton.cdiv(K, cols)
     if groups is None:
         groups = 1
-        if device.type == "cuda" and not INTERPRETING:
+        if _on_gpu(device):
             groups = min(triton.cdiv(CTAS_PER_SM * _sm_count(device), n_col_blocks),
                          triton.cdiv(n_rows, MIN_ROWS_PER_GROUP))
     groups = max(1, min(groups, n_rows))
@@ -106,9 +111,27 @@ def column_plan(n_rows: int, K: int, device: torch.device, element_size: int = 4
         col_block = column_block(element_size, NUM_WARPS)
     step, block = stats_step or step, stream_block or block
     col_block = stream_block or col_block
+    if stats_range is None and _on_gpu(device):
+        # Few rows (a chunk sized to L2, say): shorter ranges give pass 1 the programs the rows cannot.
+        target, row_groups = CTAS_PER_SM * _sm_count(device), triton.cdiv(n_rows, MIN_ROWS_PER_GROUP)
+        while rng > MIN_STATS_RANGE and triton.cdiv(K, rng) * row_groups < target:
+            rng //= 2
     return ColumnPlan(stats=_grid(n_rows, K, stats_range or max(rng, step), step, device, groups),
                       stream=_grid(n_rows, K, block, block, device, groups),
                       columns=_grid(n_rows, K, col_block, col_block, device, groups))
+
+
+@triton.jit
+def column_vector(PTR, cols, cmask, HAS: tl.constexpr, default: tl.constexpr):
+    """PTR[cols] of a [K] vector (column scale, bias, ...), or `default` when it is absent (HAS false).
+    Inside a streaming loop pass `cols` broadcast to the tile's shape [R, C]: the load then gets the
+    tile's own layout (the R copies are L1 hits). A [C] or [1, C] load gets one element per thread
+    (Triton caps a load's vector at numel / threads) and is moved into the tile's layout through shared
+    memory: two barriers per vector and step."""
+    if HAS:
+        return tl.load(PTR + cols, mask=cmask, other=default)
+    else:
+        return tl.full(cols.shape, default, tl.float32)
 
 
 def tuned(kernel):

@@ -18,6 +18,8 @@ from dinovmf.kernels import testing as kt
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter stores fp32 -> bf16 by truncation, the GPU rounds to nearest (kt.interpreter_store_error).
+INTERPRETED = dict(truncating_bf16_store=DEVICE == "cpu")
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")
 
 
@@ -63,7 +65,7 @@ CE_CASES = {
 @pytest.mark.parametrize("case", CE_CASES)
 def test_ce_rows_against_float64(ops, case):
     S, T, B, K, dtype, kwargs = CE_CASES[case]
-    kt.check_ce_rows(ops.ce_rows_triton, S, T, B, K, dtype, device=DEVICE, **kwargs)
+    kt.check_ce_rows(ops.ce_rows_triton, S, T, B, K, dtype, device=DEVICE, **INTERPRETED, **kwargs)
 
 
 def test_ce_rows_gpu_geometry(ops):
@@ -71,7 +73,7 @@ def test_ce_rows_gpu_geometry(ops):
     stream blocks and two row groups (column sums as per-group partials)."""
     fn = _with_plan(ops.ce_rows_triton, **GPU_GEOMETRY)
     kt.check_ce_rows(fn, 4, 2, 10, 1000, torch.float32, device=DEVICE)
-    kt.check_ce_rows(fn, 3, 1, 8, 1000, torch.bfloat16, same_view=True, grad="out", device=DEVICE)
+    kt.check_ce_rows(fn, 3, 1, 8, 1000, torch.bfloat16, same_view=True, grad="out", device=DEVICE, **INTERPRETED)
 
 
 def test_ce_rows_merges_more_blocks_than_one_finish_step(ops):
@@ -81,7 +83,7 @@ def test_ce_rows_merges_more_blocks_than_one_finish_step(ops):
 
 
 def test_ce_rows_issue_width(ops):
-    kt.check_ce_rows(ops.ce_rows_triton, 12, 2, 1, 65536, torch.bfloat16, device=DEVICE)
+    kt.check_ce_rows(ops.ce_rows_triton, 12, 2, 1, 65536, torch.bfloat16, device=DEVICE, **INTERPRETED)
 
 
 def test_ce_rows_reference_is_the_definition():
@@ -331,7 +333,7 @@ def test_cross_entropy_layouts(ops, S, T, K):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cross_entropy_low_precision(ops, dtype):
-    kt.check_cross_entropy(ops.dino_cross_entropy_triton, 4, 2, 2, 4099, dtype, DEVICE)
+    kt.check_cross_entropy(ops.dino_cross_entropy_triton, 4, 2, 2, 4099, dtype, DEVICE, **INTERPRETED)
 
 
 def test_cross_entropy_upstream_gradient_is_read_on_device(ops):
