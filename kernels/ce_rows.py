@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
-from dinovmf.kernels.softmax_tiles import merge_block_stats, online_exp_update, online_rescale, zero_if_empty
+from dinovmf.kernels.softmax_tiles import (merge_partials, online_exp_update, online_rescale, partials_max,
+                                           partials_tile, zero_if_empty)
 
 N_PARTIALS = 5  # m, s, t, Pbar.(l - m), psum per (row, column range)
 
@@ -56,13 +57,7 @@ def _ce_partials_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, PART, n_r
                         rows_per_group, visit_inner, visit_outer, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SAME_VIEW: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr):
     """PART[:, j, row] = (m, s, t, Pbar.(l - m), psum) of the row over columns [j*range_c, (j+1)*range_c)."""
-    j = tl.program_id(0)
-    c_start = j * range_c
-    c_end = tl.minimum(c_start + range_c, K)
-    start = tl.program_id(1) * rows_per_group
-    end = tl.minimum(start + rows_per_group, n_rows)
-    offset = j.to(tl.int64) * n_rows
-    plane = tl.num_programs(0).to(tl.int64) * n_rows
+    c_start, c_end, start, end, offset, plane = tiling.stats_program(n_rows, K, range_c, rows_per_group)
     for p0 in range(start, end, ROWS):
         p = p0 + tl.arange(0, ROWS)
         rmask = p < end
@@ -103,23 +98,14 @@ def _ce_finish_kernel(PART, STATS, n_rows, n_blocks, BLOCK_R: tl.constexpr, BLOC
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < n_rows
     plane = tl.cast(n_blocks, tl.int64) * n_rows  # tl.cast: n_blocks == 1 arrives as a Python int
-    m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j0 in range(0, n_blocks, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
-        mask = (jj < n_blocks)[:, None] & rmask[None, :]
-        m_max = tl.maximum(m_max, tl.max(tl.load(PART + idx, mask=mask, other=float("-inf")), axis=0))
+    m_max = partials_max(PART, n_blocks, n_rows, r, rmask, BLOCK_J)
     s_tot = tl.zeros([BLOCK_R], tl.float32)
     t_tot = tl.zeros([BLOCK_R], tl.float32)
     dot = tl.zeros([BLOCK_R], tl.float32)  # Pbar.(l - M) = sum_j Pbar_j.(l - m_j) + (m_j - M) psum_j
     psum = tl.zeros([BLOCK_R], tl.float32)
     for j0 in range(0, n_blocks, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
-        mask = (jj < n_blocks)[:, None] & rmask[None, :]
-        m = tl.load(PART + idx, mask=mask, other=float("-inf"))
-        ds, dt = merge_block_stats(m, tl.load(PART + plane + idx, mask=mask, other=0.0),
-                                   tl.load(PART + 2 * plane + idx, mask=mask, other=0.0), m_max)
+        idx, mask = partials_tile(j0, n_blocks, n_rows, r, rmask, BLOCK_J)
+        m, ds, dt = merge_partials(PART, plane, idx, mask, m_max)
         s_tot += ds
         t_tot += dt
         ps = tl.load(PART + 4 * plane + idx, mask=mask, other=0.0)
@@ -142,17 +128,13 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
                     ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """G = (psum softmax(l) - Pbar) * grad_scale [* GS[0]] [* W[row]]; GO = G * col_scale (WRITE_GRAD);
     COL_SUM 1: CGS[cols] += sum_rows G (one row group owns the columns), 2: CGS[g, cols] = sum_rows G."""
-    j = tl.program_id(0)
-    g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    cmask = cols < K
+    g, cols, cmask, start, group_end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
     cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program
     bias = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
     scale = grad_scale
     if GS_FROM_PTR:  # the upstream gradient, read on the device: no host sync in autograd's backward
         scale = scale * tl.load(GS).to(tl.float32)
-    start = g * rows_per_group
-    n_tiles = tl.cdiv(tl.minimum(start + rows_per_group, n_rows) - start, ROWS)
+    n_tiles = tl.cdiv(group_end - start, ROWS)
     end = start + n_tiles * ROWS
     col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
     for i in range(0, n_tiles):

@@ -65,6 +65,34 @@ def merge_block_stats(m, s, t, m_max):
 
 
 @triton.jit
+def partials_tile(j0, n_blocks, n_rows, r, rmask, BLOCK_J: tl.constexpr):
+    """Offsets [BLOCK_J, R] of ranges j0 .. j0 + BLOCK_J of rows r in a [n_blocks, n_rows] partial plane,
+    and their mask."""
+    jj = j0 + tl.arange(0, BLOCK_J)
+    return jj.to(tl.int64)[:, None] * n_rows + r[None, :], (jj < n_blocks)[:, None] & rmask[None, :]
+
+
+@triton.jit
+def partials_max(PLANE, n_blocks, n_rows, r, rmask, BLOCK_J: tl.constexpr):
+    """The rows' maxima over the ranges of a partial plane of maxima: the M of `merge_block_stats`."""
+    m_max = tl.full(r.shape, float("-inf"), tl.float32)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        idx, mask = partials_tile(j0, n_blocks, n_rows, r, rmask, BLOCK_J)
+        m_max = tl.maximum(m_max, tl.max(tl.load(PLANE + idx, mask=mask, other=float("-inf")), axis=0))
+    return m_max
+
+
+@triton.jit
+def merge_partials(PART, plane, idx, mask, m_max):
+    """Load the (m, s, t) planes of a partial buffer at idx and merge them (`merge_block_stats`):
+    returns (m, S and T contributions)."""
+    m = tl.load(PART + idx, mask=mask, other=float("-inf"))
+    ds, dt = merge_block_stats(m, tl.load(PART + plane + idx, mask=mask, other=0.0),
+                               tl.load(PART + 2 * plane + idx, mask=mask, other=0.0), m_max)
+    return m, ds, dt
+
+
+@triton.jit
 def column_lse_step(m, s, y):
     """One [R, C] tile of a per-column online log-sum-exp over rows: (m, s) [C] running max and
     sum of exp(y - m). One exp per element plus one per column for the rescale. The caller picks

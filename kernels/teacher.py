@@ -24,8 +24,8 @@ import triton.language as tl
 from dinovmf.kernels import tiling
 from dinovmf.kernels.common import (CENTERING_MODES, check_teacher_inputs, column_bias_in_kernel,
                                     precomputed_column_bias, sinkhorn_knopp)
-from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, online_exp_sum, online_exp_update,
-                                             online_rescale)
+from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, merge_partials, online_exp_sum,
+                                           online_exp_update, online_rescale, partials_max, partials_tile)
 from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
 
 STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic of none/sinkhorn, logit, prob
@@ -35,8 +35,13 @@ DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _load_dots(D, stride_d, r, cols, mask2):
-    return tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols, mask=mask2, other=0.0).to(tl.float32)
+def _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS: tl.constexpr):
+    """Rows r = p0 .. p0 + ROWS (below `end`) at columns cols [1, C]: (r, row mask, tile mask, dots fp32)."""
+    r = p0 + tl.arange(0, ROWS)
+    rmask = r < end
+    mask2 = rmask[:, None] & cmask
+    d = tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols, mask=mask2, other=0.0).to(tl.float32)
+    return r, rmask, mask2, d
 
 
 @triton.jit
@@ -45,16 +50,9 @@ def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_row
                              WITH_X: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr):
     """PART[:, j, row] = (m, s, t of y; m, s of x if WITH_X) and ARGMAX_PART[j, row] = argmax of y, over the
     columns [j*range_c, (j+1)*range_c), with x = dots * cs / temp + bias and y = dots * cs / temp + BY."""
-    j = tl.program_id(0)
-    c_start = j * range_c
-    c_end = tl.minimum(c_start + range_c, K)
-    start = tl.program_id(1) * rows_per_group
-    end = tl.minimum(start + rows_per_group, n_rows)
-    offset = j.to(tl.int64) * n_rows
-    plane = tl.num_programs(0).to(tl.int64) * n_rows
+    c_start, c_end, start, end, offset, plane = tiling.stats_program(n_rows, K, range_c, rows_per_group)
     for p0 in range(start, end, ROWS):
-        r = p0 + tl.arange(0, ROWS)
-        rmask = r < end
+        rmask = p0 + tl.arange(0, ROWS) < end
         m = tl.full([ROWS], float("-inf"), tl.float32)
         arg = tl.zeros([ROWS], tl.int32)
         s = tl.zeros([ROWS, STEP], tl.float32)
@@ -66,8 +64,7 @@ def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_row
             cmask = cols < c_end
             cols2 = cols + tl.zeros([ROWS, 1], tl.int32)  # the tile's layout: see tiling.column_vector
             a = tiling.column_vector(CS, cols2, cmask, HAS_CS, 1.0) * inv_temp
-            mask2 = rmask[:, None] & cmask
-            d = _load_dots(D, stride_d, r, cols, mask2)
+            r, _, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
             if WITH_X or not HAS_BY:
                 b_x = tiling.column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
             if HAS_BY:
@@ -83,6 +80,7 @@ def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_row
                 x = tl.where(mask2, d * a + b_x, float("-inf"))
                 m_x, ref_x, alpha_x, _ = online_rescale(m_x, tl.max(x, axis=1))
                 s_x = online_exp_sum(s_x, x, mask2, ref_x, alpha_x)
+        r = p0 + tl.arange(0, ROWS)
         tl.store(PART + offset + r, m, mask=rmask)
         tl.store(PART + plane + offset + r, tl.sum(s, axis=1), mask=rmask)
         tl.store(PART + 2 * plane + offset + r, tl.sum(t, axis=1), mask=rmask)
@@ -99,27 +97,16 @@ def _teacher_finish_kernel(PART, ARGMAX_PART, ROW_STATS, ROW_ARGMAX, n_rows, n_b
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < n_rows
     plane = tl.cast(n_blocks, tl.int64) * n_rows  # tl.cast: n_blocks == 1 arrives as a Python int
-    m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    mx_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j0 in range(0, n_blocks, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
-        mask = (jj < n_blocks)[:, None] & rmask[None, :]
-        m_max = tl.maximum(m_max, tl.max(tl.load(PART + idx, mask=mask, other=float("-inf")), axis=0))
-        if HAS_X:
-            mx_max = tl.maximum(mx_max, tl.max(tl.load(PART + 3 * plane + idx, mask=mask, other=float("-inf")),
-                                               axis=0))
+    m_max = partials_max(PART, n_blocks, n_rows, r, rmask, BLOCK_J)
+    if HAS_X:
+        mx_max = partials_max(PART + 3 * plane, n_blocks, n_rows, r, rmask, BLOCK_J)
     s_tot = tl.zeros([BLOCK_R], tl.float32)
     t_tot = tl.zeros([BLOCK_R], tl.float32)
     sx_tot = tl.zeros([BLOCK_R], tl.float32)
     argmax = tl.full([BLOCK_R], K, tl.int32)
     for j0 in range(0, n_blocks, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        idx = jj.to(tl.int64)[:, None] * n_rows + r[None, :]
-        mask = (jj < n_blocks)[:, None] & rmask[None, :]
-        m = tl.load(PART + idx, mask=mask, other=float("-inf"))
-        ds, dt = merge_block_stats(m, tl.load(PART + plane + idx, mask=mask, other=0.0),
-                                   tl.load(PART + 2 * plane + idx, mask=mask, other=0.0), m_max)
+        idx, mask = partials_tile(j0, n_blocks, n_rows, r, rmask, BLOCK_J)
+        m, ds, dt = merge_partials(PART, plane, idx, mask, m_max)
         s_tot += ds
         t_tot += dt
         # The row's argmax: the lowest column among the ranges that reach the row maximum.
@@ -145,10 +132,7 @@ def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, S
                           STAT_KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT = exp(y - LSE(y)); STAT[g, cols] = this row group's share of the center statistic: STAT_KIND 1
     mean_rows(r) (logit centering), 2 mean_rows(softmax(x)) (prob centering), 0 none."""
-    j = tl.program_id(0)
-    g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    cmask = cols < K
+    g, cols, cmask, start, end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
     cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program, outside the loop
     a = cs * inv_temp
     b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
@@ -156,14 +140,9 @@ def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, S
         b_y = tl.load(BY + cols, mask=cmask, other=0.0)
     else:
         b_y = b_x
-    start = g * rows_per_group
-    end = tl.minimum(start + rows_per_group, n_rows)
     col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
     for p0 in range(start, end, ROWS):
-        r = p0 + tl.arange(0, ROWS)
-        rmask = r < end
-        mask2 = rmask[:, None] & cmask
-        d = _load_dots(D, stride_d, r, cols, mask2)
+        r, rmask, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
         lse_y = tl.load(ROW_STATS + r, mask=rmask, other=0.0)
         tl.store(OUT + r.to(tl.int64)[:, None] * stride_o + cols, tl.exp(d * a + b_y - lse_y[:, None]), mask=mask2)
         if STAT_KIND == 1:  # mean_rows(r) = mean_rows(dots) * cs + temp * bias
@@ -182,21 +161,13 @@ def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, S
 def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_temp, rows_per_group,
                        HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT[g, k] = logsumexp over the group's rows n of (x[n, k] + ROW_SHIFT[n])."""
-    j = tl.program_id(0)
-    g = tl.program_id(1)
-    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    cmask = cols < K
+    g, cols, cmask, start, end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
     a = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0) * inv_temp
     b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
-    start = g * rows_per_group
-    end = tl.minimum(start + rows_per_group, n_rows)
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_C], tl.float32)
     for p0 in range(start, end, ROWS):
-        r = p0 + tl.arange(0, ROWS)
-        rmask = r < end
-        mask2 = rmask[:, None] & cmask
-        d = _load_dots(D, stride_d, r, cols, mask2)
+        r, rmask, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
         v = tl.load(ROW_SHIFT + r, mask=rmask, other=0.0)
         m, s = column_lse_step(m, s, tl.where(mask2, d * a + b_x + v[:, None], float("-inf")))
     lse = (m + tl.log(tl.where(s > 0.0, s, 1.0)))[None, :]  # masked columns: no log(0)

@@ -59,6 +59,40 @@ def assert_flash_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, same_dt
     assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g} (same-dtype torch: {err_torch:.3g})"
 
 
+FP32_ULP = 2.0 ** -23  # one unit in the last place of a float32 in [1, 2)
+
+
+def interpreter_store_error(dtype: torch.dtype, ref64: torch.Tensor) -> float:
+    """What the interpreter adds when a kernel stores fp32 into bf16: its cast truncates (triton's
+    interpreter calls `_convert_float` without a rounding mode), an error below one bf16 ulp (2^-7
+    relative) instead of the half ulp of the GPU's `cvt.rn.bf16.f32` that the flash floor allows."""
+    return 2.0 ** -8 * ref64.abs().max().item() if dtype == torch.bfloat16 else 0.0
+
+
+def gpu_exp_error(p64: torch.Tensor) -> torch.Tensor:
+    """Bound on the extra error GPU math adds to softmax rows p = exp(y - LSE(y)) [rows, K] (float64).
+
+    Triton lowers fp32 `tl.exp(x)` to `ex2.approx.f32(x * log2 e)` (read from the PTX), the sequence of
+    CUDA's `__expf`, whose error the CUDA C++ Programming Guide bounds by 2 + floor(1.173 |x|) ulp; the
+    interpreter's numpy exp is correctly rounded to 0.5 ulp. Each p_k = exp(y_k - LSE) carries its own
+    (2 + 1.173 |ln p_k|) ulp, and LSE inherits the relative error of S = sum_j exp(y_j - m): for the
+    terms above 2^-24 (|y_j - m| <= 16.7) at most (2 + 1.173 * 16.7) ulp, for the rest at most
+    K * 2^-24 * (2 + 1.173 * 104) ulp. Returns the elementwise bound on |p_gpu - p_interpreter|.
+    (tl.log is libdevice logf, 1 ulp like numpy; divisions are div.full.f32, 2 ulp, and only form
+    per-row scalars; FMA contraction changes roundings by <= 1 ulp of the products, inside the floor.)"""
+    own = (2 + 1.173 * torch.log(p64).clamp(min=-104.0).abs()) * FP32_ULP
+    return p64 * (own + gpu_lse_error(p64.shape[-1]))
+
+
+def gpu_lse_error(K: int) -> float:
+    """Bound on the extra absolute error of a row LSE on a GPU: the relative error of S (`gpu_exp_error`)."""
+    return ((2 + 1.173 * 16.7) + K * 2.0 ** -24 * (2 + 1.173 * 104)) * FP32_ULP
+
+
+def _row_max(x: torch.Tensor) -> float:
+    return x.max().item() if x.numel() else 0.0
+
+
 def cross_entropy_inputs(S, T, B, K, dtype, device="cpu", seed=0):
     """Student logits of spread ~3 (peaked softmaxes) and normalised fp32 teacher rows of spread ~3."""
     g = torch.Generator().manual_seed(seed)
@@ -113,6 +147,18 @@ def teacher_inputs(N, K, dtype, mode, device="cpu", seed=0):
     return dots, center, weight_norm
 
 
+def _assert_teacher_probs(probs, probs64, probs_torch, mode) -> torch.Tensor:
+    """Teacher probabilities under the flash rule (plus the GPU exp bound) and rows summing to 1;
+    returns the elementwise GPU bound."""
+    bound_p = gpu_exp_error(probs64)
+    if mode == "sinkhorn":  # 3 column and 3 row log-sum-exps shift y, each by at most one LSE error
+        bound_p = bound_p + probs64 * 6 * gpu_lse_error(max(probs64.shape))
+    assert_flash_rule("probs", probs, probs64, probs_torch, torch.float32, gpu_extra=_row_max(bound_p))
+    row_sums = probs.double().sum(-1)
+    assert torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-5), "probs rows must sum to 1"
+    return bound_p
+
+
 def check_teacher(teacher_fn, N, K, dtype, mode, p=256, vmf=True, device="cpu"):
     """Probs and stat of backend `teacher_fn` against float64, under the flash rule (outputs are fp32)."""
     dots, center, weight_norm = teacher_inputs(N, K, dtype, mode, device)
@@ -123,12 +169,7 @@ def check_teacher(teacher_fn, N, K, dtype, mode, p=256, vmf=True, device="cpu"):
     probs_t, stat_t = teacher_distribution_reference(dots, TEMP, mode, c, wn, p if vmf else None)
     probs, stat = teacher_fn(dots, TEMP, mode, c, wn, p if vmf else None)
     assert probs.dtype == torch.float32, f"probs must be fp32, got {probs.dtype}"
-    bound_p = gpu_exp_error(probs64)
-    if mode == "sinkhorn":  # see check_teacher_rows
-        bound_p = bound_p + probs64 * 6 * gpu_lse_error(max(N, K))
-    assert_flash_rule("probs", probs, probs64, probs_t, torch.float32, gpu_extra=_row_max(bound_p))
-    row_sums = probs.double().sum(-1)
-    assert torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-5), "probs rows must sum to 1"
+    _assert_teacher_probs(probs, probs64, probs_t, mode)
     if stat64 is None:
         assert stat is None, f"mode {mode!r} has no stat, got {type(stat)}"
     else:
@@ -212,40 +253,6 @@ def teacher_rows_inputs(N, K, dtype, mode, *, col_scale=True, bias=True, device=
     return dots, (center if mode in ("logit", "prob") else None), cs, b
 
 
-FP32_ULP = 2.0 ** -23  # one unit in the last place of a float32 in [1, 2)
-
-
-def interpreter_store_error(dtype: torch.dtype, ref64: torch.Tensor) -> float:
-    """What the interpreter adds when a kernel stores fp32 into bf16: its cast truncates (triton's
-    interpreter calls `_convert_float` without a rounding mode), an error below one bf16 ulp (2^-7
-    relative) instead of the half ulp of the GPU's `cvt.rn.bf16.f32` that the flash floor allows."""
-    return 2.0 ** -8 * ref64.abs().max().item() if dtype == torch.bfloat16 else 0.0
-
-
-def gpu_exp_error(p64: torch.Tensor) -> torch.Tensor:
-    """Bound on the extra error GPU math adds to softmax rows p = exp(y - LSE(y)) [rows, K] (float64).
-
-    Triton lowers fp32 `tl.exp(x)` to `ex2.approx.f32(x * log2 e)` (read from the PTX), the sequence of
-    CUDA's `__expf`, whose error the CUDA C++ Programming Guide bounds by 2 + floor(1.173 |x|) ulp; the
-    interpreter's numpy exp is correctly rounded to 0.5 ulp. Each p_k = exp(y_k - LSE) carries its own
-    (2 + 1.173 |ln p_k|) ulp, and LSE inherits the relative error of S = sum_j exp(y_j - m): for the
-    terms above 2^-24 (|y_j - m| <= 16.7) at most (2 + 1.173 * 16.7) ulp, for the rest at most
-    K * 2^-24 * (2 + 1.173 * 104) ulp. Returns the elementwise bound on |p_gpu - p_interpreter|.
-    (tl.log is libdevice logf, 1 ulp like numpy; divisions are div.full.f32, 2 ulp, and only form
-    per-row scalars; FMA contraction changes roundings by <= 1 ulp of the products, inside the floor.)"""
-    own = (2 + 1.173 * torch.log(p64).clamp(min=-104.0).abs()) * FP32_ULP
-    return p64 * (own + gpu_lse_error(p64.shape[-1]))
-
-
-def gpu_lse_error(K: int) -> float:
-    """Bound on the extra absolute error of a row LSE on a GPU: the relative error of S (`gpu_exp_error`)."""
-    return ((2 + 1.173 * 16.7) + K * 2.0 ** -24 * (2 + 1.173 * 104)) * FP32_ULP
-
-
-def _row_max(x: torch.Tensor) -> float:
-    return x.max().item() if x.numel() else 0.0
-
-
 def check_ce_rows(ce_fn, S, T, B, K, dtype, *, same_view=False, rows=None, col_scale=True, bias=True,
                   row_weight=True, grad="inplace", col_grad_sum=True, device="cpu", grad_scale=0.37,
                   truncating_bf16_store=False):
@@ -296,12 +303,7 @@ def check_teacher_rows(teacher_fn, N, K, dtype, mode, *, col_scale=True, bias=Tr
     if inplace:
         assert probs.data_ptr() == d.data_ptr(), "out=dots must write the probs over the dots"
 
-    bound_p = gpu_exp_error(probs64)
-    if mode == "sinkhorn":  # 3 column and 3 row log-sum-exps shift y, each by at most one LSE error
-        bound_p = bound_p + probs64 * 6 * gpu_lse_error(max(N, K))
-    assert_flash_rule("probs", probs, probs64, probs32, torch.float32, gpu_extra=_row_max(bound_p))
-    row_sums = probs.double().sum(-1)
-    assert torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-5), "probs rows must sum to 1"
+    bound_p = _assert_teacher_probs(probs, probs64, probs32, mode)
     if stat64 is None:
         assert stat is None, f"mode {mode!r} has no stat, got {type(stat)}"
     else:

@@ -134,6 +134,27 @@ def column_vector(PTR, cols, cmask, HAS: tl.constexpr, default: tl.constexpr):
         return tl.full(cols.shape, default, tl.float32)
 
 
+@triton.jit
+def stats_program(n_rows, K, range_c, rows_per_group):
+    """A `stats` program's share: its column range [c_start, c_end), its rows [start, end), and the
+    offsets of its partials in a [n, n_ranges, n_rows] buffer (offset of this range, plane of one n)."""
+    j = tl.program_id(0)
+    c_start = j * range_c
+    start = tl.program_id(1) * rows_per_group
+    return (c_start, tl.minimum(c_start + range_c, K), start, tl.minimum(start + rows_per_group, n_rows),
+            j.to(tl.int64) * n_rows, tl.num_programs(0).to(tl.int64) * n_rows)
+
+
+@triton.jit
+def stream_program(n_rows, K, rows_per_group, BLOCK_C: tl.constexpr):
+    """A `stream` / `columns` program's share: its row group g, columns cols [1, BLOCK_C] (and mask),
+    and its rows [start, end)."""
+    g = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    start = g * rows_per_group
+    return g, cols, cols < K, start, tl.minimum(start + rows_per_group, n_rows)
+
+
 def tuned(kernel):
     """`kernel` autotuned over TUNE_CONFIGS on a GPU; unchanged under the interpreter. Only for kernels
     whose launches are idempotent (they overwrite their outputs): the autotuner runs them repeatedly."""
