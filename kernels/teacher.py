@@ -8,9 +8,10 @@ probs = softmax(y) row by row, where
     prob:     y = x - log(center)          stat = mean_rows(softmax(x))
     none:     y = x                        no stat
     sinkhorn: y = x + a, the column offsets of 3 Sinkhorn-Knopp rounds (`kernels.common.sinkhorn_knopp`)
-Launches, each on the column-block grid of `kernels.tiling`:
-1. `_teacher_partials_kernel`: per (row, column block) the softmax statistics of y (and of x for
-   `prob`) and the block's argmax; `_teacher_finish_kernel` merges them into LSE, entropy and argmax.
+The host folds y's column offsets (bias, center or Sinkhorn offsets) into one [K] vector per call, so
+the kernels see y = dots * col_scale / temp + b_y. Launches, on the grids of `kernels.tiling`:
+1. `_teacher_partials_kernel`: per (row, column range) the streaming softmax statistics of y (and of x
+   for `prob`) and the range's argmax; `_teacher_finish_kernel` merges them into LSE, entropy, argmax.
 2. `_teacher_probs_kernel`: writes probs (over the dots when out aliases them) and the center
    statistic as column sums held in registers: no atomics, deterministic.
 Sinkhorn adds `_column_lse_kernel` (a column log-sum-exp over rows, per column block).
@@ -30,7 +31,7 @@ from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
 
 STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic of none/sinkhorn, logit, prob
 _STAT_KIND = {"none": STAT_NONE, "logit": STAT_MEAN_SCORE, "prob": STAT_MEAN_SOFTMAX, "sinkhorn": STAT_NONE}
-N_PARTIALS = 5  # m, s, t of y and m, s of x (prob mode) per (row, column block), plus an int32 argmax
+N_PARTIALS = 5  # m, s, t of y and m, s of x (prob mode) per (row, column range), plus an int32 argmax
 DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -249,8 +249,10 @@ def test_contiguous_tensors_past_2_31_elements_on_gpu(ops):
     logits = torch.randn(S * B, K, device="cuda", generator=g).bfloat16()
     P = torch.softmax(torch.randn(T * B, K, device="cuda", generator=g), 1)
     ri = torch.arange(S * B, device="cuda")
-    tail = slice(S * B - 3, S * B)
-    stats64, grad64, _ = kt.ce_rows_reference(logits[tail], None, None, P, ri[tail], B, T, False, None, 1.0)
+    tail = slice(S * B - 3, S * B)  # view 1 of the last 3 images: their teacher rows, as a 3-image batch
+    P_tail = P.view(T, B, K)[:, B - 3:].reshape(T * 3, K)
+    stats64, grad64, _ = kt.ce_rows_reference(logits[tail], None, None, P_tail, torch.arange(3, 6, device="cuda"),
+                                              3, T, False, None, 1.0)
     stats = ops.ce_rows_triton(logits, None, None, P, ri, B, T, False, None, 1.0, logits, None)
     torch.testing.assert_close(stats[:, tail].double(), stats64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[tail].double(), grad64, rtol=2 ** -8, atol=2 ** -8 * grad64.abs().max().item())
@@ -261,7 +263,7 @@ def test_contiguous_tensors_past_2_31_elements_on_gpu(ops):
                                atol=1e-6)
     del probs
     v = torch.randn(S * B, device="cuda", generator=g)
-    run = _TeacherLaunch(dots, kt.TEMP, None, None, tiling.column_plan(S * B, K, dots.device))
+    run = _TeacherLaunch(dots, kt.TEMP, None, None, tiling.column_plan(S * B, K, dots.device, dots.element_size()))
     got = run.column_lse(v)[:1024].double()
     ref = (dots[:, :1024].double() / kt.TEMP + v.double()[:, None]).logsumexp(0)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
