@@ -1,14 +1,20 @@
-"""Fused teacher distribution in Triton: vMF column bias, centering, sharpening, softmax and the
-center-update statistic, one program per teacher row (K tiled, online softmax: read, then read+write).
+"""`teacher_rows` in Triton: the teacher distribution of every centering mode, its center statistic, and
+the per-row entropy and argmax as by-products (contract in docs/INTERFACES.md), plus the public
+`teacher_distribution` on top of it.
 
-Row kernel, with x = dots/temp + bias (bias = vMF column term, in-kernel Debye for p >= 32):
-    MODE_LOGIT:    probs = softmax(x - center/temp),   stat += (dots + temp*bias)/N   (= mean_rows(r))
-    MODE_PROB:     s = softmax(x), probs = softmax(x - log center),   stat += s/N
-    MODE_NONE:     probs = softmax(x)
-    MODE_SHIFT:    probs = softmax(x + shift) and/or the row log-sum-exp (the Sinkhorn row step)
-The stat goes through fp32 atomic adds (its summation order is not deterministic on a GPU).
-Sinkhorn adds a column kernel (log-sum-exp over rows per prototype) and runs 3 row/column rounds
-(see `kernels.common.sinkhorn_knopp`).
+With r = dots * col_scale + temp * bias (bias precomputed once per step) and x = r / temp, the output is
+probs = softmax(y) row by row, where
+    logit:    y = x - center / temp        stat = mean_rows(r)
+    prob:     y = x - log(center)          stat = mean_rows(softmax(x))
+    none:     y = x                        no stat
+    sinkhorn: y = x + a, the column offsets of 3 Sinkhorn-Knopp rounds (`kernels.common.sinkhorn_knopp`)
+The host folds y's column offsets (bias, center or Sinkhorn offsets) into one [K] vector per call, so
+the kernels see y = dots * col_scale / temp + b_y. Launches, on the grids of `kernels.tiling`:
+1. `_teacher_partials_kernel`: per (row, column range) the streaming softmax statistics of y (and of x
+   for `prob`) and the range's argmax; `_teacher_finish_kernel` merges them into LSE, entropy, argmax.
+2. `_teacher_probs_kernel`: writes probs (over the dots when out aliases them) and the center
+   statistic as column sums held in registers: no atomics, deterministic.
+Sinkhorn adds `_column_lse_kernel` (a column log-sum-exp over rows, per column block).
 """
 from __future__ import annotations
 
@@ -16,160 +22,286 @@ import torch
 import triton
 import triton.language as tl
 
-from dinovmf.kernels.common import (check_teacher_inputs, column_bias_in_kernel, debye_reference_terms,
+from dinovmf.kernels import tiling
+from dinovmf.kernels.common import (CENTERING_MODES, check_teacher_inputs, column_bias_in_kernel,
                                     precomputed_column_bias, sinkhorn_knopp)
-from dinovmf.kernels.vmf_bias import log_cp_diff
+from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, merge_partials, online_exp_sum,
+                                           online_exp_update, online_rescale, partials_max, partials_tile)
+from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
 
-MODE_NONE, MODE_LOGIT, MODE_PROB, MODE_SHIFT = 0, 1, 2, 3
-BIAS_NONE, BIAS_DEBYE, BIAS_TENSOR = 0, 1, 2
-_MODES = {"none": MODE_NONE, "logit": MODE_LOGIT, "prob": MODE_PROB}
+STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic of none/sinkhorn, logit, prob
+_STAT_KIND = {"none": STAT_NONE, "logit": STAT_MEAN_SCORE, "prob": STAT_MEAN_SOFTMAX, "sinkhorn": STAT_NONE}
+N_PARTIALS = 5  # m, s, t of y and m, s of x (prob mode) per (row, column range), plus an int32 argmax
+DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _column_bias(WN, BIAS, offs, mask, inv_temp, nu, z0, s0, log_series0, BIAS_KIND: tl.constexpr):
-    if BIAS_KIND == 1:
-        wn = tl.load(WN + offs, mask=mask, other=1.0).to(tl.float32)
-        return log_cp_diff(wn * inv_temp, nu, z0, s0, log_series0)
-    elif BIAS_KIND == 2:
-        return tl.load(BIAS + offs, mask=mask, other=0.0)
+def _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS: tl.constexpr):
+    """Rows r = p0 .. p0 + ROWS (below `end`) at columns cols [1, C]: (r, row mask, tile mask, dots fp32)."""
+    r = p0 + tl.arange(0, ROWS)
+    rmask = r < end
+    mask2 = rmask[:, None] & cmask
+    d = tl.load(D + r.to(tl.int64)[:, None] * stride_d + cols, mask=mask2, other=0.0).to(tl.float32)
+    return r, rmask, mask2, d
+
+
+@triton.jit
+def _teacher_partials_kernel(D, stride_d, CS, BIAS, BY, PART, ARGMAX_PART, n_rows, K, inv_temp, range_c,
+                             rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BY: tl.constexpr,
+                             WITH_X: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr):
+    """PART[:, j, row] = (m, s, t of y; m, s of x if WITH_X) and ARGMAX_PART[j, row] = argmax of y, over the
+    columns [j*range_c, (j+1)*range_c), with x = dots * cs / temp + bias and y = dots * cs / temp + BY."""
+    c_start, c_end, start, end, offset, plane = tiling.stats_program(n_rows, K, range_c, rows_per_group)
+    for p0 in range(start, end, ROWS):
+        rmask = p0 + tl.arange(0, ROWS) < end
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        arg = tl.zeros([ROWS], tl.int32)
+        s = tl.zeros([ROWS, STEP], tl.float32)
+        t = tl.zeros([ROWS, STEP], tl.float32)
+        m_x = tl.full([ROWS], float("-inf"), tl.float32)  # prob mode: the uncentred softmax, for the stat
+        s_x = tl.zeros([ROWS, STEP], tl.float32)
+        for c0 in range(c_start, c_end, STEP):
+            cols = c0 + tl.arange(0, STEP)[None, :]
+            cmask = cols < c_end
+            cols2 = cols + tl.zeros([ROWS, 1], tl.int32)  # the tile's layout: see tiling.column_vector
+            a = tiling.column_vector(CS, cols2, cmask, HAS_CS, 1.0) * inv_temp
+            r, _, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
+            if WITH_X or not HAS_BY:
+                b_x = tiling.column_vector(BIAS, cols2, cmask, HAS_BIAS, 0.0)
+            if HAS_BY:
+                b_y = tl.load(BY + cols2, mask=cmask, other=0.0)
+            else:
+                b_y = b_x
+            y = tl.where(mask2, d * a + b_y, float("-inf"))
+            y_max, y_arg = tl.max(y, axis=1, return_indices=True)  # ties: the lowest index (the default)
+            arg = tl.where(y_max > m, c0 + y_arg, arg)  # strictly greater: an earlier step keeps a tie
+            m, ref, alpha, delta = online_rescale(m, y_max)
+            s, t, _ = online_exp_update(s, t, y, mask2, ref, alpha, delta)
+            if WITH_X:
+                x = tl.where(mask2, d * a + b_x, float("-inf"))
+                m_x, ref_x, alpha_x, _ = online_rescale(m_x, tl.max(x, axis=1))
+                s_x = online_exp_sum(s_x, x, mask2, ref_x, alpha_x)
+        r = p0 + tl.arange(0, ROWS)
+        tl.store(PART + offset + r, m, mask=rmask)
+        tl.store(PART + plane + offset + r, tl.sum(s, axis=1), mask=rmask)
+        tl.store(PART + 2 * plane + offset + r, tl.sum(t, axis=1), mask=rmask)
+        tl.store(ARGMAX_PART + offset + r, arg, mask=rmask)
+        if WITH_X:
+            tl.store(PART + 3 * plane + offset + r, m_x, mask=rmask)
+            tl.store(PART + 4 * plane + offset + r, tl.sum(s_x, axis=1), mask=rmask)
+
+
+@triton.jit
+def _teacher_finish_kernel(PART, ARGMAX_PART, ROW_STATS, ROW_ARGMAX, n_rows, n_blocks, K, HAS_X: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """ROW_STATS [3, n_rows] = (LSE(y), entropy(softmax(y)), LSE(x)); ROW_ARGMAX [n_rows] int64."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    plane = tl.cast(n_blocks, tl.int64) * n_rows  # tl.cast: n_blocks == 1 arrives as a Python int
+    m_max = partials_max(PART, n_blocks, n_rows, r, rmask, BLOCK_J)
+    if HAS_X:
+        mx_max = partials_max(PART + 3 * plane, n_blocks, n_rows, r, rmask, BLOCK_J)
+    s_tot = tl.zeros([BLOCK_R], tl.float32)
+    t_tot = tl.zeros([BLOCK_R], tl.float32)
+    sx_tot = tl.zeros([BLOCK_R], tl.float32)
+    argmax = tl.full([BLOCK_R], K, tl.int32)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        idx, mask = partials_tile(j0, n_blocks, n_rows, r, rmask, BLOCK_J)
+        m, ds, dt = merge_partials(PART, plane, idx, mask, m_max)
+        s_tot += ds
+        t_tot += dt
+        # The row's argmax: the lowest column among the ranges that reach the row maximum.
+        block_arg = tl.load(ARGMAX_PART + idx, mask=mask, other=0)
+        argmax = tl.minimum(argmax, tl.min(tl.where(mask & (m == m_max[None, :]), block_arg, K), axis=0))
+        if HAS_X:
+            m_x = tl.load(PART + 3 * plane + idx, mask=mask, other=float("-inf"))
+            dsx, _ = merge_block_stats(m_x, tl.load(PART + 4 * plane + idx, mask=mask, other=0.0),
+                                       tl.zeros([BLOCK_J, BLOCK_R], tl.float32), mx_max)
+            sx_tot += dsx
+    s_tot = tl.where(rmask, s_tot, 1.0)  # padding rows: no log(0)
+    log_s = tl.log(s_tot)
+    tl.store(ROW_STATS + r, m_max + log_s, mask=rmask)
+    tl.store(ROW_STATS + n_rows + r, log_s - t_tot / s_tot, mask=rmask)
+    if HAS_X:
+        tl.store(ROW_STATS + 2 * n_rows + r, mx_max + tl.log(tl.where(rmask, sx_tot, 1.0)), mask=rmask)
+    tl.store(ROW_ARGMAX + r, argmax.to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _teacher_probs_kernel(D, stride_d, CS, BIAS, BY, ROW_STATS, OUT, stride_o, STAT, n_rows, K, temp, inv_temp,
+                          inv_n, rows_per_group, HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BY: tl.constexpr,
+                          STAT_KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT = exp(y - LSE(y)); STAT[g, cols] = this row group's share of the center statistic: STAT_KIND 1
+    mean_rows(r) (logit centering), 2 mean_rows(softmax(x)) (prob centering), 0 none."""
+    g, cols, cmask, start, end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
+    cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program, outside the loop
+    a = cs * inv_temp
+    b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
+    if HAS_BY:
+        b_y = tl.load(BY + cols, mask=cmask, other=0.0)
     else:
-        return tl.zeros(offs.shape, tl.float32)
+        b_y = b_x
+    col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    for p0 in range(start, end, ROWS):
+        r, rmask, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
+        lse_y = tl.load(ROW_STATS + r, mask=rmask, other=0.0)
+        tl.store(OUT + r.to(tl.int64)[:, None] * stride_o + cols, tl.exp(d * a + b_y - lse_y[:, None]), mask=mask2)
+        if STAT_KIND == 1:  # mean_rows(r) = mean_rows(dots) * cs + temp * bias
+            col_acc += d  # masked lanes were loaded as 0
+        if STAT_KIND == 2:
+            lse_x = tl.load(ROW_STATS + 2 * n_rows + r, mask=rmask, other=0.0)
+            col_acc += tl.where(mask2, tl.exp(d * a + b_x - lse_x[:, None]), 0.0)
+    if STAT_KIND != 0:
+        stat = tl.sum(col_acc, axis=0)[None, :] * inv_n
+        if STAT_KIND == 1:
+            stat = stat * cs + tl.where(g == 0, temp * b_x, 0.0)
+        tl.store(STAT + g.to(tl.int64) * K + cols, stat, mask=cmask)
 
 
 @triton.jit
-def _shifted(x, CENTER, SHIFT, offs, mask, inv_temp, MODE: tl.constexpr):
-    """The logits whose softmax is the output, from x = r/temp."""
-    if MODE == 1:
-        return x - tl.load(CENTER + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
-    elif MODE == 2:
-        return x - tl.log(tl.load(CENTER + offs, mask=mask, other=1.0).to(tl.float32))
-    elif MODE == 3:
-        return x + tl.load(SHIFT + offs, mask=mask, other=0.0)
-    else:
-        return x
+def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_temp, rows_per_group,
+                       HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[g, k] = logsumexp over the group's rows n of (x[n, k] + ROW_SHIFT[n])."""
+    g, cols, cmask, start, end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
+    a = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0) * inv_temp
+    b_x = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
+    m = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(start, end, ROWS):
+        r, rmask, mask2, d = _dots_tile(D, stride_d, p0, end, cols, cmask, ROWS)
+        v = tl.load(ROW_SHIFT + r, mask=rmask, other=0.0)
+        m, s = column_lse_step(m, s, tl.where(mask2, d * a + b_x + v[:, None], float("-inf")))
+    lse = (m + tl.log(tl.where(s > 0.0, s, 1.0)))[None, :]  # masked columns: no log(0)
+    tl.store(OUT + g.to(tl.int64) * K + cols, lse, mask=cmask)
 
 
-@triton.jit
-def _online_lse_step(m, acc, y):
-    """One tile of a per-lane online log-sum-exp; lanes that only saw -inf stay (m=-inf, acc=0)."""
-    m_new = tl.maximum(m, y)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, acc * tl.exp(m - m_safe) + tl.exp(y - m_safe)
+_teacher_partials = tiling.tuned(_teacher_partials_kernel)
 
 
-@triton.jit
-def _finish_lse(m, acc):
-    m_max = tl.max(m, axis=0)
-    return m_max + tl.log(tl.sum(acc * tl.exp(m - m_max), axis=0))
+def check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out) -> None:
+    """Shapes, dtypes and devices of a `teacher_rows` call; ValueError naming the argument."""
+    check_teacher_inputs(dots, temp, mode, center, None, None)
+    if dots.dtype not in DOTS_DTYPES:
+        raise ValueError(f"dots must have dtype in {DOTS_DTYPES}, got {dots.dtype}")
+    N, K = dots.shape
+    if K > 1 and dots.stride(1) != 1:
+        raise ValueError(f"dots must have unit column stride (rows may be strided), got strides {dots.stride()}")
+    for name, v in (("center", center), ("col_scale", col_scale), ("bias", bias)):
+        if v is not None and (v.shape != (K,) or v.dtype != torch.float32 or not v.is_contiguous()
+                              or v.device != dots.device):
+            raise ValueError(f"{name} must be a contiguous [{K}] float32 tensor on {dots.device}, got "
+                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
+    if out is not None:
+        if out.shape != (N, K) or out.dtype != torch.float32 or out.device != dots.device or (K > 1 and out.stride(1) != 1):
+            raise ValueError(f"out must be an [{N}, {K}] float32 tensor with unit column stride on {dots.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
 
 
-@triton.jit
-def _teacher_row_kernel(D, WN, BIAS, CENTER, SHIFT, PROBS, STAT, ROW_LSE, K, temp, inv_temp, inv_n,
-                        nu, z0, s0, log_series0, MODE: tl.constexpr, BIAS_KIND: tl.constexpr,
-                        WRITE_PROBS: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    d_row = D + row * K
-    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_K], tl.float32)
-    m_x = tl.full([BLOCK_K], float("-inf"), tl.float32)  # MODE_PROB: the uncentred softmax as well
-    acc_x = tl.zeros([BLOCK_K], tl.float32)
-    # pass 1: online log-sum-exp (and the logit-mode stat, which needs no normaliser)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        d = tl.load(d_row + offs, mask=mask, other=0.0).to(tl.float32)
-        bias = _column_bias(WN, BIAS, offs, mask, inv_temp, nu, z0, s0, log_series0, BIAS_KIND)
-        x = d * inv_temp + bias
-        y = tl.where(mask, _shifted(x, CENTER, SHIFT, offs, mask, inv_temp, MODE), float("-inf"))
-        m, acc = _online_lse_step(m, acc, y)
-        if MODE == 1:
-            tl.atomic_add(STAT + offs, (d + temp * bias) * inv_n, mask=mask)
-        if MODE == 2:
-            m_x, acc_x = _online_lse_step(m_x, acc_x, tl.where(mask, x, float("-inf")))
-    lse = _finish_lse(m, acc)
-    if WRITE_LSE:
-        tl.store(ROW_LSE + row, lse)
-    # pass 2: normalise and write (the second read of the row is mostly a cache hit)
-    if WRITE_PROBS:
-        if MODE == 2:
-            lse_x = _finish_lse(m_x, acc_x)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            mask = offs < K
-            d = tl.load(d_row + offs, mask=mask, other=0.0).to(tl.float32)
-            bias = _column_bias(WN, BIAS, offs, mask, inv_temp, nu, z0, s0, log_series0, BIAS_KIND)
-            x = d * inv_temp + bias
-            y = _shifted(x, CENTER, SHIFT, offs, mask, inv_temp, MODE)
-            tl.store(PROBS + row * K + offs, tl.exp(y - lse), mask=mask)
-            if MODE == 2:
-                tl.atomic_add(STAT + offs, tl.exp(x - lse_x) * inv_n, mask=mask)
+class _TeacherLaunch:
+    """The launches of one `teacher_rows` call, sharing its inputs and plan."""
+
+    def __init__(self, dots, temp, col_scale, bias, plan: tiling.ColumnPlan):
+        self.d, self.temp, self.plan = dots, float(temp), plan
+        self.N, self.K = dots.shape
+        self.f32 = dict(device=dots.device, dtype=torch.float32)
+        self.dummy = torch.empty(1, **self.f32)
+        self.bias_or_none = bias
+        self.cs = col_scale if col_scale is not None else self.dummy
+        self.bias = bias if bias is not None else self.dummy
+        self.flags = dict(HAS_CS=col_scale is not None, HAS_BIAS=bias is not None)
+
+    def y_offsets(self, mode: str, center, shift):
+        """The [K] column offsets of y = dots * cs / temp + offsets (None: the bias alone), once per call."""
+        if mode == "none":
+            return None
+        b = self.bias_or_none if self.bias_or_none is not None else torch.zeros(self.K, **self.f32)
+        if mode == "logit":
+            return b - center / self.temp
+        if mode == "prob":
+            return b - torch.log(center)
+        return b + shift  # a Sinkhorn round's column offsets
+
+    def row_stats(self, by, with_x: bool):
+        """(ROW_STATS [3, N] = LSE(y), entropy, LSE(x); argmax [N] int64) for y with column offsets `by`."""
+        p = self.plan.stats
+        part = torch.empty(N_PARTIALS, p.n_col_blocks, self.N, **self.f32)
+        arg_part = torch.empty(p.n_col_blocks, self.N, device=self.d.device, dtype=torch.int32)
+        tiling.launch(_teacher_partials, p.grid, self.d, self.d.stride(0), self.cs, self.bias,
+                      by if by is not None else self.dummy, part, arg_part, self.N, self.K, 1.0 / self.temp, p.cols,
+                      p.rows_per_group, HAS_BY=by is not None, WITH_X=with_x, STEP=p.step, **self.flags)
+        row_stats = torch.empty(3, self.N, **self.f32)
+        row_argmax = torch.empty(self.N, device=self.d.device, dtype=torch.int64)
+        _teacher_finish_kernel[(triton.cdiv(self.N, tiling.FINISH_BLOCK_R),)](
+            part, arg_part, row_stats, row_argmax, self.N, p.n_col_blocks, self.K, HAS_X=with_x,
+            BLOCK_R=tiling.FINISH_BLOCK_R, BLOCK_J=tiling.FINISH_BLOCK_J, num_warps=4)
+        return row_stats, row_argmax
+
+    def probs(self, by, row_stats, out, stat_kind: int):
+        """Write probs to `out`; return the center statistic [K] (None for stat_kind 0)."""
+        p = self.plan.stream
+        stat = torch.empty(p.groups, self.K, **self.f32) if stat_kind else self.dummy
+        tiling.launch(_teacher_probs_kernel, p.grid, self.d, self.d.stride(0), self.cs, self.bias,
+                      by if by is not None else self.dummy, row_stats, out, out.stride(0), stat, self.N, self.K,
+                      self.temp, 1.0 / self.temp, 1.0 / self.N, p.rows_per_group, HAS_BY=by is not None,
+                      STAT_KIND=stat_kind, BLOCK_C=p.cols, **self.flags)
+        if not stat_kind:
+            return None
+        return stat[0] if p.groups == 1 else stat.sum(0)
+
+    def column_lse(self, row_shift):
+        p = self.plan.columns
+        out = torch.empty(p.groups, self.K, **self.f32)
+        tiling.launch(_column_lse_kernel, p.grid, self.d, self.d.stride(0), self.cs, self.bias, row_shift, out,
+                      self.N, self.K, 1.0 / self.temp, p.rows_per_group, BLOCK_C=p.cols, **self.flags)
+        return out[0] if p.groups == 1 else torch.logsumexp(out, dim=0)
 
 
-@triton.jit
-def _column_lse_kernel(D, WN, BIAS, ROW_SHIFT, OUT, N, K, inv_temp, nu, z0, s0, log_series0,
-                       BIAS_KIND: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[k] = logsumexp_n(dots[n, k]/temp + bias[k] + ROW_SHIFT[n]): a block of columns per program."""
-    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = offs < K
-    bias = _column_bias(WN, BIAS, offs, mask, inv_temp, nu, z0, s0, log_series0, BIAS_KIND)
-    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_K], tl.float32)
-    for n in range(0, N):
-        d = tl.load(D + n * K + offs, mask=mask, other=0.0).to(tl.float32)
-        y = d * inv_temp + bias + tl.load(ROW_SHIFT + n)
-        m, acc = _online_lse_step(m, acc, y)
-    tl.store(OUT + offs, m + tl.log(acc), mask=mask)
+def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None,
+                 col_scale: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor | None, *,
+                 plan: tiling.ColumnPlan | None = None):
+    """The contract's `teacher_rows`: (probs [N, K] fp32, stat [K] fp32 or None, row_entropy [N] fp32,
+    row_argmax [N] int64) with `r = dots * col_scale + temp * bias` and the modes of the module docstring.
+    `out` may be `dots` itself (fp32 dots): every element is read before it is overwritten. The argmax is
+    that of the row's logits y (of probs, unless two probs round to the same fp32 value)."""
+    check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out)
+    N, K = dots.shape
+    run = _TeacherLaunch(dots, temp, col_scale, bias, plan or tiling.column_plan(N, K, dots.device, dots.element_size()))
+    out = torch.empty(N, K, **run.f32) if out is None else out
+    if mode == "sinkhorn":
+        final = {}
 
+        def row_lse(a):
+            return run.row_stats(run.y_offsets(mode, None, a), False)[0][0]
 
-def _block_k(K: int) -> int:
-    return min(4096, triton.next_power_of_2(K))
+        def row_softmax(a):
+            by = run.y_offsets(mode, None, a)
+            final["stats"], final["argmax"] = run.row_stats(by, False)
+            run.probs(by, final["stats"], out, 0)
+            return out
+
+        sinkhorn_knopp(row_lse=row_lse, col_lse=run.column_lse, row_softmax=row_softmax, N=N, K=K, device=dots.device)
+        return out, None, final["stats"][1], final["argmax"]
+    by = run.y_offsets(mode, center, None)
+    row_stats, row_argmax = run.row_stats(by, mode == "prob")
+    stat = run.probs(by, row_stats, out, _STAT_KIND[mode])
+    return out, stat, row_stats[1], row_argmax
 
 
 def teacher_distribution(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None = None,
                          weight_norm: torch.Tensor | None = None, p: int | None = None):
-    """Teacher probabilities [N, K] fp32 and the center statistic [K] fp32 (None for none/sinkhorn).
-
-    `r = dots + temp * bias(weight_norm)` with the vMF column bias computed in-kernel (Debye) for
-    p >= 32 and precomputed in float64 by `dinovmf.vmf` for p < 32; see docs/INTERFACES.md for the modes.
-    """
+    """Teacher probabilities [N, K] fp32 and the center statistic [K] fp32 (None for none/sinkhorn), the
+    public signature of every backend: the vMF column bias of `weight_norm` is computed once ([K], the
+    Debye kernel for p >= 32, float64 `dinovmf.vmf` below) and passed to `teacher_rows`."""
     check_teacher_inputs(dots, temp, mode, center, weight_norm, p)
-    d = dots.contiguous()
-    N, K = d.shape
-    dev = d.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    dummy = torch.empty(1, **f32)
-    nu, z0, s0, ls0 = (1.0, 0.0, 1.0, 0.0)
-    if weight_norm is None:
-        bias_kind, wn, bias = BIAS_NONE, dummy, dummy
-    elif column_bias_in_kernel(weight_norm, p):
-        bias_kind, wn, bias = BIAS_DEBYE, weight_norm.contiguous(), dummy
-        nu, z0, s0, ls0 = debye_reference_terms(temp, p)
-    else:
-        bias_kind, wn, bias = BIAS_TENSOR, dummy, precomputed_column_bias(weight_norm, temp, p)
-    block = _block_k(K)
-    common = dict(nu=nu, z0=z0, s0=s0, log_series0=ls0, BIAS_KIND=bias_kind, BLOCK_K=block)
+    bias = None
+    if weight_norm is not None:
+        wn = weight_norm.detach().float().contiguous()
+        bias = vmf_column_bias_triton(wn, temp, p) if column_bias_in_kernel(wn, p) else \
+            precomputed_column_bias(wn, temp, p).to(dots.device)
+    d = dots if dots.dtype in DOTS_DTYPES else dots.float()
+    c = center.detach().float().contiguous() if center is not None else None
+    probs, stat, _, _ = teacher_rows(d, temp, mode, c, None, bias, None)
+    return probs, stat
 
-    def row_pass(mode_id, center_t, shift, write_probs, write_lse, stat):
-        probs = torch.empty(N, K, **f32) if write_probs else dummy
-        lse = torch.empty(N, **f32) if write_lse else dummy
-        _teacher_row_kernel[(N,)](d, wn, bias, center_t, shift, probs, stat, lse, K, float(temp),
-                                  1.0 / temp, 1.0 / N, MODE=mode_id, WRITE_PROBS=write_probs,
-                                  WRITE_LSE=write_lse, num_warps=8, **common)
-        return probs, lse
 
-    if mode == "sinkhorn":
-        def col_lse(row_shift):
-            out = torch.empty(K, **f32)
-            _column_lse_kernel[(triton.cdiv(K, block),)](d, wn, bias, row_shift, out, N, K, 1.0 / temp,
-                                                         num_warps=8, **common)
-            return out
-
-        probs = sinkhorn_knopp(row_lse=lambda a: row_pass(MODE_SHIFT, dummy, a, False, True, dummy)[1],
-                               col_lse=col_lse,
-                               row_softmax=lambda a: row_pass(MODE_SHIFT, dummy, a, True, False, dummy)[0],
-                               N=N, K=K, device=dev)
-        return probs, None
-    center_t = center.contiguous() if center is not None else dummy
-    stat = torch.zeros(K, **f32) if mode in ("logit", "prob") else dummy
-    probs, _ = row_pass(_MODES[mode], center_t, dummy, True, False, stat)
-    return probs, (stat if mode in ("logit", "prob") else None)
+assert set(_STAT_KIND) == set(CENTERING_MODES)

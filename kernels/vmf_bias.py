@@ -1,7 +1,7 @@
-"""Triton device function for the vMF column bias log C_p(||w_k||/temp) - log C_p(1/temp) (Debye).
+"""The vMF column bias log C_p(||w_k||/temp) - log C_p(1/temp) in Triton (Debye expansion, p >= 32).
 
-The teacher kernels call `log_cp_diff` per K tile so the bias never needs its own [K] tensor;
-`vmf_column_bias_triton` wraps it in a kernel of its own so tests can check it against float64.
+`vmf_column_bias_triton` computes the [K] bias once per step with `_column_bias_kernel`; `ce_rows` and
+`teacher_rows` take it as a [K] input (never recomputed per row).
 """
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels.common import MIN_P_IN_KERNEL_BIAS, debye_reference_terms
+
+BIAS_BLOCK_K = 1024  # one [K] pass per step: 64 programs at K = 65536
+BIAS_NUM_WARPS = 4
 
 
 @triton.jit
@@ -62,7 +65,6 @@ def vmf_column_bias_triton(weight_norm: torch.Tensor, temp: float, p: int) -> to
     wn = weight_norm.contiguous()
     out = torch.empty(wn.shape[0], device=wn.device, dtype=torch.float32)
     nu, z0, s0, ls0 = debye_reference_terms(temp, p)
-    block = 1024
-    _column_bias_kernel[(triton.cdiv(wn.shape[0], block),)](wn, out, wn.shape[0], 1.0 / temp, nu, z0, s0, ls0,
-                                                           BLOCK_K=block)
+    _column_bias_kernel[(triton.cdiv(wn.shape[0], BIAS_BLOCK_K),)](wn, out, wn.shape[0], 1.0 / temp, nu, z0, s0, ls0,
+                                                                  BLOCK_K=BIAS_BLOCK_K, num_warps=BIAS_NUM_WARPS)
     return out
