@@ -12,7 +12,6 @@ trajectory of an uninterrupted one step for step.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import time
@@ -201,19 +200,22 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
 
 
 def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> dict:
-    from dinovmf.data import MultiCropConfig, MultiCropLoader
-    from dinovmf.data.augment import dino_view_recipes
+    from dinovmf.data import MultiCropLoader
 
     device = D.device_for(info)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = ckpt.resolve_resume(resume, out_dir)
 
-    # Data first: a missing dataset should fail before minutes of model building.
+    # Data first: a missing dataset should fail before minutes of model building. The validation set is
+    # prepared now too: preparing forks FFCV's writer processes, which must happen before decoding starts.
     train_path = _prepare_data(cfg.data.train, out_dir, info, "train", cfg.data.loader)
-    loader = MultiCropLoader(train_path, cfg.train.batch_size, MultiCropConfig.from_config(cfg.crops), device,
+    if cfg.data.val:
+        _prepare_data(cfg.data.val, out_dir, info, "val", cfg.data.loader)
+    loader = MultiCropLoader(train_path, cfg.train.batch_size, cfg.crops, device, augment=cfg.augment,
                              seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                             num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader,
-                             view_recipes=dino_view_recipes(**dataclasses.asdict(cfg.augment)))
+                             num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader)
+    if info.is_main:
+        print(loader.describe(), flush=True)
     steps_per_epoch = len(loader)
     sched = build_schedules(cfg, steps_per_epoch, info.world_size)
 
