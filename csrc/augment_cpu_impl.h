@@ -16,7 +16,10 @@ constexpr int64_t kW = DINOVMF_AUG_VEC_BYTES / 4;  // fp32 lanes
 typedef float vf __attribute__((vector_size(DINOVMF_AUG_VEC_BYTES)));
 typedef int32_t vi __attribute__((vector_size(DINOVMF_AUG_VEC_BYTES)));
 
-__attribute__((always_inline)) inline vf splat(float x) { return vf{} + x; }
+// A broadcast. `x - 0` folds to x (exact for every x), so this compiles to a bare broadcast; `vf{} + x`
+// would not (without -ffast-math GCC keeps that add, -0 + 0 being +0), and a lane-by-lane fill
+// compiles to one masked insert per lane.
+__attribute__((always_inline)) inline vf splat(float x) { return x - vf{}; }
 __attribute__((always_inline)) inline vf load(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
@@ -128,8 +131,19 @@ __attribute__((always_inline)) inline void finish(vf r, vf g, vf b, const CropPa
 }
 
 // dst[x] = sum_k w[k] * pad[x + k] for x < W (pad holds the row with `radius` reflected pixels each side).
+// Four vectors of outputs at a time: four independent FMA chains hide the FMA latency that a single
+// accumulator per vector would wait on at every tap.
 inline void blur_row(const float* pad, const float* w, int64_t taps, float* dst, int64_t W) {
   int64_t x = 0;
+  for (; x + 4 * kW <= W; x += 4 * kW) {
+    vf a0 = splat(0.f), a1 = splat(0.f), a2 = splat(0.f), a3 = splat(0.f);
+    for (int64_t k = 0; k < taps; ++k) {
+      const vf wk = splat(w[k]);
+      const float* p = pad + x + k;
+      a0 += wk * load(p), a1 += wk * load(p + kW), a2 += wk * load(p + 2 * kW), a3 += wk * load(p + 3 * kW);
+    }
+    store(dst + x, a0), store(dst + x + kW, a1), store(dst + x + 2 * kW, a2), store(dst + x + 3 * kW, a3);
+  }
   for (; x + kW <= W; x += kW) {
     vf acc = splat(0.f);
     for (int64_t k = 0; k < taps; ++k) acc += splat(w[k]) * load(pad + x + k);
@@ -216,19 +230,35 @@ void augment_crop(const src_t* src, int64_t H, int64_t W, CropParams cp, float* 
     }
   }
   if (!cp.radius) return;
-  // Vertical pass: rows y - radius .. y + radius (reflected) of the horizontally blurred image.
+  // Vertical pass: rows y - radius .. y + radius (reflected) of the horizontally blurred image, two
+  // vectors of each channel at a time (six independent FMA chains, in registers as named variables: as
+  // an array GCC kept the accumulators on the stack).
   for (int64_t y = 0; y < H; ++y) {
-    for (int64_t x = 0; x < W; x += kW) {
-      const int64_t n = std::min(kW, W - x);
-      vf acc[3] = {splat(0.f), splat(0.f), splat(0.f)};
+    int64_t x = 0;
+    for (; x + 2 * kW <= W; x += 2 * kW) {
+      vf r0 = splat(0.f), g0 = splat(0.f), b0 = splat(0.f), r1 = splat(0.f), g1 = splat(0.f), b1 = splat(0.f);
       for (int64_t k = 0; k < taps; ++k) {
-        const int64_t yy = reflect(y + k - cp.radius, H);
-        for (int c = 0; c < 3; ++c) {
-          const float* p = planes + c * plane + yy * W + x;
-          acc[c] += splat(cp.weights[k]) * (n == kW ? load(p) : load_tail(p, n));
+        const float* p = planes + reflect(y + k - cp.radius, H) * W + x;
+        const vf w = splat(cp.weights[k]);
+        r0 += w * load(p), g0 += w * load(p + plane), b0 += w * load(p + 2 * plane);
+        r1 += w * load(p + kW), g1 += w * load(p + plane + kW), b1 += w * load(p + 2 * plane + kW);
+      }
+      finish(r0, g0, b0, cp, dst + y * W + x, plane, kW);
+      finish(r1, g1, b1, cp, dst + y * W + x + kW, plane, kW);
+    }
+    for (; x < W; x += kW) {
+      const int64_t n = std::min(kW, W - x);
+      vf acc_r = splat(0.f), acc_g = splat(0.f), acc_b = splat(0.f);
+      for (int64_t k = 0; k < taps; ++k) {
+        const float* p = planes + reflect(y + k - cp.radius, H) * W + x;
+        const vf w = splat(cp.weights[k]);
+        if (n == kW) {
+          acc_r += w * load(p), acc_g += w * load(p + plane), acc_b += w * load(p + 2 * plane);
+        } else {
+          acc_r += w * load_tail(p, n), acc_g += w * load_tail(p + plane, n), acc_b += w * load_tail(p + 2 * plane, n);
         }
       }
-      finish(acc[0], acc[1], acc[2], cp, dst + y * W + x, plane, n);
+      finish(acc_r, acc_g, acc_b, cp, dst + y * W + x, plane, n);
     }
   }
 }

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused photometric augmentation (the GPU path of `dinovmf.data.fused_augment`).
+"""Triton kernels of the fused photometric augmentation (the GPU path of `dinovmf.data.fused.fused_augment`).
 
 Same computation as the C++ kernel (csrc/augment_cpu.cpp) and the torch reference
 (`dinovmf.data.augment.augment_reference`), one parameter row per crop (`augment_params` layout):

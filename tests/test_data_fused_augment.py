@@ -17,7 +17,7 @@ from dinovmf.config import AugmentConfig, CropsConfig
 from dinovmf.data import augment as A
 from dinovmf.data import augment_params as P
 from dinovmf.data.crops import crop_key
-from dinovmf.data.fused_augment import CPU_ISAS, MultiCropAugmentation, cpu_isa_supported, fused_augment
+from dinovmf.data.fused import CPU_ISAS, MultiCropAugmentation, cpu_isa_supported, fused_augment
 
 # Every op alone with probability 1, none, all of them, and DINO's recipe (views: 0, 1 = global, 2 = local).
 ALL_OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)

@@ -177,6 +177,21 @@ def test_device_path_matches_worker_path(pil_loader, data):
     assert "augmentation" in pil_loader.describe() and "torch threads" in pil_loader.describe()
 
 
+def test_without_the_extension_the_training_process_augments(pil_loader, data, monkeypatch, capsys):
+    """No C++ extension: a notice, then the torch reference in the training process (same crops)."""
+    from dinovmf.data import fused
+    monkeypatch.setattr(fused, "fused_unavailable", lambda device: "ExtensionUnavailable: not built")
+    monkeypatch.setattr(loader_module, "fused_unavailable", fused.fused_unavailable)
+    loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0, **SHARD)
+    assert not loader.augment_in_workers and "using the torch reference" in capsys.readouterr().out
+    assert "augmentation on cpu" in loader.describe()
+    loader.set_epoch(4)
+    pil_loader.set_epoch(4)
+    (crops, _), (raw, params, _) = next(iter(loader)), next(iter(pil_loader.decoded_batches()))
+    for c in range(CROPS.num_crops):
+        assert_matches_reference(crops[c], raw[c], params[:, c])
+
+
 def test_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         MultiCropLoader(data[0], 0, CROPS, "cpu")

@@ -9,7 +9,7 @@ from .eval_loader import EvalLoader
 from .crops import epoch_order
 from .embedded import ensure_embedded
 from .ffcv_loader import ffcv_available
-from .fused_augment import MultiCropAugmentation, fused_augment
+from .fused import MultiCropAugmentation, fused_augment
 from .loader import MultiCropLoader
 from .prepare import PrepareReport, prepare_dataset, resolve_dataset
 

@@ -7,7 +7,7 @@ saturation, hue in the row's drawn order, as torchvision's ColorJitter), graysca
 (separable, reflect padding, radius ceil(3 sigma) per row), solarisation, then ImageNet
 normalisation. An op drawn for a fraction of the rows runs only on those rows (gather, apply,
 scatter), so rare ops cost little. It runs in the dtype of `x`: float64 makes it the oracle of the
-fused float32 implementations (csrc/augment_cpu.cpp, kernels/augment.py, see `fused_augment`).
+fused float32 implementations (csrc/augment_cpu.cpp, kernels/augment.py, see `fused.fused_augment`).
 """
 from __future__ import annotations
 

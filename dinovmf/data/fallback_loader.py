@@ -114,7 +114,7 @@ class _MultiCropDataset(Dataset):
         label = int(self.images.labels[sample])
         if not self.augment_in_workers:
             return (*out, params, label)
-        from .fused_augment import fused_augment
+        from .fused import fused_augment
         finished: list[torch.Tensor | None] = [None] * len(out)
         for size in sorted({s for s, _ in self.specs}):  # one kernel call per crop size
             idx = [i for i, (s, _) in enumerate(self.specs) if s == size]

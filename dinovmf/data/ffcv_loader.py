@@ -18,6 +18,9 @@ runs in a background thread that FFCV leaves running when the consumer stops ear
 closes and joins it when its generator is closed, so a later fork (a DataLoader worker, FFCV's dataset
 writer) does not find numba's TBB threads attached to a live thread (numba then prints "Unable to join
 threads to shut down before fork()").
+
+Numba types. FFCV mutates numba's interned array types, which made numba print KeyErrors from its
+finalizers when loaders were freed; `_immutable_state_types` replaces the code that does it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import functools
 import math
 import queue
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -54,8 +58,8 @@ def keep_torch_threads():
 
 @functools.lru_cache(maxsize=1)
 def ffcv_available() -> bool:
-    """Whether FFCV (and its numba / OpenCV dependencies) imports; the first call also repairs
-    `_immutable_state_types` in it."""
+    """Whether FFCV (and its numba / OpenCV dependencies) imports. The first call also replaces FFCV's
+    numba state types (`_immutable_state_types`)."""
     try:
         with keep_torch_threads():
             import ffcv.loader  # noqa: F401
@@ -343,6 +347,12 @@ class FFCVMultiCropSource:
         self.loader = build_ffcv_loader(path, batch_size=batch_size, num_workers=num_workers,
                                         order=_shard_order_class()(seed, rank, world_size, shuffle),
                                         pipelines=pipelines, drop_last=drop_last, batches_ahead=2)
+        # FFCV allocates its batch buffers anew for every epoch, and the first writes to fresh memory
+        # fault every page in (~0.3 s an epoch for DINO's float crops at batch 64). One epoch runs at a
+        # time per source (`batches` stops the previous one), so the buffers are allocated once.
+        graph = self.loader.graph
+        graph.allocate_memory = functools.lru_cache(maxsize=1)(graph.allocate_memory)
+        self._live = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -354,8 +364,18 @@ class FFCVMultiCropSource:
 
         FFCV reuses its output buffers a few batches later: the crops (and parameters) of a batch are
         valid until the next batch is drawn; the labels are copies."""
+        live = self._live() if self._live is not None else None
+        if live is not None:
+            live.close()  # the buffers are shared between epochs
+        batches = self._batches(epoch, device)
+        self._live = weakref.ref(batches)
+        return batches
+
+    def _batches(self, epoch, device):
         self.loader.next_epoch = epoch
         to_gpu = device is not None and torch.device(device).type == "cuda"
+        if to_gpu:  # the last epoch's asynchronous copies out of the shared buffers must be done
+            torch.cuda.current_stream(device).synchronize()
         for labels, packed in ffcv_epoch(self.loader):  # reader fields with a pipeline first, then added ones
             if to_gpu:
                 packed = packed.to(device, non_blocking=True)

@@ -4,7 +4,8 @@ On a CPU training device the loader's workers (FFCV's numba threads, or the PIL 
 decode, crop and augment each image (the fused C++ kernel), so the training process receives finished
 float crops and the augmentation runs in parallel with the training step. On a GPU the workers decode
 and crop; the uint8 crops and their parameters go to the GPU in one copy and are augmented there
-(`MultiCropAugmentation`: one Triton kernel call per crop size).
+(`MultiCropAugmentation`: one Triton kernel call per crop size). Without the C++ extension (CPU) or
+triton (GPU) the training process augments with the torch reference, after a one-line notice.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dinovmf.config import AugmentConfig, CropsConfig, validate_augment, validat
 
 from .augment_params import crop_recipes
 from .ffcv_loader import ffcv_available
-from .fused_augment import MultiCropAugmentation
+from .fused import MultiCropAugmentation, fused_unavailable
 
 BACKENDS = ("auto", "ffcv", "pil")
 
@@ -86,7 +87,8 @@ class MultiCropLoader:
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         if self.backend == "ffcv":
             self.num_workers = max(1, self.num_workers)
-        self.augment_in_workers = self.device.type == "cpu"
+        # The workers call the C++ kernel; without it the training process augments (with a notice).
+        self.augment_in_workers = self.device.type == "cpu" and fused_unavailable("cpu") is None
         self._source_args = dict(path=path, batch_size=batch_size, crops=crops, recipes=crop_recipes(augment, crops),
                                  seed=seed, rank=rank, world_size=world_size, num_workers=self.num_workers,
                                  drop_last=drop_last, shuffle=shuffle)

@@ -5,16 +5,17 @@
 normalised float32 [N, 3, H, W] out, on the device of `images`:
 - CPU: `torch.ops.dinovmf.augment_crops` (csrc/augment_cpu.cpp: SIMD, parallel over the crops);
 - CUDA: `dinovmf.kernels.augment.augment_crops_triton` (kernels/augment.py).
-On a CPU device the loaders do not call this: their workers call the same C++ kernel per image
-(see `loader.MultiCropLoader`). `MultiCropAugmentation` applies it to a multi-crop batch on the
-training device (a GPU), where the workers hand over uint8 crops and parameters.
+On a CPU device the loaders' workers apply the C++ kernel per image (FFCV's threads through its C entry
+point, the PIL workers through this function; see `loader.MultiCropLoader`). `MultiCropAugmentation`
+applies it to a multi-crop batch on the training device (a GPU), where the workers hand over uint8
+crops and parameters.
 """
 from __future__ import annotations
 
 import torch
 
 from . import augment_params as P
-from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .augment import IMAGENET_MEAN, IMAGENET_STD, augment_reference, to_float_nchw
 
 # Instruction sets of the C++ kernel (csrc/augment_cpu.cpp): -1 picks the widest the CPU has.
 CPU_ISAS = {"auto": -1, "baseline": 0, "avx2": 1, "avx512": 2}
@@ -25,6 +26,22 @@ def load_cpu_op():
     from dinovmf._ext import load_extension
     load_extension("cpp")
     return torch.ops.dinovmf.augment_crops
+
+
+def fused_unavailable(device: torch.device | str) -> str | None:
+    """None if `fused_augment` runs on `device`, else why not (the C++ extension is not built; triton
+    does not import)."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            import dinovmf.kernels.augment  # noqa: F401
+        elif device.type == "cpu":
+            load_cpu_op()
+        else:
+            return f"no fused augmentation for {device.type} devices"
+    except ImportError as e:  # ExtensionUnavailable is an ImportError
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def cpu_isa_supported(isa: str) -> bool:
@@ -56,7 +73,7 @@ def fused_augment(images: torch.Tensor, params: torch.Tensor, mean=IMAGENET_MEAN
         images = images.float()
     params = params.to(images.device, torch.float32).contiguous()
     if images.device.type == "cuda":
-        from dinovmf.kernels.augment import augment_crops_triton
+        from dinovmf.kernels.augment import augment_crops_triton  # needs triton (`fused_unavailable`)
         return augment_crops_triton(images.contiguous(), params, mean, std)
     if images.device.type != "cpu":
         raise ValueError(f"fused_augment runs on CPU or CUDA tensors, got {images.device}")
@@ -69,10 +86,17 @@ class MultiCropAugmentation:
     `__call__(crops, params)`: `crops` the decoders' uint8 [B, s, s, 3] crops (global first; any
     device), `params` float32 [B, num_crops, NUM_PARAMS]. Crops of one size are augmented in one
     kernel call. Returns normalised float32 [B, 3, s, s] crops on `device`, in the same order.
+    Where `fused_augment` cannot run (extension not built, no triton) it says so once and runs the
+    torch reference instead.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        why = fused_unavailable(self.device)
+        self.fused = why is None
+        if not self.fused:
+            print(f"[dinovmf.data] fused augmentation unavailable on {self.device} ({why}): using the torch "
+                  "reference (slower)")
 
     def __call__(self, crops: list[torch.Tensor], params: torch.Tensor) -> list[torch.Tensor]:
         if not crops:
@@ -90,6 +114,10 @@ class MultiCropAugmentation:
         for idx in groups.values():
             images = torch.cat([crops[i].to(self.device, non_blocking=True) for i in idx])
             rows = torch.cat([params[:, i] for i in idx])
-            for i, part in zip(idx, fused_augment(images, rows).split(b)):
+            if self.fused:
+                done = fused_augment(images, rows)
+            else:
+                done = augment_reference(to_float_nchw(images) if images.dtype == torch.uint8 else images.float(), rows)
+            for i, part in zip(idx, done.split(b)):
                 out[i] = part
         return out
