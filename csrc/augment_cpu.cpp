@@ -20,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the non-temporal stores of augment_cpu_impl.h
+#endif
+
 namespace dinovmf {
 namespace augment {
 
@@ -41,6 +45,7 @@ struct CropParams {
   int64_t radius = 0;                                                    // blur radius; 0: no blur
   const float* weights = nullptr;                                        // 2 * radius + 1 taps
   float inv_std[3], shift[3];                                            // normalise: v * inv_std + shift
+  bool stream_out = false;  // write the output with non-temporal stores (see augment_crop)
 };
 
 // Floats of one row buffer: the row rounded up to whole vectors, plus the blur's reflected border.
@@ -160,9 +165,10 @@ struct Scratch {
 
 template <typename src_t>
 const char* augment_one(int64_t isa, const src_t* src, int64_t H, int64_t W, const float* params, const float* mean,
-                        const float* std, float* dst, Scratch& scratch) {
+                        const float* std, float* dst, Scratch& scratch, bool stream_out = false) {
   CropParams cp;
   if (const char* err = decode_params(params, H, W, mean, std, scratch.weights, cp)) return err;
+  cp.stream_out = stream_out;
   scratch.reserve(H, W, cp);
   run_crop(isa, src, H, W, cp, dst, scratch.rows.data(), scratch.planes.data());
   return nullptr;
@@ -215,13 +221,15 @@ bool has_isa(int64_t isa) { return isa_supported(isa); }
 }  // namespace dinovmf
 
 // One uint8 crop [H, W, 3] -> float32 [3, H, W]; params[NUM_PARAMS]; mean_std = (mean[3], std[3]).
-// Single-threaded (called from FFCV's numba threads); 0 on success, 1 on bad parameters.
+// Single-threaded (called from FFCV's numba threads); 0 on success, 1 on bad parameters. The output
+// goes to a batch buffer that the training process reads much later, so it is written with
+// non-temporal stores (no read-for-ownership of the destination, no eviction of the working set).
 extern "C" __attribute__((visibility("default"))) int64_t dinovmf_augment_crop_u8(const uint8_t* src, int64_t H,
                                                                                   int64_t W, const float* params,
                                                                                   const float* mean_std, float* dst) {
   thread_local dinovmf::augment::Scratch scratch;
   const char* err = dinovmf::augment::augment_one(dinovmf::augment::default_isa(), src, H, W, params, mean_std,
-                                                  mean_std + 3, dst, scratch);
+                                                  mean_std + 3, dst, scratch, /*stream_out=*/true);
   return err == nullptr ? 0 : 1;
 }
 

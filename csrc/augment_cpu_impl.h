@@ -120,13 +120,35 @@ __attribute__((always_inline)) inline void store_n(float* p, vf v, int64_t n) {
   }
 }
 
+// A whole vector to p, non-temporally when asked and p is aligned to the vector.
+__attribute__((always_inline)) inline void store_out(float* p, vf v, bool stream) {
+#if defined(__x86_64__)
+  if (stream && (reinterpret_cast<uintptr_t>(p) % sizeof(vf)) == 0) {
+#if DINOVMF_AUG_VEC_BYTES == 64
+    _mm512_stream_ps(p, (__m512)v);
+#elif DINOVMF_AUG_VEC_BYTES == 32
+    _mm256_stream_ps(p, (__m256)v);
+#else
+    _mm_stream_ps(p, (__m128)v);
+#endif
+    return;
+  }
+#endif
+  store(p, v);
+}
+
 // Solarisation (where drawn) and normalisation of one vector, stored to the three output planes.
 __attribute__((always_inline)) inline void finish(vf r, vf g, vf b, const CropParams& cp, float* out, int64_t plane,
                                                   int64_t n) {
   vf v[3] = {r, g, b};
   for (int c = 0; c < 3; ++c) {
     if (cp.solarize) v[c] = sel(v[c] >= splat(0.5f), splat(1.f) - v[c], v[c]);
-    store_n(out + c * plane, v[c] * splat(cp.inv_std[c]) + splat(cp.shift[c]), n);
+    const vf o = v[c] * splat(cp.inv_std[c]) + splat(cp.shift[c]);
+    if (n == kW) {
+      store_out(out + c * plane, o, cp.stream_out);
+    } else {
+      store_n(out + c * plane, o, n);
+    }
   }
 }
 
@@ -168,7 +190,7 @@ inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 *
 // blur back into `planes` (the row is in the row buffers by then) and, after the last row, the vertical
 // blur with solarisation + normalisation into dst.
 template <typename src_t>
-void augment_crop(const src_t* src, int64_t H, int64_t W, CropParams cp, float* dst, float* rows, float* planes) {
+void augment_crop_body(const src_t* src, int64_t H, int64_t W, CropParams cp, float* dst, float* rows, float* planes) {
   const int64_t stride = row_floats(W, cp.radius);
   float* r = rows + cp.radius;  // row buffers with room for the blur's reflected border
   float* g = r + stride;
@@ -261,4 +283,13 @@ void augment_crop(const src_t* src, int64_t H, int64_t W, CropParams cp, float* 
       finish(acc_r, acc_g, acc_b, cp, dst + y * W + x, plane, n);
     }
   }
+}
+
+template <typename src_t>
+void augment_crop(const src_t* src, int64_t H, int64_t W, const CropParams& cp, float* dst, float* rows,
+                  float* planes) {
+  augment_crop_body(src, H, W, cp, dst, rows, planes);
+#if defined(__x86_64__)
+  if (cp.stream_out) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
+#endif
 }

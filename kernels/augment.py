@@ -230,6 +230,16 @@ def _blur_kernel(SRC, PRM, DST, H, W, mean_r, mean_g, mean_b, istd_r, istd_g, is
         tl.store(out + 2 * HW, acc_b, mask=mask)
 
 
+# The parameter columns and block size each kernel is launched with (constexprs), by kernel.
+CONSTEXPRS = {
+    "stage": dict(NUM_PARAMS=P.NUM_PARAMS, FLIP=P.FLIP, JITTER=P.JITTER, OP0=P.OP0, BRIGHTNESS=P.BRIGHTNESS,
+                  HUE=P.HUE, BLOCK=BLOCK),
+    "photometric": dict(NUM_PARAMS=P.NUM_PARAMS, FLIP=P.FLIP, JITTER=P.JITTER, OP0=P.OP0, BRIGHTNESS=P.BRIGHTNESS,
+                        HUE=P.HUE, GRAY=P.GRAY, BLUR=P.BLUR, SIGMA=P.SIGMA, SOLARIZE=P.SOLARIZE, BLOCK=BLOCK),
+    "blur": dict(NUM_PARAMS=P.NUM_PARAMS, BLUR=P.BLUR, SIGMA=P.SIGMA, SOLARIZE=P.SOLARIZE, BLOCK=BLOCK),
+}
+
+
 def augment_crops_triton(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
     """Normalised float32 [N, 3, H, W] from contiguous uint8 [N, H, W, 3] or float32 [N, 3, H, W] crops
     and float32 parameter rows [N, NUM_PARAMS] on the same device (checked by `fused_augment`)."""
@@ -243,16 +253,12 @@ def augment_crops_triton(images: torch.Tensor, params: torch.Tensor, mean, std) 
     stage = torch.empty_like(out)
     blurred = torch.empty_like(out)
     partial = torch.empty((N, nblocks), device=images.device, dtype=torch.float32)
-    cols = dict(NUM_PARAMS=P.NUM_PARAMS, OP0=P.OP0, BRIGHTNESS=P.BRIGHTNESS, HUE=P.HUE)
     norm = [float(m) for m in mean] + [1.0 / float(s) for s in std]
     grid = (N, nblocks)
-    _stage_kernel[grid](images, params, stage, partial, H, W, nblocks, SRC_U8=u8, FLIP=P.FLIP, JITTER=P.JITTER,
-                        BLOCK=BLOCK, **cols)
+    _stage_kernel[grid](images, params, stage, partial, H, W, nblocks, SRC_U8=u8, **CONSTEXPRS["stage"])
     luma_sum = partial.sum(dim=1)  # a fixed-order reduction: the same mean on every run
-    blur_cols = dict(NUM_PARAMS=P.NUM_PARAMS, BLUR=P.BLUR, SIGMA=P.SIGMA, SOLARIZE=P.SOLARIZE, BLOCK=BLOCK)
-    _photometric_kernel[grid](images, params, stage, luma_sum, out, H, W, *norm, SRC_U8=u8, FLIP=P.FLIP,
-                              JITTER=P.JITTER, GRAY=P.GRAY, **cols,
-                              **{k: v for k, v in blur_cols.items() if k != "NUM_PARAMS"})
-    _blur_kernel[grid](stage, params, blurred, H, W, *norm, VERTICAL=False, **blur_cols)
-    _blur_kernel[grid](blurred, params, out, H, W, *norm, VERTICAL=True, **blur_cols)
+    _photometric_kernel[grid](images, params, stage, luma_sum, out, H, W, *norm, SRC_U8=u8,
+                              **CONSTEXPRS["photometric"])
+    _blur_kernel[grid](stage, params, blurred, H, W, *norm, VERTICAL=False, **CONSTEXPRS["blur"])
+    _blur_kernel[grid](blurred, params, out, H, W, *norm, VERTICAL=True, **CONSTEXPRS["blur"])
     return out

@@ -16,28 +16,26 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dinovmf.data import augment_params as P  # noqa: E402
 from dinovmf.kernels import augment as K  # noqa: E402
 
 ALIGNED = [["tt.divisibility", 16]]
 
 
 def cases():
-    cols = dict(NUM_PARAMS=P.NUM_PARAMS, OP0=P.OP0, BRIGHTNESS=P.BRIGHTNESS, HUE=P.HUE)
-    blur = dict(NUM_PARAMS=P.NUM_PARAMS, BLUR=P.BLUR, SIGMA=P.SIGMA, SOLARIZE=P.SOLARIZE, BLOCK=K.BLOCK)
+    """(label, kernel, runtime argument types, constexprs) as `augment_crops_triton` launches them."""
     norm = {k: "fp32" for k in ("mean_r", "mean_g", "mean_b", "istd_r", "istd_g", "istd_b")}
     for u8 in (True, False):
         src = "*u8" if u8 else "*fp32"
         yield (f"_stage_kernel u8={u8}", K._stage_kernel,
                dict(SRC=src, PRM="*fp32", STAGE="*fp32", PARTIAL="*fp32", H="i32", W="i32", NBLOCKS="i32"),
-               dict(SRC_U8=u8, FLIP=P.FLIP, JITTER=P.JITTER, BLOCK=K.BLOCK, **cols))
+               dict(SRC_U8=u8, **K.CONSTEXPRS["stage"]))
         yield (f"_photometric_kernel u8={u8}", K._photometric_kernel,
                dict(SRC=src, PRM="*fp32", STAGE="*fp32", LUMA_SUM="*fp32", OUT="*fp32", H="i32", W="i32", **norm),
-               dict(SRC_U8=u8, FLIP=P.FLIP, JITTER=P.JITTER, GRAY=P.GRAY, BLUR=P.BLUR, SIGMA=P.SIGMA,
-                    SOLARIZE=P.SOLARIZE, BLOCK=K.BLOCK, **cols))
+               dict(SRC_U8=u8, **K.CONSTEXPRS["photometric"]))
     for vertical in (False, True):
         yield (f"_blur_kernel vertical={vertical}", K._blur_kernel,
-               dict(SRC="*fp32", PRM="*fp32", DST="*fp32", H="i32", W="i32", **norm), dict(VERTICAL=vertical, **blur))
+               dict(SRC="*fp32", PRM="*fp32", DST="*fp32", H="i32", W="i32", **norm),
+               dict(VERTICAL=vertical, **K.CONSTEXPRS["blur"]))
 
 
 def main(archs: list[int]) -> int:
