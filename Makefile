@@ -42,8 +42,9 @@ $(STAMP): setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 	@$(PY) -m pip install -q --upgrade pip setuptools wheel ninja $(QUIET_PIP_NOTICES)
 	@# Keep an existing torch (a CUDA build, say); otherwise install the pinned CPU wheel.
 	@$(PY) -c "import torch" 2>/dev/null || { echo "[make] installing torch==$(TORCH_VERSION)"; $(PY) -m pip install -q torch==$(TORCH_VERSION) $(QUIET_PIP_NOTICES); }
-	@# Constrain every later install to the torch we have, so no dependency swaps it for a CUDA build.
-	@$(PY) -c "import torch;print('torch=='+torch.__version__)" > $(VENV)/constraints.txt
+	@# Constrain every later install to the torch we have, so no dependency swaps it for a CUDA build. Read
+	@# from the metadata: importing torch before numpy is installed warns "Failed to initialize NumPy".
+	@$(PY) -c "import importlib.metadata as m;print('torch=='+m.version('torch'))" > $(VENV)/constraints.txt
 	@echo "[make] installing dinovmf and its dependencies"
 	@$(PIP) triton==3.9.0 numpy scipy mpmath pytest pyyaml tqdm matplotlib safetensors tensorboard pillow $(QUIET_PIP_NOTICES)
 	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \

@@ -14,6 +14,7 @@ BENCHMARKS = (
     ("bench.bench_vmf_normalizer", []),
     ("bench.bench_loss", ["--k", "4096", "16384", "65536"]),
     ("bench.bench_model", []),
+    ("bench.bench_augment", []),
     ("bench.bench_data", []),
     ("bench.bench_train", []),
 )

@@ -66,11 +66,26 @@ class OptimConfig:
 
 @dataclass
 class CropsConfig:
+    """DINO's multi-crop recipe: `n_global` large crops (teacher and student) + `n_local` small ones.
+
+    Scales are fractions of the source image's area, as in RandomResizedCrop. The data package reads
+    this class directly (`dinovmf.data`); `validate_crops` checks it.
+    """
+    n_global: typing.ClassVar[int] = N_GLOBAL_CROPS  # a constant of the method, not a key (see N_GLOBAL_CROPS)
     global_size: int = 224
     local_size: int = 96
     n_local: int = 10
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+
+    @property
+    def num_crops(self) -> int:
+        return self.n_global + self.n_local
+
+    def crop_specs(self) -> list[tuple[int, tuple[float, float]]]:
+        """(output size, scale range) of every crop, global crops first."""
+        return ([(self.global_size, tuple(self.global_scale))] * self.n_global
+                + [(self.local_size, tuple(self.local_scale))] * self.n_local)
 
 
 @dataclass
@@ -369,7 +384,6 @@ def validate(cfg: Config) -> None:
     positive = {"train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every,
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
                 "model.out_dim": cfg.model.out_dim, "model.patch_size": cfg.model.patch_size,
-                "crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size,
                 "eval.knn_k": cfg.eval.knn_k, "optim.lr": cfg.optim.lr,
                 "loss.student_temp": cfg.loss.student_temp, "loss.teacher_temp": cfg.loss.teacher_temp,
                 "loss.warmup_teacher_temp": cfg.loss.warmup_teacher_temp,
@@ -379,8 +393,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config: {key} must be > 0, got {value}")
     if cfg.train.time_limit_min is not None and cfg.train.time_limit_min <= 0:
         raise ValueError(f"config: train.time_limit_min must be > 0 (or null), got {cfg.train.time_limit_min}")
-    if cfg.crops.n_local < 0:
-        raise ValueError(f"config: crops.n_local must be >= 0, got {cfg.crops.n_local}")
+    validate_crops(cfg.crops)
     if cfg.train.amp not in ("auto", "bf16", "none"):
         raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
     if cfg.data.loader not in ("auto", "ffcv", "pil"):
@@ -388,7 +401,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.depth is not None and cfg.model.depth < 1:
         raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {cfg.model.depth}")
     _validate_ibot(cfg)
-    _validate_augment(cfg.augment)
+    validate_augment(cfg.augment)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
@@ -396,7 +409,21 @@ def validate(cfg: Config) -> None:
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
 
 
-def _validate_augment(aug: AugmentConfig) -> None:
+def validate_crops(crops: CropsConfig) -> None:
+    """Reject crop settings no loader could use, naming the key (the loaders call this too)."""
+    for key in ("global_size", "local_size"):
+        if int(getattr(crops, key)) < 1:
+            raise ValueError(f"config: crops.{key} must be a positive number of pixels, got {getattr(crops, key)}")
+    if crops.n_local < 0:
+        raise ValueError(f"config: crops.n_local must be >= 0, got {crops.n_local}")
+    for key in ("global_scale", "local_scale"):
+        lo, hi = getattr(crops, key)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"config: crops.{key} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+
+
+def validate_augment(aug: AugmentConfig) -> None:
+    """Reject augmentation settings no run could use, naming the key (the loaders call this too)."""
     probabilities = {"flip_p": aug.flip_p, "jitter_p": aug.jitter_p, "gray_p": aug.gray_p,
                      "solarize_p": aug.solarize_p, **{f"blur_p[{i}]": p for i, p in enumerate(aug.blur_p)}}
     for key, p in probabilities.items():

@@ -6,7 +6,6 @@ Alone, or as one rank of a torchrun / srun job (the process group is set up from
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -54,15 +53,21 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
 
 
 def build_train_loader(cfg: Config, out_dir: Path, info: D.DistInfo):
-    """This rank's multi-crop loader over data.train (prepared into out_dir/data when needed)."""
-    from dinovmf.data import MultiCropConfig, MultiCropLoader
-    from dinovmf.data.augment import dino_view_recipes
+    """This rank's multi-crop loader over data.train (prepared into out_dir/data when needed).
+
+    The validation set is prepared now too: preparing forks FFCV's writer processes, which must happen
+    before decoding starts."""
+    from dinovmf.data import MultiCropLoader
 
     train_path = prepare_data(cfg.data.train, out_dir, info, "train", cfg.data.loader)
-    return MultiCropLoader(train_path, cfg.train.batch_size, MultiCropConfig.from_config(cfg.crops),
-                           D.device_for(info), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                           num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader,
-                           view_recipes=dino_view_recipes(**dataclasses.asdict(cfg.augment)))
+    if cfg.data.val:
+        prepare_data(cfg.data.val, out_dir, info, "val", cfg.data.loader)
+    loader = MultiCropLoader(train_path, cfg.train.batch_size, cfg.crops, D.device_for(info), augment=cfg.augment,
+                             seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                             num_workers=cfg.data.num_workers, drop_last=True, backend=cfg.data.loader)
+    if info.is_main:
+        print(loader.describe(), flush=True)
+    return loader
 
 
 def prepare_data(spec: str, out_dir: Path, info: D.DistInfo, split: str = "train", loader: str = "auto") -> Path:

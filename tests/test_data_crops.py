@@ -5,28 +5,35 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dinovmf.data.crops import (DEFAULT_RATIO, MultiCropConfig, crop_key, epoch_order, hash32,
-                                key_uniform, random_crop_box)
+from dinovmf.config import CropsConfig, validate_crops
+from dinovmf.data.crops import DEFAULT_RATIO, crop_key, epoch_order, hash32, key_uniform, random_crop_box
 
 LOG_RATIO = (math.log(DEFAULT_RATIO[0]), math.log(DEFAULT_RATIO[1]))
 
 
 def test_config_defaults_are_dino():
-    c = MultiCropConfig()
-    assert (c.num_global, c.num_local, c.global_size, c.local_size) == (2, 10, 224, 96)
+    c = CropsConfig()
+    assert (c.n_global, c.n_local, c.global_size, c.local_size) == (2, 10, 224, 96)
     assert c.global_scale == (0.4, 1.0) and c.local_scale == (0.05, 0.4)
     specs = c.crop_specs()
     assert len(specs) == c.num_crops == 12
     assert specs[:2] == [(224, (0.4, 1.0))] * 2 and specs[2:] == [(96, (0.05, 0.4))] * 10
+    validate_crops(c)
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"num_local": -1}, "num_local"), ({"global_size": 0}, "global_size"),
+    ({"n_local": -1}, "n_local"), ({"global_size": 0}, "global_size"),
     ({"local_scale": (0.5, 0.2)}, "local_scale"), ({"global_scale": (0.0, 1.0)}, "global_scale"),
-    ({"num_global": 3}, "num_global")])
+    ({"local_scale": (0.5, 1.5)}, "local_scale")])
 def test_config_rejects_bad_values(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        MultiCropConfig(**kwargs)
+    with pytest.raises(ValueError, match=f"crops.{name}"):
+        validate_crops(CropsConfig(**kwargs))
+
+
+def test_n_global_is_not_a_config_key():
+    """Two global views are DINO's definition (recipe and loss pairing), not a setting."""
+    from dinovmf.config import all_keys
+    assert "crops.n_global" not in all_keys() and CropsConfig.n_global == 2
 
 
 def test_hash_and_uniforms():
@@ -80,11 +87,3 @@ def test_epoch_order_shards():
 def test_epoch_order_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         epoch_order(10, 0, 0, **kwargs)
-
-
-def test_from_trainer_crops_config():
-    from dinovmf.config import CropsConfig
-    c = MultiCropConfig.from_config(CropsConfig(global_size=64, local_size=32, n_local=4,
-                                                global_scale=(0.5, 1.0), local_scale=(0.1, 0.5)))
-    assert (c.num_local, c.global_size, c.local_size) == (4, 64, 32)
-    assert c.global_scale == (0.5, 1.0) and c.local_scale == (0.1, 0.5)

@@ -1,4 +1,5 @@
-"""MultiCropLoader / EvalLoader: shapes, ranges, determinism, sharding, and FFCV vs PIL equivalence.
+"""MultiCropLoader / EvalLoader: shapes, ranges, determinism, sharding, FFCV vs PIL equivalence, the
+augmentation in the workers against the reference, torch's thread count and FFCV's epoch threads.
 
 FFCV compiles its pipelines with numba on first use (seconds per decoder on CPU), so the FFCV loaders
 are built once per module, with few and small crops.
@@ -6,15 +7,17 @@ are built once per module, with few and small crops.
 import numpy as np
 import pytest
 import torch
+from _augment_checks import assert_matches_reference
 from PIL import Image
 
-from dinovmf.data import EvalLoader, MultiCropConfig, MultiCropLoader, epoch_order
+from dinovmf.config import AugmentConfig, CropsConfig
+from dinovmf.data import EvalLoader, MultiCropLoader, epoch_order
 from dinovmf.data import loader as loader_module
-from dinovmf.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dinovmf.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment_reference, to_float_nchw
 from dinovmf.data.embedded import CLASSES, render_image
 
 N_IMAGES, BATCH = 64, 8
-CROPS = MultiCropConfig(num_local=1, global_size=24, local_size=12)
+CROPS = CropsConfig(n_local=1, global_size=24, local_size=12)
 SHARD = dict(seed=5, rank=1, world_size=2)
 
 
@@ -46,8 +49,15 @@ def pil_loader(data):
 
 
 def _decoded(loader, epoch):
+    """(uint8 crops, parameters, labels) of every batch of `epoch`, copied out of the loader's buffers."""
     loader.set_epoch(epoch)
-    return [([c.clone() for c in crops], labels.clone()) for crops, labels in loader.decoded_batches()]
+    return [([c.clone() for c in crops], params.clone(), labels.clone())
+            for crops, params, labels in loader.decoded_batches()]
+
+
+def _finished(loader, epoch):
+    loader.set_epoch(epoch)
+    return [([c.clone() for c in crops], labels.clone()) for crops, labels in loader]
 
 
 def test_batches_have_dino_layout(ffcv_loader, data):
@@ -69,22 +79,34 @@ def test_batches_have_dino_layout(ffcv_loader, data):
 
 def test_ffcv_batches_are_deterministic_per_epoch(ffcv_loader):
     a, b, c = _decoded(ffcv_loader, 1), _decoded(ffcv_loader, 1), _decoded(ffcv_loader, 2)
-    assert all(torch.equal(x, y) for (ca, _), (cb, _) in zip(a, b) for x, y in zip(ca, cb))
-    assert not torch.equal(a[0][0][0], c[0][0][0])
-    ffcv_loader.set_epoch(1)
-    first = next(iter(ffcv_loader))[0]
-    ffcv_loader.set_epoch(1)
-    again = next(iter(ffcv_loader))[0]
-    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert all(torch.equal(x, y) for (ca, pa, _), (cb, pb, _) in zip(a, b) for x, y in zip(ca + [pa], cb + [pb]))
+    assert not torch.equal(a[0][0][0], c[0][0][0]) and not torch.equal(a[0][1], c[0][1])
+    first, again = _finished(ffcv_loader, 1), _finished(ffcv_loader, 1)
+    assert all(torch.equal(x, y) for (fa, _), (fb, _) in zip(first, again) for x, y in zip(fa, fb))
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "pil"])
+def test_augmentation_in_the_workers_matches_the_reference(backend, ffcv_loader, pil_loader):
+    """The finished crops (augmented per image in FFCV's threads through the C++ kernel's C entry point,
+    or in the PIL workers through the torch op) are the float64 reference applied to the decoded uint8
+    crops with the same parameters."""
+    loader = ffcv_loader if backend == "ffcv" else pil_loader
+    finished, decoded = _finished(loader, 2), _decoded(loader, 2)
+    assert len(finished) == len(decoded) == len(loader)
+    for (crops, labels), (raw, params, raw_labels) in zip(finished, decoded):
+        assert torch.equal(labels, raw_labels) and params.shape == (BATCH, CROPS.num_crops, 14)
+        for c in range(CROPS.num_crops):
+            assert_matches_reference(crops[c], raw[c], params[:, c])
 
 
 def test_ffcv_and_pil_agree(ffcv_loader, pil_loader):
-    """Same order and labels, same crop boxes (same keys), so crops differ only by resampling."""
+    """Same order and labels, same crop boxes and augmentation parameters (same keys), so crops differ only
+    by resampling."""
     for epoch in (0, 3):
         f, p = _decoded(ffcv_loader, epoch), _decoded(pil_loader, epoch)
         assert len(f) == len(p)
-        for (fc, fl), (pc, pl) in zip(f, p):
-            assert torch.equal(fl, pl)
+        for (fc, fp, fl), (pc, pp, pl) in zip(f, p):
+            assert torch.equal(fl, pl) and torch.equal(fp, pp)
             for x, y in zip(fc, pc):
                 assert x.shape == y.shape and x.dtype == y.dtype == torch.uint8
                 # Resampling differs (OpenCV INTER_AREA vs PIL bilinear); boxes agree.
@@ -102,7 +124,7 @@ def test_pil_ranks_read_disjoint_shards(data):
         loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0,
                                  seed=5, rank=rank, world_size=2, drop_last=False)
         loader.set_epoch(2)
-        labels = torch.cat([lab for _, lab in loader.decoded_batches()]).numpy()
+        labels = torch.cat([lab for _, _, lab in loader.decoded_batches()]).numpy()
         order = epoch_order(N_IMAGES, 5, 2, rank, 2)
         assert np.array_equal(labels, data[1][order])
         seen.append(set(order.tolist()))
@@ -129,12 +151,10 @@ def test_fallback_notice_when_ffcv_missing(data, monkeypatch, capsys):
         MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="ffcv")
 
 
-def test_view_recipes_reach_the_pixels(data):
-    """A loader built with all-grayscale, no-jitter recipes hands out gray crops (equal RGB before normalising)."""
-    from dinovmf.data.augment import dino_view_recipes
-    recipes = dino_view_recipes(jitter_p=0.0, gray_p=1.0)
-    loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0,
-                             view_recipes=recipes, **SHARD)
+def test_augment_config_reaches_the_pixels(data):
+    """A loader built with all-grayscale, no-jitter settings hands out gray crops (equal RGB before normalising)."""
+    loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", augment=AugmentConfig(jitter_p=0.0, gray_p=1.0),
+                             backend="pil", num_workers=0, **SHARD)
     crops, _ = next(iter(loader))
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for crop in crops:
@@ -145,13 +165,44 @@ def test_view_recipes_reach_the_pixels(data):
     assert not torch.allclose((default[0] * std + mean)[:, 0], (default[0] * std + mean)[:, 1], atol=1e-3)
 
 
+def test_device_path_matches_worker_path(pil_loader, data):
+    """Augmenting on the device (uint8 crops + parameters -> MultiCropAugmentation, as on a GPU) gives the
+    crops the workers finish on a CPU device."""
+    from dinovmf.data import MultiCropAugmentation
+    pil_loader.set_epoch(4)
+    (crops, _), (raw, params, _) = next(iter(pil_loader)), next(iter(pil_loader.decoded_batches()))
+    on_device = MultiCropAugmentation("cpu")(raw, params)
+    for a, b in zip(crops, on_device):
+        assert torch.equal(a, b)
+    assert "augmentation" in pil_loader.describe() and "torch threads" in pil_loader.describe()
+
+
+def test_without_the_extension_the_training_process_augments(pil_loader, data, monkeypatch, capsys):
+    """No C++ extension: a notice, then the torch reference in the training process (same crops)."""
+    from dinovmf.data import fused
+    monkeypatch.setattr(fused, "fused_unavailable", lambda device: "ExtensionUnavailable: not built")
+    monkeypatch.setattr(loader_module, "fused_unavailable", fused.fused_unavailable)
+    loader = MultiCropLoader(data[0], BATCH, CROPS, "cpu", backend="pil", num_workers=0, **SHARD)
+    assert not loader.augment_in_workers and "using the torch reference" in capsys.readouterr().out
+    assert "augmentation on cpu" in loader.describe()
+    loader.set_epoch(4)
+    pil_loader.set_epoch(4)
+    (crops, _), (raw, params, _) = next(iter(loader)), next(iter(pil_loader.decoded_batches()))
+    for c in range(CROPS.num_crops):
+        assert_matches_reference(crops[c], raw[c], params[:, c])
+
+
 def test_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         MultiCropLoader(data[0], 0, CROPS, "cpu")
     with pytest.raises(ValueError, match="backend"):
         MultiCropLoader(data[0], 4, CROPS, "cpu", backend="dali")
     with pytest.raises(ValueError, match="crops"):
-        MultiCropLoader(data[0], 4, {"num_local": 2}, "cpu")
+        MultiCropLoader(data[0], 4, {"n_local": 2}, "cpu")
+    with pytest.raises(ValueError, match="crops.local_scale"):
+        MultiCropLoader(data[0], 4, CropsConfig(local_scale=(0.5, 0.1)), "cpu")
+    with pytest.raises(ValueError, match="augment.gray_p"):
+        MultiCropLoader(data[0], 4, CROPS, "cpu", augment=AugmentConfig(gray_p=2.0))
     with pytest.raises(FileNotFoundError):
         MultiCropLoader(tmp_path / "missing.beton", 4, CROPS, "cpu")
     with pytest.raises(ValueError, match="folder"):
@@ -178,32 +229,75 @@ def test_pil_loader_reads_an_image_folder_without_ffcv(tmp_path, monkeypatch):
     assert images.shape == (12, 3, 16, 16) and labels.tolist() == expected
 
 
-def test_only_numbas_finalizer_keyerror_is_silenced(monkeypatch):
-    """The unraisable-hook filter drops numba's harmless finalizer KeyError and nothing else."""
-    import sys
-    import types
+def test_ffcv_leaves_torch_thread_count_alone(ffcv_loader, data):
+    """FFCV's Compiler sets torch's threads to its worker count (at import, loader build, epoch start);
+    the training process keeps its own."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # differs from the fixtures' 1 and 2 workers
+        ffcv_loader.set_epoch(0)
+        next(iter(ffcv_loader))
+        assert torch.get_num_threads() == 3
+        evaluation = EvalLoader(data[0], 24, 16, "cpu", backend="ffcv", num_workers=1)
+        assert torch.get_num_threads() == 3
+        next(iter(evaluation))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
-    from dinovmf.data import ffcv_loader
 
-    def raised_in(filename, name, exc):
-        code = compile(f"def {name}():\n    raise exc\n", filename, "exec")
-        namespace = {"exc": exc}
-        exec(code, namespace)
-        try:
-            namespace[name]()
-        except BaseException as e:  # noqa: BLE001
-            return types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__, object=None,
-                                         exc_type=type(e), err_msg=None)
+def test_keep_torch_threads_restores_the_count():
+    """What wraps FFCV's import, loader build and epoch start."""
+    from dinovmf.data.ffcv_loader import keep_torch_threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with keep_torch_threads():
+            torch.set_num_threads(1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
-    numba_file = "/site-packages/numba/core/dispatcher.py"
-    seen = []
-    monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    ffcv_loader._silence_numba_finalizer_keyerror()
-    ffcv_loader._silence_numba_finalizer_keyerror()  # idempotent: one filter, not a chain of them
-    silenced = raised_in(numba_file, "finalizer", KeyError("sig"))
-    others = [raised_in(numba_file, "finalizer", ValueError("x")),       # another error type
-              raised_in("/site-packages/mylib/dispatcher.py", "finalizer", KeyError("sig")),  # another file
-              raised_in(numba_file, "compile", KeyError("sig"))]         # another function
-    for u in [silenced] + others:
-        sys.unraisablehook(u)
-    assert seen == others
+
+def test_stopping_an_ffcv_epoch_early_leaves_no_thread_and_forks_cleanly(ffcv_loader, capfd):
+    """A fork (DataLoader workers, FFCV's dataset writer) after an FFCV epoch was stopped early: FFCV's
+    decoding thread has been joined, so numba's TBB layer does not print "Unable to join threads to
+    shut down before fork()" (it did before, measured with numba 0.68.1 and TBB)."""
+    import multiprocessing
+    import threading
+    ffcv_loader.set_epoch(1)
+    batches = iter(ffcv_loader)
+    next(batches)
+    assert any(type(t).__name__ == "EpochIterator" for t in threading.enumerate())
+    ffcv_loader.close()  # as a training loop that stops mid-epoch (dropping the iterator does the same)
+    assert not any(type(t).__name__ == "EpochIterator" for t in threading.enumerate())
+    capfd.readouterr()
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    out, err = capfd.readouterr()
+    assert "Unable to join threads" not in out + err
+
+
+def test_ffcv_state_types_leave_numbas_types_alone():
+    """FFCV's memory managers used to set `.mutable = False` on numba's interned array types, changing
+    the hash of keys numba's dispatchers hold (the "Exception ignored ... KeyError" noise after a loader
+    was freed); `ffcv_available` replaces those properties by ones that build read-only types."""
+    pytest.importorskip("ffcv")
+    import numba as nb
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from ffcv.memory_managers.process_cache.manager import ProcessCacheManager
+
+    from dinovmf.data import ffcv_available
+    assert ffcv_available()
+    shared = [nb.uint8[::1], nb.uint8[:, ::1], nb.uint64[::1], nb.uint32[::1]]
+    keys, hashes = [t.key for t in shared], [hash(t) for t in shared]
+    signatures = {tuple(shared): "compiled"}  # as a dispatcher's overloads hold its argument types
+    os_state = OSCacheManager.state_type.fget(None)
+    process_state = ProcessCacheManager.state_type.fget(None)
+    assert [t.key for t in shared] == keys and [hash(t) for t in shared] == hashes
+    assert signatures[tuple(shared)] == "compiled"
+    assert [t.mutable for t in os_state.types] == [False, True, True]
+    assert [t.mutable for t in process_state.types] == [False] * 4
+    assert os_state.types[0] == nb.types.Array(nb.uint8, 1, "C", readonly=True)

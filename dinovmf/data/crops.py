@@ -1,7 +1,8 @@
-"""Multi-crop sampling: the crop configuration, where each crop is cut, and which samples a rank reads.
+"""Multi-crop sampling: where each crop is cut, and which samples a rank reads.
 
-Both loaders (FFCV and the PIL fallback) cut crops with `random_crop_box` and order samples with
-`epoch_order`, so they see the same crop distribution and the same shards.
+Both loaders (FFCV and the PIL fallback) cut the crops of the config's `CropsConfig` with
+`random_crop_box` and order samples with `epoch_order`, so they see the same crop distribution and
+the same shards; `augment_params` draws each crop's augmentation from the same key.
 
 Determinism without RNG state. FFCV decodes a batch in numba threads (`prange`), whose per-thread
 random streams are not reproducible, and its compiled pipeline cannot be handed a new epoch number
@@ -15,7 +16,6 @@ The hash works on values below 2**32 with multipliers below 2**27, so every prod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,50 +28,6 @@ except ImportError:  # the PIL fallback calls them from Python only
 _MASK32 = 0xFFFFFFFF
 # Aspect-ratio range of torchvision's RandomResizedCrop, which DINO uses unchanged.
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-@dataclass(frozen=True)
-class MultiCropConfig:
-    """DINO's multi-crop recipe: `num_global` large crops (teacher and student) + `num_local` small ones.
-
-    Scales are fractions of the source image's area, as in RandomResizedCrop.
-    """
-    num_global: int = 2
-    num_local: int = 10
-    global_size: int = 224
-    local_size: int = 96
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-
-    def __post_init__(self):
-        if self.num_global != 2:
-            # The augmentation recipe (blur 1.0 / 0.1, solarise on the second) is defined for 2 crops.
-            raise ValueError(f"num_global must be 2 (DINO's two global views), got {self.num_global}")
-        if self.num_local < 0:
-            raise ValueError(f"num_local must be >= 0, got {self.num_local}")
-        for name in ("global_size", "local_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, got {getattr(self, name)}")
-        for name in ("global_scale", "local_scale"):
-            lo, hi = getattr(self, name)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
-            object.__setattr__(self, name, (float(lo), float(hi)))
-
-    @property
-    def num_crops(self) -> int:
-        return self.num_global + self.num_local
-
-    def crop_specs(self) -> list[tuple[int, tuple[float, float]]]:
-        """(output size, scale range) of every crop, global crops first."""
-        return ([(self.global_size, self.global_scale)] * self.num_global
-                + [(self.local_size, self.local_scale)] * self.num_local)
-
-    @classmethod
-    def from_config(cls, crops) -> "MultiCropConfig":
-        """From the trainer's `CropsConfig` (fields global_size, local_size, n_local, *_scale)."""
-        return cls(num_local=crops.n_local, global_size=crops.global_size, local_size=crops.local_size,
-                   global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale))
 
 
 @_jitable

@@ -51,13 +51,16 @@ class EvalLoader:
     def _build_ffcv(self, workers: int):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import OrderOption
         from ffcv.transforms import ToTensor
+
+        from .ffcv_loader import build_ffcv_loader
         s = self.image_size
-        return Loader(str(self.path), batch_size=self.batch_size, num_workers=workers,
-                      order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=2,
-                      pipelines={"image": [CenterCropRGBImageDecoder((s, s), CENTER_CROP_RATIO), ToTensor()],
-                                 "label": [IntDecoder(), ToTensor()]})
+        return build_ffcv_loader(self.path, batch_size=self.batch_size, num_workers=workers,
+                                 order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=2,
+                                 pipelines={"image": [CenterCropRGBImageDecoder((s, s), CENTER_CROP_RATIO),
+                                                      ToTensor()],
+                                            "label": [IntDecoder(), ToTensor()]})
 
     def __len__(self) -> int:
         if self.backend == "ffcv":
@@ -72,7 +75,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.backend == "ffcv":
-            batches = ((img, lab.reshape(-1).clone()) for img, lab in self._ffcv)
+            from .ffcv_loader import ffcv_epoch
+            batches = ((img, lab.reshape(-1).clone()) for img, lab in ffcv_epoch(self._ffcv))
         else:
             batches = self._pil_batches()
         for images, labels in batches:

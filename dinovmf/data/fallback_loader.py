@@ -1,10 +1,12 @@
 """PIL + torch DataLoader decoding of multi-crop batches: the loader when FFCV is not importable.
 
-Same outputs as `FFCVMultiCropSource` (uint8 [B, H, W, 3] crops, global first, and int64 labels),
-same crop boxes (`crops.random_crop_box` with the same keys) and the same per-rank order
-(`crops.epoch_order`); only the resampling differs (PIL's antialiased bilinear vs. FFCV's OpenCV
-INTER_AREA), so the two agree in distribution, not bit for bit. Reads an image folder, or a .beton
-when FFCV's reader is importable (so the two backends can be compared on one file).
+Same outputs as `FFCVMultiCropSource` (global crops first, int64 labels; with `augment_in_workers`
+the finished float crops, augmented per image in the DataLoader workers by the same C++ kernel,
+otherwise uint8 crops and their parameters), same crop boxes (`crops.random_crop_box` with the same
+keys), the same augmentation parameters (`augment_params.draw_crop_params`, same keys) and the same
+per-rank order (`crops.epoch_order`); only the resampling differs (PIL's antialiased bilinear vs.
+FFCV's OpenCV INTER_AREA), so the two agree in distribution, not bit for bit. Reads an image folder,
+or a .beton when FFCV's reader is importable (so the two backends can be compared on one file).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .crops import DEFAULT_RATIO, MultiCropConfig, crop_key, epoch_order, random_crop_box
+from . import augment_params as P
+from .crops import DEFAULT_RATIO, crop_key, epoch_order, random_crop_box
 from .prepare import list_images
 
 
@@ -84,10 +87,13 @@ def open_images(path: str | Path):
 
 
 class _MultiCropDataset(Dataset):
-    """Item (sample, batch position, first sample of the batch) -> (crop_0, ..., crop_n, label)."""
+    """Item (sample, batch position, first sample of the batch) -> (crop_0, ..., crop_n, [params,] label):
+    finished float crops with `augment_in_workers`, else uint8 crops and their parameters."""
 
-    def __init__(self, images, crops: MultiCropConfig, seed: int, ratio=DEFAULT_RATIO):
+    def __init__(self, images, crops, recipes: np.ndarray, seed: int, augment_in_workers: bool,
+                 ratio=DEFAULT_RATIO):
         self.images, self.specs, self.seed = images, crops.crop_specs(), seed
+        self.recipes, self.augment_in_workers = recipes, augment_in_workers
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
     def __len__(self) -> int:
@@ -97,26 +103,38 @@ class _MultiCropDataset(Dataset):
         from PIL import Image
         sample, position, batch_first = item
         im = self.images.image(sample)
-        out = []
+        out, keys = [], []
         for index, (size, (lo, hi)) in enumerate(self.specs):
             key = crop_key(self.seed, sample, position, batch_first, index)
             top, left, h, w = random_crop_box(im.height, im.width, lo, hi, *self.log_ratio, key)
             crop = im.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
             out.append(torch.from_numpy(np.asarray(crop).copy()))
-        return (*out, int(self.images.labels[sample]))
+            keys.append(key)
+        params = torch.from_numpy(P.draw_params(keys, self.recipes))
+        label = int(self.images.labels[sample])
+        if not self.augment_in_workers:
+            return (*out, params, label)
+        from .fused import fused_augment
+        finished: list[torch.Tensor | None] = [None] * len(out)
+        for size in sorted({s for s, _ in self.specs}):  # one kernel call per crop size
+            idx = [i for i, (s, _) in enumerate(self.specs) if s == size]
+            for i, crop in zip(idx, fused_augment(torch.stack([out[i] for i in idx]), params[idx])):
+                finished[i] = crop
+        return (*finished, label)
 
 
 class PILMultiCropSource:
-    """Batches of uint8 crops via PIL in DataLoader workers: `batches(epoch)` -> (crops, labels)."""
+    """Decoded batches via PIL in DataLoader workers: `batches(epoch)` -> (crops, params or None, labels),
+    as `FFCVMultiCropSource`."""
 
-    def __init__(self, path: str | Path, batch_size: int, crops: MultiCropConfig, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, drop_last: bool = True,
+    def __init__(self, path: str | Path, batch_size: int, crops, recipes: np.ndarray, augment_in_workers: bool,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, drop_last: bool = True,
                  shuffle: bool = True):
         self.images = open_images(path)
-        self.dataset = _MultiCropDataset(self.images, crops, seed)
+        self.dataset = _MultiCropDataset(self.images, crops, recipes, seed, augment_in_workers)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.drop_last, self.shuffle = num_workers, drop_last, shuffle
-        self.num_crops = crops.num_crops
+        self.augment_in_workers = augment_in_workers
 
     def _batch_items(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         order = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world_size, self.shuffle)
@@ -133,10 +151,13 @@ class PILMultiCropSource:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, epoch: int, device: torch.device | str | None = None
-                ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """Crops of epoch `epoch` on the CPU (pinned when `device` is a GPU, for an async copy)."""
+                ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
+        """Batches of epoch `epoch` on the CPU (pinned when `device` is a GPU, for an async copy)."""
         pin = device is not None and torch.device(device).type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=self._batch_items(epoch),
                             num_workers=self.num_workers, persistent_workers=False, pin_memory=pin)
         for out in loader:
-            yield list(out[:-1]), out[-1]
+            if self.augment_in_workers:
+                yield list(out[:-1]), None, out[-1]
+            else:
+                yield list(out[:-2]), out[-2], out[-1]

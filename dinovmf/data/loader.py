@@ -1,15 +1,26 @@
-"""`MultiCropLoader`: decoded uint8 crops (FFCV or PIL) -> batched augmentation on the training device."""
+"""`MultiCropLoader`: decoded, cropped and augmented multi-crop batches, the augmentation where the cores are.
+
+On a CPU training device the loader's workers (FFCV's numba threads, or the PIL DataLoader processes)
+decode, crop and augment each image (the fused C++ kernel), so the training process receives finished
+float crops and the augmentation runs in parallel with the training step. On a GPU the workers decode
+and crop; the uint8 crops and their parameters go to the GPU in one copy and are augmented there
+(`MultiCropAugmentation`: one Triton kernel call per crop size). Without the C++ extension (CPU) or
+triton (GPU) the training process augments with the torch reference, after a one-line notice.
+"""
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .augment import MultiCropAugmentation, augmentation_generator, dino_view_recipes
-from .crops import MultiCropConfig
+from dinovmf.config import AugmentConfig, CropsConfig, validate_augment, validate_crops
+
+from .augment_params import crop_recipes
 from .ffcv_loader import ffcv_available
+from .fused import MultiCropAugmentation, fused_unavailable
 
 BACKENDS = ("auto", "ffcv", "pil")
 
@@ -40,45 +51,69 @@ def pick_backend(backend: str, path: Path) -> str:
 
 
 class MultiCropLoader:
-    """Per batch: (crops, labels) with `crops` the 2 global then N local views, normalised float32
-    [B, 3, s, s] on `device`, and `labels` int64 [B] on `device` (-1 for unlabelled data).
+    """Per batch: (crops, labels) with `crops` the `crops.n_global` global then `crops.n_local` local
+    views, normalised float32 [B, 3, s, s] on `device`, and `labels` int64 [B] on `device` (-1 for
+    unlabelled data).
 
-    Each rank reads its own disjoint shard; batches are a pure function of (seed, epoch, rank), set
-    the epoch with `set_epoch` before iterating. `backend`: `auto` (FFCV for a .beton when it
-    imports, else PIL with a notice), `ffcv`, or `pil`. `num_workers`: FFCV decoding threads or PIL
-    DataLoader processes (default: this rank's share of the CPU cores; 0 decodes in-process for PIL).
-    `view_recipes`: ((global 1, global 2), local) `ViewRecipe`s (default: DINO's, `dino_view_recipes()`).
+    `crops` (`CropsConfig`) and `augment` (`AugmentConfig`, default DINO's recipe) are the config's
+    groups. Each rank reads its own disjoint shard; batches, crops and augmentation are a pure function
+    of (seed, epoch, rank): set the epoch with `set_epoch` before iterating. `backend`: `auto` (FFCV for
+    a .beton when it imports, else PIL with a notice), `ffcv`, or `pil`. `num_workers`: FFCV decoding
+    threads or PIL DataLoader processes (default: this rank's share of the CPU cores; 0 decodes
+    in-process for PIL). With FFCV the crops of a batch are views of FFCV's buffers, valid until the
+    next batch is drawn (clone them to keep them longer). `close()` stops a partly read epoch.
     """
 
-    def __init__(self, path: str | os.PathLike, batch_size: int, crops: MultiCropConfig,
-                 device: torch.device | str, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, path: str | os.PathLike, batch_size: int, crops: CropsConfig, device: torch.device | str,
+                 augment: AugmentConfig | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, drop_last: bool = True, backend: str = "auto",
-                 shuffle: bool = True, view_recipes=None):
+                 shuffle: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not isinstance(crops, MultiCropConfig):
-            if not hasattr(crops, "n_local"):
-                raise ValueError(f"crops must be a MultiCropConfig (or the trainer's CropsConfig), "
-                                 f"got {type(crops).__name__}")
-            crops = MultiCropConfig.from_config(crops)
+        if not isinstance(crops, CropsConfig):
+            raise ValueError(f"crops must be a dinovmf.config.CropsConfig, got {type(crops).__name__}")
+        augment = AugmentConfig() if augment is None else augment
+        if not isinstance(augment, AugmentConfig):
+            raise ValueError(f"augment must be a dinovmf.config.AugmentConfig, got {type(augment).__name__}")
+        validate_crops(crops)
+        validate_augment(augment)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
-        self.path, self.batch_size, self.crops = path, batch_size, crops
+        self.path, self.batch_size, self.crops, self.augment = path, batch_size, crops, augment
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         self.backend = pick_backend(backend, path)
-        workers = default_num_workers() if num_workers is None else num_workers
-        args = dict(batch_size=batch_size, crops=crops, seed=seed, rank=rank, world_size=world_size,
-                    drop_last=drop_last, shuffle=shuffle)
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if self.backend == "ffcv":
+            self.num_workers = max(1, self.num_workers)
+        # The workers call the C++ kernel; without it the training process augments (with a notice).
+        self.augment_in_workers = self.device.type == "cpu" and fused_unavailable("cpu") is None
+        self._source_args = dict(path=path, batch_size=batch_size, crops=crops, recipes=crop_recipes(augment, crops),
+                                 seed=seed, rank=rank, world_size=world_size, num_workers=self.num_workers,
+                                 drop_last=drop_last, shuffle=shuffle)
+        self.source = self._build_source(self.augment_in_workers)
+        self._decoded_source = None if self.augment_in_workers else self.source
+        self._on_device = None if self.augment_in_workers else MultiCropAugmentation(self.device)
+        self._epoch_batches = None
+
+    def _build_source(self, augment_in_workers: bool):
         if self.backend == "ffcv":
             from .ffcv_loader import FFCVMultiCropSource
-            self.source = FFCVMultiCropSource(path, num_workers=max(1, workers), **args)
-        else:
-            from .fallback_loader import PILMultiCropSource
-            self.source = PILMultiCropSource(path, num_workers=workers, **args)
-        global_recipes, local_recipe = dino_view_recipes() if view_recipes is None else view_recipes
-        self.augment = MultiCropAugmentation(self.device, global_recipes, local_recipe)
+            return FFCVMultiCropSource(augment_in_workers=augment_in_workers, **self._source_args)
+        from .fallback_loader import PILMultiCropSource
+        return PILMultiCropSource(augment_in_workers=augment_in_workers, **self._source_args)
+
+    def describe(self) -> str:
+        """One line for the log: where decoding and augmentation run, and with how many threads."""
+        kind = "FFCV threads" if self.backend == "ffcv" else "PIL DataLoader processes"
+        workers = (f"{self.num_workers} {kind}" if self.backend == "ffcv" or self.num_workers
+                   else "the training process (PIL, num_workers=0)")
+        where = "decode + crop + augmentation" if self.augment_in_workers else "decode + crop"
+        line = f"data: {where} in {workers}"
+        if not self.augment_in_workers:
+            line += f"; augmentation on {self.device}"
+        return line + f"; training: {torch.get_num_threads()} torch threads"
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration reads (order, crops and augmentation depend on it)."""
@@ -89,11 +124,34 @@ class MultiCropLoader:
     def __len__(self) -> int:
         return len(self.source)
 
-    def decoded_batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """The decoder's uint8 [B, H, W, 3] crops and labels, before augmentation (on the CPU)."""
-        return self.source.batches(self.epoch)  # no device: the CPU tensors the decoder produced
+    def decoded_batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """(uint8 [B, s, s, 3] crops, parameters [B, num_crops, NUM_PARAMS], labels [B]) on the CPU:
+        the input of the augmentation (tests compare the fused paths on it; benchmarks time decoding
+        alone). On a CPU device this decodes through a second, un-augmented source."""
+        if self._decoded_source is None:
+            self._decoded_source = self._build_source(False)
+        return self._decoded_source.batches(self.epoch)
+
+    def close(self) -> None:
+        """Stop the epoch being read, if any (FFCV: its decoding thread). Dropping the iterator does
+        the same; this is for a caller that keeps it."""
+        batches = self._epoch_batches() if self._epoch_batches is not None else None
+        if batches is not None:
+            batches.close()
+        self._epoch_batches = None
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        for step, (crops, labels) in enumerate(self.source.batches(self.epoch, self.device)):
-            g = augmentation_generator(self.device, self.seed, self.epoch, self.rank, step)
-            yield self.augment(crops, g), labels.to(self.device, non_blocking=True)
+        self.close()  # one epoch at a time: FFCV's buffers are per loader
+        batches = self._batches()
+        self._epoch_batches = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        batches = self.source.batches(self.epoch, self.device)
+        try:
+            for crops, params, labels in batches:
+                if not self.augment_in_workers:
+                    crops = self._on_device(crops, params)
+                yield crops, labels.to(self.device, non_blocking=True)
+        finally:
+            batches.close()
