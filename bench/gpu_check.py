@@ -96,6 +96,10 @@ def steps(dry: bool) -> list[Step]:
         Step("bench_loss_bf16", "fused CE + teacher, bf16 logits",
              ("-m", "bench.bench_loss", "--k", "256", "--dtype", "bfloat16", *loss_tiny) if dry else
              ("-m", "bench.bench_loss", "--k", "65536", "--dtype", "bfloat16"), 120, needs=("cuda",)),
+        # The registry's representative subset compiled by the machine's own triton (the image's version, not
+        # the pinned one): registers / spills of the toolchain that really runs, to set beside kernel_model.csv.
+        Step("aot_device_triton", "AOT compile of the CI subset with this machine's triton, ptxas -v stats",
+             ("-m", "tools.triton_aot", "--quick", "--arch", "90", "--stats"), 90),
         # The GPU augmentation benchmark (data path issue); the slot runs once the module exists.
         Step("bench_augment_gpu", "GPU augmentation, batch 64, 2x224+10x96",
              ("-m", "bench.bench_augment_gpu", *(("--dry",) if dry else ())), 90,

@@ -220,13 +220,26 @@ def _ptxas_log():
     from triton import knobs
 
     buf = io.StringIO()
-    old = knobs.nvidia.dump_ptxas_log
+    old = getattr(knobs.nvidia, "dump_ptxas_log", None)
     knobs.nvidia.dump_ptxas_log = True
     try:
         with contextlib.redirect_stdout(buf):
             yield buf
     finally:
         knobs.nvidia.dump_ptxas_log = old
+
+
+def _ptxas_v(ptx: str, arch: int) -> str:
+    """`ptxas -v` of Triton's bundled ptxas on `ptx`: for a triton that does not print its own ptxas log."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d, "kernel.ptx")
+        src.write_text(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        r = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-lineinfo", f"--gpu-name={gpu}", str(src), "-o",
+                            str(Path(d, "kernel.o"))], capture_output=True, text=True)
+    return r.stderr
 
 
 def compile_case(kernel: Kernel, case: Case, arch: int, variant: tuple[str, dict, dict] | None = None) -> Compiled:
@@ -236,7 +249,6 @@ def compile_case(kernel: Kernel, case: Case, arch: int, variant: tuple[str, dict
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     if not isinstance(kernel.jit, JITFunction):
@@ -259,7 +271,10 @@ def compile_case(kernel: Kernel, case: Case, arch: int, variant: tuple[str, dict
                                target=GPUTarget("cuda", arch, 32), options=opts)
     finally:
         knobs.compilation.always_compile = old_always
-    return Compiled(case, arch, label, opts["num_warps"], k.asm["ptx"], k.asm["cubin"], log.getvalue(),
+    ptxas_log = log.getvalue()
+    if "registers" not in ptxas_log:  # this triton ignored TRITON_DUMP_PTXAS_LOG
+        ptxas_log = _ptxas_v(k.asm["ptx"], arch)
+    return Compiled(case, arch, label, opts["num_warps"], k.asm["ptx"], k.asm["cubin"], ptxas_log,
                     int(k.metadata.shared), time.perf_counter() - t0)
 
 
