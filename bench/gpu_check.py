@@ -56,7 +56,6 @@ class Step:
     timeout_s: int
     needs: tuple[str, ...] = ()  # "cuda" (waived in dry mode), "module:<dotted name>", "file:<path>"
     env: dict = field(default_factory=dict)
-    fallback_env: dict | None = None  # if set and the step fails: run it once more with these variables
 
 
 def steps(dry: bool) -> list[Step]:
@@ -66,12 +65,8 @@ def steps(dry: bool) -> list[Step]:
     train_tiny = ("--arch", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--global-size", "32",
                   "--local-size", "16", "--n-local", "2", "--out-dim", "256")
     return [
-        Step("setup", "install dinovmf (editable, C++ op; the CUDA twin is retired) without network",
-             ("-c", "import dinovmf, dinovmf.kernels") if dry else
-             ("-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."),
-             240, env={"DINOVMF_CUDA": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-             # The GPU paths need no C++ op: if it fails to build on the image, install without extensions.
-             fallback_env={"DINOVMF_NO_EXT": "1"}),
+        Step("setup", "install this checkout (editable, no network; C++ op, no CUDA twin: retired)",
+             ("-m", "bench.gpu_check", "--setup"), 240),
         Step("device", "device, driver and library versions -> device.json",
              ("-m", "bench.gpu_check", "--device-info", "{out}/device.json"), 60),
         Step("gpu_tests", f"pytest {' '.join(tests)} (Triton on CUDA vs float64; smoke tests)",
@@ -162,12 +157,6 @@ def run_step(step: Step, python: str, out: Path, env: dict, timeout_s: float) ->
     t0 = time.perf_counter()
     status, rc = run_command(argv, {**env, **step.env}, log, timeout_s)
     note = "" if status == "ok" else (f"exit {rc}" if status == "failed" else f"timed out after {timeout_s:.0f} s")
-    if status == "failed" and step.fallback_env is not None:
-        remaining = timeout_s - (time.perf_counter() - t0)
-        if remaining > MIN_STEP_S:
-            status, rc = run_command(argv, {**env, **step.env, **step.fallback_env}, log, remaining)
-            note = (f"first try failed; ok with {step.fallback_env}" if status == "ok"
-                    else f"failed, also with {step.fallback_env} ({status}, exit {rc})")
     if status != "ok":
         note += f"; see logs/{step.name}.log: " + _tail(log)
     return Result(step.name, status, time.perf_counter() - t0, note)
@@ -179,6 +168,32 @@ def _tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip()[:200] for line in text[-lines:])
+
+
+# ------------------------------------------------------------------------------------------ setup
+def installed_here() -> bool:
+    """Whether this python imports dinovmf.kernels from this checkout (the editable install maps kernels/)."""
+    spec = importlib.util.find_spec("dinovmf.kernels")
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == ROOT / "kernels"
+
+
+def setup(dry: bool) -> int:
+    """(the `setup` step) Install this checkout editable, from nothing but the tree: no index, no build
+    isolation, no dependencies (the image has them). The C++ op is built; the CUDA twin is retired
+    (DINOVMF_CUDA=0). If the C++ build fails, install without compiled extensions: no GPU path needs one."""
+    if installed_here():
+        print(f"dinovmf is already installed from {ROOT}")
+        return 0
+    if dry:
+        print(f"dinovmf is not installed from {ROOT}: run `make install` (the dry run installs nothing)")
+        return 1
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+           "-e", str(ROOT)]
+    env = {**os.environ, "DINOVMF_CUDA": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    if subprocess.call(cmd, cwd=ROOT, env=env) == 0:
+        return 0
+    print("[setup] the install with the C++ op failed; installing without compiled extensions", flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env={**env, "DINOVMF_NO_EXT": "1"})
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -302,7 +317,10 @@ class _Tee:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-info", type=Path, metavar="JSON", help="(the `device` step) write device.json")
+    ap.add_argument("--setup", action="store_true", help="(the `setup` step) install this checkout")
     args = ap.parse_args(argv)
+    if args.setup:
+        return setup(os.environ.get("GPU_CHECK_DRY") == "1")
     if args.device_info:
         args.device_info.write_text(json.dumps(device_info(), indent=1))
         print(args.device_info.read_text())
