@@ -5,7 +5,7 @@
 
 Per kernel launch of the host ops in `tools/triton_cases.WORKLOADS` (fused CE forward/backward, teacher
 in every centering mode, Sinkhorn, the vMF column bias), one row with
-  * registers, spills, stack: `ptxas -v` of Triton's own compile (same flags as on a GPU) for the
+  * registers, spills (bytes: spill stores + spill loads), stack: `ptxas -v` of Triton's own compile (same flags as on a GPU) for the
     registry case matching the launch (kernel, constexprs, pointer dtypes, num_warps; a launch with no
     matching case is an error: the registry must describe what the host really launches);
   * ctas_per_sm (and what limits it): the sm_90 occupancy rules from registers, warps and shared memory

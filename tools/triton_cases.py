@@ -18,7 +18,7 @@ arguments that are multiples of 16 at the issue sizes, as Triton's launcher woul
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -43,17 +43,15 @@ class Case:
     constexprs: Mapping[str, object]  # every tl.constexpr argument -> the value the host passes
     num_warps: int = 4  # Triton's default when the launch does not say
     num_stages: int = 3
-    aligned_ints: tuple[str, ...] = ()
+    aligned_ints: tuple[str, ...] = ()  # int arguments that are multiples of 16 at the issue sizes
     ci: bool = False  # in the representative subset compiled by `make test`
-    tags: tuple[str, ...] = field(default=())  # free-form notes shown in the label (e.g. which host path)
 
     @property
     def label(self) -> str:
         ptrs = " ".join(f"{a}={t[1:]}" for a, t in self.signature.items()
                         if t.startswith("*") and t != "*fp32")
-        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items()
-                          if k != "BLOCK_K")
-        return " ".join(x for x in (self.kernel, ptrs or "all-fp32", consts, *self.tags) if x)
+        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
+        return " ".join(x for x in (self.kernel, ptrs or "all-fp32", consts) if x)
 
 
 def _ce_cases(ce) -> list[Case]:
