@@ -14,7 +14,7 @@ QUIET_PIP_NOTICES = 2> >(grep -v "is ignored: it is neither a file nor a directo
 # Triton kernels run on the CPU through the interpreter when there is no GPU.
 export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil;print(0 if shutil.which('nvidia-smi') else 1)" 2>/dev/null || echo 1)
 
-.PHONY: demo test install sysdeps bench clean-venv cuda-check
+.PHONY: demo test install sysdeps bench clean-venv cuda-check gpu-check kernel-model
 
 demo: $(STAMP)
 	$(VENV)/bin/dinovmf train --config demo --out runs/demo
@@ -53,9 +53,22 @@ $(STAMP): setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 	@$(PIP) --no-build-isolation --no-deps -e . $(QUIET_PIP_NOTICES)
 	@touch $(STAMP)
 
-# Compile-check the CUDA sources with nvcc against the installed torch's headers (no GPU needed).
+# Compile every launched Triton kernel for sm_90 and sm_80 with the signatures the host code uses (no GPU
+# needed; tools/triton_cases.py is the registry). `make test` compiles a representative subset.
 cuda-check: $(STAMP)
-	$(PY) tools/cuda_compile_check.py
+	$(PY) -m tools.triton_aot --arch 90 --arch 80 --stats
+
+# Static per-kernel report (registers, spills, CTAs/SM, fences in loops, bytes moved vs minimum) for sm_90 at
+# the issue sizes -> bench/results/kernel_model.{csv,png}. CPU only, a few minutes.
+kernel-model: $(STAMP)
+	$(PY) -m bench.kernel_model
+
+# The first minutes on a GPU (bench/gpu_check.py): installs the package with the machine's own python (no
+# network, no .venv needed), runs the GPU tests and benchmarks in <= 8 minutes, writes one results folder.
+# GPU_CHECK_DRY=1 runs every step on CPU at tiny sizes.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m bench.gpu_check
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
