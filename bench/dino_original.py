@@ -19,7 +19,8 @@ What is the original's and kept as it is, because it is what dinovmf must beat:
 What differs from the original, on purpose (both sides of the benchmark then differ only in the head,
 the loss and the step):
 - the backbone is dinovmf's `VisionTransformer` (the same architecture as DINO's ViT; see
-  `dinovmf.models.vit`), built by the caller, so both sides run the very same backbone code;
+  `dinovmf.models.vit`), built by the caller, and the head's MLP is dinovmf's `projection_mlp` (the
+  same layers and initialisation as DINO's), so both sides run the very same code there;
 - schedule values come in as a dict (dinovmf's `Schedules.at(step)`: lr, wd, momentum,
   teacher_temp, freeze_last_layer) instead of the original's precomputed arrays;
 - no DDP: the center's all-reduce is a no-op on one process, as the original's on a world of one;
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinovmf.models.head import projection_mlp
+
 N_GLOBAL = 2
 CLIP_EPS = 1e-6  # the original's clip coefficient: clip / (norm + 1e-6)
 LAST_LAYER = "last_layer"  # the name the original's last-layer freeze matches parameters by
@@ -49,17 +52,7 @@ class OriginalDINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  nlayers: int = 3, norm_last_layer: bool = True):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i in range(nlayers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers)  # the same MLP as DINO's
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
