@@ -193,7 +193,7 @@ def write_overview(path: Path, images: list[np.ndarray], maps: AttentionMaps,
     n = min(len(images), MAX_OVERVIEW_ROWS)
     n_heads = maps.heads.shape[1]
     cols = 2 + n_heads + (masks is not None)
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.4), squeeze=False, dpi=100)
     for i in range(n):
         panels = [(_upsample(images[i], _display_scale(images[i].shape[0])), names[i])]
         panels += [(heat_overlay(images[i], maps.heads[i, h].numpy()), f"head {h}") for h in range(n_heads)]
@@ -208,8 +208,13 @@ def write_overview(path: Path, images: list[np.ndarray], maps: AttentionMaps,
             ax.axis("off")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
     plt.close(fig)
+    from PIL import Image
+    # 256 colours: the heat maps are flat per patch, so the palette costs nothing visible and the file
+    # shrinks ~3x (small enough for a README).
+    Image.fromarray(rgb).quantize(256).save(path, optimize=True)
 
 
 def write_attention_maps(backbone: nn.Module, image_paths: list[Path], out_dir: str | os.PathLike,
