@@ -16,6 +16,7 @@ BENCHMARKS = (
     ("bench.bench_model", []),
     ("bench.bench_data", []),
     ("bench.bench_train", []),
+    ("bench.bench_step", []),
 )
 
 
