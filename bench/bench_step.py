@@ -18,7 +18,12 @@ same schedule values, so only the head, the loss and the step differ. Four imple
 
 They are timed in alternation, one step each per round, the order rotated every round (so none always
 runs right after the same neighbour), after `--warmup` steps each; the CSV has the median per-step
-time and the ratio dinovmf / original from this one run. With `--profile-steps N` each implementation
+wall time and the ratio dinovmf / original from this one run (`time_ratio`; `speedup` is its inverse,
+the figure the targets are stated in), and the median process CPU time per step (`cpu_ms`,
+`cpu_speedup`): on a machine other jobs share, wall times swing with their load (recorded as
+`load_avg`, the 1-minute load before-after) while CPU time mostly does not, but CPU time counts both
+threads of a parallel region and one of a serial Python loop, so on an idle machine the wall-time
+ratio is the one to read. With `--profile-steps N` each implementation
 also runs N steps under the torch profiler for a breakdown (backward, AdamW, the rest) and its top
 operators by self time. Results: bench/results/step_vs_dino.{csv,png}, rows labelled with the git commit.
 
@@ -30,6 +35,7 @@ least 1.5x faster than the original at dino_head, for dino and dino_vmf; not slo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import time
@@ -157,22 +163,24 @@ def build_implementations(config: str, names: list[str], device: torch.device,
 
 
 def time_alternating(steps: dict[str, Callable], crops: list[torch.Tensor], n_steps: int,
-                     warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Per-step wall times (ms) of each implementation, run one step each per round in a rotating
-    order after `warmup` rounds; also the last loss of each."""
+                     warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """Per-step wall times and process CPU times (ms) of each implementation, run one step each per
+    round in a rotating order after `warmup` rounds; also the last loss of each."""
     names = list(steps)
     sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
-    times = {n: [] for n in names}
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     losses = {}
     for r in range(warmup + n_steps):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses[name] = steps[name](crops, STEPS_PER_EPOCH + r)
             sync()
             if r >= warmup:
-                times[name].append(1e3 * (time.perf_counter() - t0))
-    return times, losses
+                wall[name].append(1e3 * (time.perf_counter() - t0))
+                cpu[name].append(1e3 * (time.process_time() - c0))
+    return wall, cpu, losses
 
 
 def _phase(event) -> str:
@@ -224,29 +232,33 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
     cfg = bench_config(config, "dino", extra)
     steps = build_implementations(config, names, device, extra)
     crops = make_crops(cfg, device)
-    times, losses = time_alternating(steps, crops, n_steps, warmup)
-    median = {n: statistics.median(t) for n, t in times.items()}
+    load_before = os.getloadavg()[0]
+    wall, cpu, losses = time_alternating(steps, crops, n_steps, warmup)
+    median = {n: statistics.median(t) for n, t in wall.items()}
+    cpu_median = {n: statistics.median(t) for n, t in cpu.items()}
+    load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
     commit = git_commit()
     c = cfg.crops
     rows = []
     for name in names:
-        kind, what, baseline = IMPLEMENTATIONS[name]
-        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [median[name]] * 3
+        kind, _, baseline = IMPLEMENTATIONS[name]
+        q = statistics.quantiles(wall[name], n=4) if len(wall[name]) > 1 else [median[name]] * 3
         row = {"config": config, "impl": name, "K": cfg.model.out_dim, "p": cfg.model.bottleneck_dim,
                "hidden": cfg.model.hidden_dim, "backbone": f"{cfg.model.arch}/{cfg.model.patch_size} "
                f"x{cfg.model.depth or 'all'} blocks", "crops": f"2x{c.global_size}+{c.n_local}x{c.local_size}",
                "batch": cfg.train.batch_size, "threads": torch.get_num_threads(), "steps": n_steps,
                "warmup": warmup, "step_ms": median[name], "step_ms_q1": q[0], "step_ms_q3": q[2],
-               "loss": float(losses[name])}
+               "cpu_ms": cpu_median[name], "loss": float(losses[name])}
         if baseline in median:
             row.update(baseline=baseline, time_ratio=median[name] / median[baseline],
-                       speedup=median[baseline] / median[name])
+                       speedup=median[baseline] / median[name],
+                       cpu_speedup=cpu_median[baseline] / cpu_median[name])
             if kind == "dinovmf" and config in TARGET_SPEEDUP:
                 row.update(target_speedup=TARGET_SPEEDUP[config],
                            meets_target=row["speedup"] >= TARGET_SPEEDUP[config])
         if profile_steps:
             row.update(profile_breakdown(steps[name], crops, STEPS_PER_EPOCH + warmup + n_steps, profile_steps))
-        row.update(commit=commit, note=BACKBONE_NOTE)
+        row.update(load_avg=load, commit=commit, note=BACKBONE_NOTE)
         rows.append(row)
     return rows
 

@@ -130,11 +130,13 @@ def test_bench_step_runs_end_to_end_at_tiny_sizes(tmp_path):
     by_impl = {r["impl"]: r for r in written}
     for name, (_, _, baseline) in bench_step.IMPLEMENTATIONS.items():
         r = by_impl[name]
-        assert float(r["step_ms"]) > 0 and math.isfinite(float(r["loss"])) and r["commit"]
+        assert float(r["step_ms"]) > 0 and float(r["cpu_ms"]) > 0 and math.isfinite(float(r["loss"]))
+        assert r["commit"] and r["load_avg"]
         phases = sum(float(r[f"{k}_pct"]) for k in ("backward", "optimizer", "other"))
         assert phases == pytest.approx(100.0, abs=0.5) and r["top_ops"]
         if baseline:
             ratio = float(by_impl[name]["step_ms"]) / float(by_impl[baseline]["step_ms"])
             assert r["baseline"] == baseline and float(r["time_ratio"]) == pytest.approx(ratio, rel=1e-3)
+            assert float(r["speedup"]) == pytest.approx(1 / ratio, rel=1e-3) and float(r["cpu_speedup"]) > 0
     # Same weights, same crops, same maths: the dino rows log the same loss.
     assert float(by_impl["dinovmf_dino"]["loss"]) == pytest.approx(float(by_impl["original_dino"]["loss"]), rel=1e-4)
