@@ -449,7 +449,8 @@ def evaluate_knn_after_training(cfg, out_dir: Path, teacher: nn.Module, device, 
         result = knn_for_backbone(backbone, train_path, val_path, image_size, cfg.eval.batch_size, device,
                                   cfg.eval.knn_k, cfg.eval.knn_temperature, **loading)
     except UnlabelledDataError as e:  # training is done and saved; only the evaluation cannot run
-        print(f"kNN skipped: {e}. Leave data.val unset for unlabelled data.", flush=True)
+        print(f"kNN skipped: {e}. The kNN needs labelled data.train (its memory bank) and data.val (its "
+              "queries); leave data.val unset for unlabelled data.", flush=True)
         return {}
     summary = {"knn_top1": result["top1"]}
     print(f"kNN top-1: {result['top1']:.2f}% (trained teacher, k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature})",
