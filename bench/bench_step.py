@@ -95,8 +95,9 @@ class DinovmfTraining:
 
 
 def dinovmf_training(cfg, device: torch.device) -> DinovmfTraining:
-    """One dinovmf training step exactly as the trainer runs it. The ONE place to change when the
-    trainer's entry point changes (e.g. to `Trainer(cfg).train_step(crops, step)`)."""
+    """One dinovmf training step exactly as the trainer runs it (with `train.compile`, through
+    torch.compile'd networks). The ONE place to change when the trainer's entry point changes (e.g. to
+    `Trainer(cfg).train_step(crops, step)`); bench_train.py uses it too."""
     torch.manual_seed(cfg.train.seed)
     student = build_ssl_model(cfg, cfg.model.drop_path).to(device)
     teacher = build_ssl_model(cfg, 0.0).to(device)
@@ -106,10 +107,13 @@ def dinovmf_training(cfg, device: torch.device) -> DinovmfTraining:
     optimizer = build_optimizer(student, cfg, device)
     frozen = last_layer_params(student)
     sched = build_schedules(cfg, STEPS_PER_EPOCH)
+    train_module, teacher_fwd = student, teacher
+    if cfg.train.compile:
+        train_module, teacher_fwd = torch.compile(student), torch.compile(teacher)
 
     def step(crops: list[torch.Tensor], i: int) -> float:
-        return _train_step(cfg, i, sched.at(i), crops, student, student, teacher, teacher, objective, optimizer,
-                           frozen, None)["loss"]
+        return _train_step(cfg, i, sched.at(i), crops, train_module, student, teacher_fwd, teacher, objective,
+                           optimizer, frozen, None)["loss"]
 
     return DinovmfTraining(step, student, teacher, objective)
 
