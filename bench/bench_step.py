@@ -7,8 +7,9 @@
 A step is the whole thing: schedule values into the optimizer, teacher forward on the 2 global crops,
 student forward and backward on every crop, the loss, gradient clipping, the last-layer freeze, AdamW,
 the teacher EMA, and the host syncs each side does. Both sides run the SAME backbone code (dinovmf's
-`VisionTransformer`, same size, same drop-path), the same crops (random tensors, built once) and the
-same schedule values, so only the head, the loss and the step differ. Four implementations:
+`VisionTransformer`, same size, same drop-path) and head MLP code, the same crops (random tensors,
+built once) and the same schedule values, so only the prototype layer, the loss and the step differ.
+Four implementations:
 
     original_dino             the original algorithm, norm_last_layer=True (DINO's default)
     original_dino_free_norms  the same with a trainable weight-norm g (norm_last_layer=False)
@@ -23,9 +24,10 @@ the figure the targets are stated in), and the median process CPU time per step 
 `cpu_speedup`): on a machine other jobs share, wall times swing with their load (recorded as
 `load_avg`, the 1-minute load before-after) while CPU time mostly does not, but CPU time counts both
 threads of a parallel region and one of a serial Python loop, so on an idle machine the wall-time
-ratio is the one to read. With `--profile-steps N` each implementation
-also runs N steps under the torch profiler for a breakdown (backward, AdamW, the rest) and its top
-operators by self time. Results: bench/results/step_vs_dino.{csv,png}, rows labelled with the git commit.
+ratio is the one to read. With `--profile-steps N` (default 2) each implementation also runs N steps
+under the torch profiler for a breakdown (shares of backward, AdamW, and the rest: forwards, loss,
+clipping, EMA) and its top operators by self time. Results: bench/results/step_vs_dino.{csv,png},
+rows labelled with the git commit (`+dirty` when tracked files were modified).
 
 Configurations (issue 14): `demo` is the demo preset's sizes (4-block ViT-Tiny/8, 2 x 32 + 2 x 16 px
 crops, batch 32, K=256, hidden 512, p=128); `dino_head` is DINO's head (K=65536, hidden 2048, p=256) on a
@@ -75,7 +77,8 @@ IMPLEMENTATIONS = {
     "dinovmf_dino": ("dinovmf", "dino", "original_dino"),
     "dinovmf_dino_vmf": ("dinovmf", "dino_vmf", "original_dino_free_norms"),
 }
-BACKBONE_NOTE = "both sides run dinovmf's VisionTransformer; only head, loss and step differ"
+BACKBONE_NOTE = ("both sides run dinovmf's VisionTransformer and head MLP; only the prototype layer, loss "
+                 "and step differ")
 
 
 def bench_config(name: str, method: str = "dino", extra: list[str] = ()):
