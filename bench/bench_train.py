@@ -21,12 +21,11 @@ import time
 
 import torch
 
+from bench.bench_step import STEPS_PER_EPOCH, dinovmf_training, make_crops
 from bench.harness import record
 from dinovmf.config import load_config
 from dinovmf.monitor import peak_flops
-from dinovmf.objectives import build_objective, build_ssl_model
-from dinovmf.schedules import build_schedules
-from dinovmf.train import _train_step, build_optimizer, last_layer_params, training_flops_per_image
+from dinovmf.train import training_flops_per_image
 
 
 def bench_config(arch: str, batch: int, args):
@@ -38,26 +37,12 @@ def bench_config(arch: str, batch: int, args):
 
 
 def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    student = build_ssl_model(cfg, cfg.model.drop_path).to(device)
-    teacher = build_ssl_model(cfg, 0.0).to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    objective = build_objective(cfg).to(device)
-    optimizer = build_optimizer(student, cfg, device)
-    train_module, teacher_fwd = student, teacher
-    if cfg.train.compile:
-        train_module, teacher_fwd = torch.compile(student), torch.compile(teacher)
-    sched = build_schedules(cfg, steps_per_epoch=1000)
+    training = dinovmf_training(cfg, device)
     B = cfg.train.batch_size
-    crops = ([torch.randn(B, 3, cfg.crops.global_size, cfg.crops.global_size, device=device) for _ in range(2)]
-             + [torch.randn(B, 3, cfg.crops.local_size, cfg.crops.local_size, device=device)
-                for _ in range(cfg.crops.n_local)])
-    frozen = last_layer_params(student)
+    crops = make_crops(cfg, device)
 
     def step(i):
-        return _train_step(cfg, i, sched.at(1000 + i), crops, train_module, student, teacher_fwd, teacher,
-                           objective, optimizer, frozen, None)
+        return training.step(crops, STEPS_PER_EPOCH + i)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -69,17 +54,17 @@ def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(steps):
-        metrics = step(warmup + i)  # metrics are Python floats: one host sync per step, as in training
+        loss = step(warmup + i)  # the trainer's host sync per step (metrics as Python floats) included
     sync()
     dt = time.perf_counter() - t0
-    flops = training_flops_per_image(cfg, student)
+    flops = training_flops_per_image(cfg, training.student)
     peak, peak_source = peak_flops(device)
     img_s = B * steps / dt
     row = {"arch": cfg.model.arch, "batch": B, "crops": f"2x{cfg.crops.global_size}+{cfg.crops.n_local}x"
            f"{cfg.crops.local_size}", "K": cfg.model.out_dim, "compile": cfg.train.compile, "steps": steps,
            "warmup_s": round(warm_s, 2), "step_ms": 1000 * dt / steps, "images_per_s": img_s,
            "gflop_per_image": flops / 1e9, "mfu": img_s * flops / peak, "peak": peak_source,
-           "loss": metrics["loss"]}
+           "loss": float(loss)}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return row

@@ -17,6 +17,7 @@ BENCHMARKS = (
     ("bench.bench_augment", []),
     ("bench.bench_data", []),
     ("bench.bench_train", []),
+    ("bench.bench_step", []),
 )
 
 

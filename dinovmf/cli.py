@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("prepare", "train", "eval", "export")
+COMMANDS = ("prepare", "train", "eval", "export", "attention")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,7 +94,7 @@ def evaluate_knn_after_training(cfg: Config, out_dir: Path, backbone: nn.Module 
                                 info: D.DistInfo) -> dict:
     """kNN top-1 of the trained teacher `backbone` (used on rank 0 only) on data.val, train features from
     data.train; with eval.baseline, also of a random-initialised backbone (the student's step-0 weights)."""
-    from dinovmf.eval.run import knn_for_backbone
+    from dinovmf.eval.run import UnlabelledDataError, knn_for_backbone
     from dinovmf.models import build_backbone, model_args
 
     train_path = prepare_data(cfg.data.train, out_dir, info, "train", cfg.data.loader)
@@ -103,8 +103,13 @@ def evaluate_knn_after_training(cfg: Config, out_dir: Path, backbone: nn.Module 
         return {}
     image_size = cfg.eval.image_size or cfg.crops.global_size
     loading = {"loader_backend": cfg.data.loader, "num_workers": cfg.data.num_workers}
-    result = knn_for_backbone(backbone, train_path, val_path, image_size, cfg.eval.batch_size, device,
-                              cfg.eval.knn_k, cfg.eval.knn_temperature, **loading)
+    try:
+        result = knn_for_backbone(backbone, train_path, val_path, image_size, cfg.eval.batch_size, device,
+                                  cfg.eval.knn_k, cfg.eval.knn_temperature, **loading)
+    except UnlabelledDataError as e:  # training is done and saved; only the evaluation cannot run
+        print(f"kNN skipped: {e}. The kNN needs labelled data.train (its memory bank) and data.val (its "
+              "queries); leave data.val unset for unlabelled data.", flush=True)
+        return {}
     summary = {"knn_top1": result["top1"]}
     print(f"kNN top-1: {result['top1']:.2f}% (trained teacher, k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature})",
           flush=True)

@@ -22,6 +22,8 @@ def _check(train_feats, train_labels, test_feats, k, temperature):
                          f"{test_feats.shape[1]}")
     if train_labels.shape != (train_feats.shape[0],):
         raise ValueError(f"train_labels must have shape [{train_feats.shape[0]}], got {tuple(train_labels.shape)}")
+    if train_labels.numel() and int(train_labels.min()) < 0:
+        raise ValueError("train_labels must be class indices >= 0 (-1 marks an unlabelled image)")
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:

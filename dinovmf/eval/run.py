@@ -29,13 +29,23 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher", device="cpu") 
     return backbone.to(device).eval(), state.get("config", {})
 
 
+class UnlabelledDataError(ValueError):
+    """An evaluation that needs class labels (kNN, linear probe) got images without them (label -1)."""
+
+
 def dataset_features(backbone: nn.Module, path: Path, image_size: int, batch_size: int, device,
                      loader_backend: str = "auto", num_workers: int | None = None):
-    """(features [N, D], labels [N]) of `backbone` over the centre-cropped images at `path`."""
+    """(features [N, D], labels [N]) of `backbone` over the centre-cropped images at `path`;
+    UnlabelledDataError when the images have no labels (both evaluations need them)."""
     from dinovmf.data import EvalLoader
 
     loader = EvalLoader(path, batch_size, image_size, device, num_workers=num_workers, backend=loader_backend)
-    return extract_features(backbone, loader, device, amp=torch.device(device).type == "cuda")
+    feats, labels = extract_features(backbone, loader, device, amp=torch.device(device).type == "cuda")
+    if int(labels.min()) < 0:
+        raise UnlabelledDataError(f"kNN and linear evaluation need class labels, but {str(path)!r} has "
+                                  f"{int((labels < 0).sum())} unlabelled image(s) (label -1: a flat folder "
+                                  "rather than one sub-folder per class)")
+    return feats, labels
 
 
 def knn_for_backbone(backbone: nn.Module, train_path: Path, val_path: Path, image_size: int, batch_size: int,

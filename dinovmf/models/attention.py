@@ -93,15 +93,19 @@ class BlockDiagonalLayout:
         return self._xformers_bias[batch]
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) [B, H, L, L] (rows: queries) of q/k [B, L, H, d], mask [L, L] bool or None."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.transpose(1, 2) * scale) @ k.permute(0, 2, 3, 1)  # [B, H, L, d] @ [B, H, d, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference attention: softmax(q k^T / sqrt(d)) v, q/k/v [B, L, H, d], mask [L, L] bool or None."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
-    scores = (q * scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+    return (attention_weights(q, k, mask) @ v.transpose(1, 2)).transpose(1, 2)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -153,8 +157,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, _ = x.shape
+        return self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+
     def forward(self, x: torch.Tensor, layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self._qkv(x)
         out = attend(q, k, v, self.backend, layout)
-        return self.proj(out.reshape(B, L, D))
+        return self.proj(out.reshape(x.shape))
+
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), attention weights [B, H, L, L]), the weights computed explicitly from the same
+        q and k the kernels get (SDPA / xformers never return them); for visualisation, not training."""
+        q, k, v = self._qkv(x)
+        weights = attention_weights(q, k)
+        out = (weights @ v.transpose(1, 2)).transpose(1, 2)
+        return self.proj(out.reshape(x.shape)), weights

@@ -19,6 +19,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def projection_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> nn.Sequential:
+    """DINO's head MLP: nlayers Linear layers (in -> hidden ... -> bottleneck), GELU between, Linear
+    weights trunc-normal(0.02) and zero biases."""
+    dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+    layers: list[nn.Module] = []
+    for i in range(nlayers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < nlayers - 1:
+            layers.append(nn.GELU())
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
 class DINOHead(nn.Module):
     """MLP (nlayers Linear layers, GELU between, hidden_dim wide) -> bottleneck_dim -> L2 normalise.
 
@@ -36,17 +52,7 @@ class DINOHead(nn.Module):
         self.hidden_dim, self.bottleneck_dim, self.nlayers = hidden_dim, bottleneck_dim, nlayers
         self.norm_last_layer = norm_last_layer
 
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i in range(nlayers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers)
 
         # v: nn.Linear's default init (uniform +-1/sqrt(fan_in)), as DINO's weight-normed Linear.
         bound = 1.0 / math.sqrt(bottleneck_dim)

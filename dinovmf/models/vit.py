@@ -92,6 +92,12 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), layout))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), this block's attention weights [B, H, L, L]), computed explicitly."""
+        attn_out, weights = self.attn.forward_with_weights(self.norm1(x))
+        x = x + self.drop_path(attn_out)
+        return x + self.drop_path(self.mlp(self.norm2(x))), weights
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D channels, as one strided convolution (timm: `proj`)."""
@@ -261,6 +267,14 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLS features [B, D]."""
         return self.forward_features(x)["cls"]
+
+    def last_attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's self-attention weights [B, H, L, L] on images x [B,3,H,W] (DINO's
+        `get_last_selfattention`); token order CLS, registers, patches (row-major), as `prepare_tokens`."""
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        return self.blocks[-1].forward_with_attention(tokens)[1]
 
     # ----------------------------------------------------------------------------------------------
     # Accounting
