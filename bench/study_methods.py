@@ -88,13 +88,19 @@ def budget_overrides(steps: int, batch_size: int | None) -> list[str]:
             f"train.ckpt_every={max(1, steps // 4)}"] + ([f"train.batch_size={batch_size}"] if batch_size else [])
 
 
-def study_config(method: str, arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
-    """The demo recipe with the study's fixed overrides, the method's, the model, the budget, and `extra`
-    (--set: a recipe change applied to every run, e.g. a larger learning rate to stress stability)."""
+def recipe_config(overrides: list[str], arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
+    """The demo recipe with the study's fixed overrides, then `overrides` (what a run varies: method,
+    centering, ...), the model, the budget, and `extra` (--set: a recipe change applied to every run,
+    e.g. a larger learning rate to stress stability)."""
     from dinovmf.config import load_config
 
-    return load_config(PRESET, STUDY_OVERRIDES + METHODS[method] + [f"model.arch={arch}"]
+    return load_config(PRESET, STUDY_OVERRIDES + list(overrides) + [f"model.arch={arch}"]
                        + budget_overrides(steps, batch_size) + list(extra))
+
+
+def study_config(method: str, arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
+    """`recipe_config` of one of the study's METHODS."""
+    return recipe_config(METHODS[method], arch, steps, batch_size, extra)
 
 
 def recipe_name(extra) -> str:
@@ -146,8 +152,9 @@ def knn_top1(backbone, data) -> float:
 
 
 @torch.no_grad()
-def evaluate_checkpoint(path: Path, cfg, data) -> dict:
-    """kNN, prototype norms and utilisation of a checkpoint's teacher."""
+def evaluate_checkpoint(path: Path, cfg, data, more_metrics=None) -> dict:
+    """kNN, prototype norms and utilisation of a checkpoint's teacher; `more_metrics(weight, scores)`,
+    when given, adds its dict (computed from the prototypes [K, p] and the assignment scores [N, K])."""
     from dinovmf.checkpoint import load_checkpoint
     from dinovmf.objectives import build_ssl_model
     from dinovmf.prototypes import prototype_utilisation, used_prototypes
@@ -171,27 +178,26 @@ def evaluate_checkpoint(path: Path, cfg, data) -> dict:
         "used_prototypes": used_prototypes(scores) if finite else float("nan"),
         "norm_mean": norms.mean().item(), "norm_std_over_mean": (norms.std() / norms.mean()).item(),
         "norm_min": norms.min().item(), "norm_max": norms.max().item(),
+        **(more_metrics(weight, scores) if more_metrics is not None and finite else {}),
     }
 
 
 # ------------------------------------------------------------------------------------------- one run
 
-def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
-            extra: tuple = ()) -> dict:
-    """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
+def train_and_evaluate(cfg, out_dir: Path, data, more_metrics=None) -> dict:
+    """Train `cfg` into `out_dir` from scratch, then evaluate its last checkpoint (`evaluate_checkpoint`);
+    never raises for a diverged run: the row says what happened (NaN, collapse warning, steps done)."""
     from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
     from dinovmf.monitor import read_metrics
     from dinovmf.train import NonFiniteLossError, train
 
-    cfg = study_config(method, arch, steps, batch_size, extra)
-    out_dir = out_root / arch / method
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.time()
     error = ""
     try:
         if train(cfg, out_dir).get("interrupted"):
             # The trainer turned SIGTERM / SIGINT into a clean stop: stop the study too.
-            raise SystemExit(f"study stopped by a signal during {arch} / {method}")
+            raise SystemExit(f"study stopped by a signal during {out_dir}")
     except NonFiniteLossError as e:
         error = str(e).split(";")[0]
     wall = time.time() - started
@@ -202,8 +208,6 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     nan_seen = bool(error) or any(isinstance(v, float) and not math.isfinite(v)
                                   for r in train_records for v in r.values())
     row = {
-        "method": method, "model": arch, "recipe": recipe_name(extra), "overrides": list(extra), "steps": steps,
-        "batch_size": cfg.train.batch_size,
         "steps_completed": last.get("step", 0), "wall_s": round(wall, 1),
         "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" for r in records),
         "final_loss": last.get("loss", float("nan")), "teacher_entropy": last.get("teacher_entropy", float("nan")),
@@ -211,17 +215,30 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     }
     ckpt = latest_checkpoint(checkpoint_dir(out_dir))
     if ckpt is not None:
-        row.update(evaluate_checkpoint(ckpt, cfg, data))
+        row.update(evaluate_checkpoint(ckpt, cfg, data, more_metrics))
+    return row
+
+
+def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
+            extra: tuple = ()) -> dict:
+    """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
+    cfg = study_config(method, arch, steps, batch_size, extra)
+    row = {"method": method, "model": arch, "recipe": recipe_name(extra), "overrides": list(extra),
+           "steps": steps, "batch_size": cfg.train.batch_size}
+    row.update(train_and_evaluate(cfg, out_root / arch / method, data))
     return row
 
 
 def random_init_knn(arch: str, data, extra: tuple = ()) -> float:
     """kNN of the backbone at the seed every run starts from (train.seed)."""
-    from dinovmf.objectives import build_ssl_model
+    return initial_knn(study_config("dino_vmf", arch, 1, extra=extra), data)
 
-    cfg = study_config("dino_vmf", arch, 1, extra=extra)
-    torch.manual_seed(cfg.train.seed)
-    return knn_top1(build_ssl_model(cfg, 0.0).backbone, data)
+
+def initial_knn(cfg, data) -> float:
+    """kNN of the backbone a run of `cfg` starts from (its train.seed)."""
+    from dinovmf.train import init_student
+
+    return knn_top1(init_student(cfg).backbone, data)
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -24,6 +24,7 @@ from torch import nn
 from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
 from dinovmf.config import Config, dump_yaml
+from dinovmf.models import DINOHead
 from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient_probes, peak_flops
 from dinovmf.objectives import build_objective, build_ssl_model, model_args
 from dinovmf.schedules import build_schedules
@@ -38,24 +39,46 @@ class NonFiniteLossError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- pieces
 
-def param_groups(model: nn.Module) -> list[dict]:
+def param_groups(model: nn.Module, proto_norm_lr_mult: float = 1.0) -> list[dict]:
     """DINO's split: weight decay on matrices only; biases and 1-D parameters (norms, g) undecayed.
 
     Parameters that never train (the frozen prototype norm g of `norm_last_layer=True`) are left out.
+    With `proto_norm_lr_mult` != 1 the trainable prototype norms g get a third, undecayed group whose
+    `lr_mult` scales the scheduled lr (at 1 there are two groups, as in checkpoints written before it).
     """
-    decay, no_decay = [], []
+    norms = {id(h.g) for h in model.modules() if isinstance(h, DINOHead)} if proto_norm_lr_mult != 1 else set()
+    decay, no_decay, proto_norm = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+        if id(p) in norms:
+            proto_norm.append(p)
+        else:
+            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    if proto_norm:
+        groups.append({"params": proto_norm, "name": "proto_norm", "weight_decay": 0.0,
+                       "lr_mult": proto_norm_lr_mult})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU; lr/wd set per step."""
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                             betas=tuple(cfg.optim.betas), **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg.optim.proto_norm_lr_mult), lr=0.0,
+                             weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), **kwargs)
+
+
+def init_student(cfg: Config) -> nn.Module:
+    """The student at step 0 (on the CPU): built from train.seed, then its prototype norms spread
+    log-normally when model.proto_norm_init_spread > 0 (drawn after the build, so the weights are the
+    same as without the spread)."""
+    torch.manual_seed(cfg.train.seed)
+    student = build_ssl_model(cfg, cfg.model.drop_path)
+    for head in (student.head, student.patch_head):
+        if head is not None:
+            head.spread_norms_(cfg.model.proto_norm_init_spread)
+    return student
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -218,8 +241,7 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, info: D.DistInfo) -> 
     sched = build_schedules(cfg, steps_per_epoch, info.world_size)
 
     # Same seed on every rank for initialisation; the teacher starts as a copy of the student.
-    torch.manual_seed(cfg.train.seed)
-    student = build_ssl_model(cfg, cfg.model.drop_path).to(device)
+    student = init_student(cfg).to(device)
     teacher = build_ssl_model(cfg, 0.0).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -330,7 +352,7 @@ def _scalar(v) -> bool:
 def _train_step(cfg, step, values, crops, train_module, student, teacher_fwd, teacher, objective, optimizer,
                 frozen_last_layer, probe) -> dict:
     for group in optimizer.param_groups:
-        group["lr"] = values["lr"]
+        group["lr"] = values["lr"] * group.get("lr_mult", 1.0)
         if group["name"] == "decay":
             group["weight_decay"] = values["wd"]
     loss, metrics, _ = objective(train_module, teacher_fwd, crops, values["teacher_temp"])
