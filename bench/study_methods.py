@@ -324,6 +324,33 @@ def collect_rows(out_root: Path) -> list[dict]:
     return rows
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, out: str, name: str) -> None:
+    """The options every study script shares: batch, recipe changes (--set), where runs and results go,
+    threads, the kNN memory and queries, recording."""
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
+    parser.add_argument("--out", default=out, help="run folders (checkpoints, logs, rows)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--name", default=name, help="results file stem: <results-dir>/<name>.{csv,png,...}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="a config override applied to every run (repeatable); it names the recipe in "
+                             "the results, so the same runs under another recipe are a separate series")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
+                        help="default: every train image")
+    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS,
+                        help="default: every val image")
+    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                        help="write the results files from every finished run under --out (--no-record: "
+                             "only train; lets a study be run in parts)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; record the runs under --out")
+
+
+def eval_data(args, image_size: int) -> tuple:
+    """The kNN (memory, queries) images at `image_size`, as many per class as --knn-*-per-class ask."""
+    return (load_eval_images("train", args.knn_memory_per_class, image_size),
+            load_eval_images("val", args.knn_queries_per_class, image_size))
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(STUDY_METHODS),
@@ -331,23 +358,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps-tiny", type=int, default=744, help="default: the demo's 8 epochs")
     parser.add_argument("--steps-small", type=int, default=465, help="default: 5 epochs")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
-    parser.add_argument("--out", default="runs/study_methods", help="run folders (checkpoints, logs, rows)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
-    parser.add_argument("--name", default="study_methods",
-                        help="results file stem: <results-dir>/<name>.{csv,png}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
-                        help="a config override applied to every run (repeatable); it names the recipe in "
-                             "the results, so the same method under another recipe is a separate series")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
-                        help="default: every train image")
-    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS,
-                        help="default: every val image")
-    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
-                        help="append every finished run under --out to the results CSV and plot them "
-                             "(--no-record: only train; lets a study be run in parts)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; record the runs under --out")
+    add_study_arguments(parser, out="runs/study_methods", name="study_methods")
     parser.add_argument("--reevaluate", action="store_true",
                         help="train nothing; evaluate the finished runs under --out again (their last "
                              "checkpoints, with the current kNN settings), then record them")
@@ -371,9 +382,7 @@ def main(argv=None) -> list[dict]:
     out_root = Path(args.out)
 
     if not args.report_only:
-        image_size = first_cfg.crops.global_size  # eval at the crop size
-        data = (load_eval_images("train", args.knn_memory_per_class, image_size),
-                load_eval_images("val", args.knn_queries_per_class, image_size))
+        data = eval_data(args, first_cfg.crops.global_size)  # eval at the crop size
     if args.reevaluate:
         reevaluate_runs(out_root, models, methods, data)
     elif not args.report_only:

@@ -39,6 +39,7 @@ kept) are redrawn from every row under --out.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import json
@@ -49,9 +50,9 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import RESULTS_DIR, record
-from bench.study_methods import (KNN_MEMORY_PER_CLASS, KNN_QUERIES_PER_CLASS, ROW_FILE, initial_knn,
-                                 load_eval_images, recipe_config, recipe_name, train_and_evaluate)
+from bench.harness import record
+from bench.study_methods import (ROW_FILE, add_study_arguments, eval_data, initial_knn, recipe_config, recipe_name,
+                                 train_and_evaluate)
 
 VMF = ("off", "on")
 CENTERINGS = ("logit", "prob")
@@ -301,25 +302,24 @@ def plot_study(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # The series (model, budget, recipe) with the most runs; the others are in the .md tables.
+    series = collections.Counter((r["model"], r["steps"], r["recipe"]) for r in rows).most_common(1)[0][0]
+    rows = [r for r in rows if (r["model"], r["steps"], r["recipe"]) == series]
     cells = aggregate(rows)
     panels = [("knn_top1", "kNN top-1 (%)"), ("used_prototypes", "used prototypes (teacher argmax winners)"),
               ("norm_ratio", "prototype norm max / min at the end (log)"),
               ("norm_wins_spearman", "spearman(norm, images won): > 0 = large norms win")]
     for c in cells:  # the ratio of the means: the per-run ratios are in the CSV
         c["norm_ratio"] = (c["norm_max"][0] / c["norm_min"][0], float("nan"))
-    lines = list(dict.fromkeys((c["model"], c["steps"], c["recipe"], c["norm_lr_mult"], c["centering"], c["vmf"])
-                               for c in cells))
+    lines = list(dict.fromkeys((c["norm_lr_mult"], c["centering"], c["vmf"]) for c in cells))
     colours = {"logit": "tab:blue", "prob": "tab:orange"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     for ax, (key, title) in zip(axes.flat, panels):
         for j, line in enumerate(lines):
-            model, steps, recipe, mult, centering, vmf = line
-            sel = [c for c in cells if (c["model"], c["steps"], c["recipe"], c["norm_lr_mult"], c["centering"],
-                                        c["vmf"]) == line]
+            mult, centering, vmf = line
+            sel = [c for c in cells if (c["norm_lr_mult"], c["centering"], c["vmf"]) == line]
             xs = [c["norm_spread"] + 0.006 * (j - len(lines) / 2) for c in sel]  # dodge the error bars
             label = f"{centering} centering, vMF {vmf}" + (f", norm lr x{mult:g}" if mult != 1 else "")
-            if len({ln[:3] for ln in lines}) > 1:
-                label += f" ({model}, {steps} steps, {recipe})"
             ax.errorbar(xs, [c[key][0] for c in sel], yerr=[c[key][1] for c in sel], capsize=3,
                         color=colours.get(centering), ls="-" if vmf == "on" else "--",
                         marker="o" if mult == 1 else "s", mfc="white" if vmf == "off" else None, label=label)
@@ -337,8 +337,8 @@ def plot_study(rows: list[dict], path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     seeds = sorted({r["seed"] for r in rows})
-    fig.suptitle("vMF normaliser vs free prototype norms, free norms in every run; mean ± std over seeds "
-                 f"{seeds} (solid: vMF on, dashed: off)", fontsize=10)
+    fig.suptitle(f"vMF normaliser vs free prototype norms (free in every run): {series[0]}, {series[1]} steps, "
+                 f"recipe '{series[2]}'; mean ± std over seeds {seeds} (solid: vMF on, dashed: off)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -422,22 +422,8 @@ def main(argv=None) -> list[dict]:
                         help="norm lr multipliers (optim.proto_norm_lr_mult)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="train.seed values")
     parser.add_argument("--steps", type=int, default=STEPS, help="steps per run (the same for every run)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
     parser.add_argument("--model", default="vit_tiny", help="model.arch")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
-                        help="a config override applied to every run (repeatable); runs with other --set "
-                             "values are a separate series")
-    parser.add_argument("--out", default="runs/study_vmf_mechanism", help="run folders (checkpoints, logs, rows)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
-    parser.add_argument("--name", default="study_vmf_mechanism", help="results file stem")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
-                        help="default: every train image")
-    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS,
-                        help="default: every val image")
-    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
-                        help="write the results files from every run under --out (--no-record: only train)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; report the runs under --out")
+    add_study_arguments(parser, out="runs/study_vmf_mechanism", name="study_vmf_mechanism")
     parser.add_argument("--explain-spreads", action="store_true",
                         help="print the kappa and log C_p ranges the spreads give at this recipe, then exit")
     args = parser.parse_args(argv)
@@ -460,9 +446,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     out_root = Path(args.out)
     if not args.report_only:
-        size = configs[0].crops.global_size  # eval at the crop size
-        data = (load_eval_images("train", args.knn_memory_per_class, size),
-                load_eval_images("val", args.knn_queries_per_class, size))
+        data = eval_data(args, configs[0].crops.global_size)  # eval at the crop size
         run_grid(cells, seeds, args.model, args.steps, args.batch_size, out_root, data, extra)
     rows = collect_rows(out_root)
     if args.record and rows:
