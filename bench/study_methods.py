@@ -219,6 +219,13 @@ def train_and_evaluate(cfg, out_dir: Path, data, more_metrics=None) -> dict:
     return row
 
 
+def write_row(path: Path, row: dict) -> None:
+    """Write a run's row atomically: a row file marks a finished run, so a torn one must never exist."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row))
+    tmp.replace(path)
+
+
 def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
             extra: tuple = ()) -> dict:
     """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
@@ -309,7 +316,7 @@ def reevaluate_runs(out_root: Path, models: list[str], methods: list[str], data)
             cfg = study_config(method, arch, row["steps"], row["batch_size"], extra)
             row.update(evaluate_checkpoint(ckpt, cfg, data))
             row.update(knn_top1_random_init=base, knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
-            path.write_text(json.dumps(row))
+            write_row(path, row)
             print(f"{arch} / {method}: kNN {row['knn_top1']:.1f}% (random init {base:.1f}%)", flush=True)
 
 
@@ -394,7 +401,7 @@ def main(argv=None) -> list[dict]:
                 row = run_one(method, arch, steps, args.batch_size, out_root, data, extra)
                 row.update(knn_top1_random_init=base, method_index=list(METHODS).index(method),
                            knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
-                (out_root / arch / method / ROW_FILE).write_text(json.dumps(row))
+                write_row(out_root / arch / method / ROW_FILE, row)
                 print(row, flush=True)
     rows = collect_rows(out_root) + [r for d in args.also_report for r in collect_rows(Path(d))]
     if args.record and rows:

@@ -31,7 +31,9 @@ method study (kNN top-1 with the full protocol, used and unique prototypes), plu
 
 Every finished run leaves a row file in its folder (<out>/<model>/steps<N>[_<--set>]/<cell>/seed<s>/), so
 an interrupted grid continues where it stopped: finished runs are skipped, an unfinished one restarts.
-Seeds are the outer loop, so a grid cut short still has whole seeds. The report writes
+Seeds are the outer loop, so a grid cut short still has whole seeds. Several processes may work through
+one grid at once (e.g. one per seed, with --no-record, then one --report-only): each run is claimed by
+the process that trains it. The report writes
 <results-dir>/<name>.{csv,png,md}: the CSV gains the rows it does not hold yet (rows are stamped with the
 device and never rewritten), the PNG and the tables in the .md (between the markers; text outside them is
 kept) are redrawn from every row under --out.
@@ -44,6 +46,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -52,7 +55,7 @@ import torch
 
 from bench.harness import record
 from bench.study_methods import (ROW_FILE, add_study_arguments, eval_data, initial_knn, recipe_config, recipe_name,
-                                 train_and_evaluate)
+                                 train_and_evaluate, write_row)
 
 VMF = ("off", "on")
 CENTERINGS = ("logit", "prob")
@@ -169,24 +172,57 @@ def run_cell(cell: Cell, seed: int, arch: str, steps: int, batch_size: int | Non
     row.update(norms_over_training(cfg, out_dir, steps))
     row.update(diverged=row["nan_seen"], collapsed=row["collapse_warning"], knn_top1_random_init=random_init,
                knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
-    (out_dir / ROW_FILE).write_text(json.dumps(row))
+    write_row(out_dir / ROW_FILE, row)
     return row
+
+
+def claim_run(out_dir: Path) -> bool:
+    """Claim the run folder `out_dir` for this process, so that several processes can work through one
+    grid (on one --out) at once: False when a live process holds it. The claim file sits beside the
+    folder (which training deletes and recreates); a dead holder's claim is taken over."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    claim = out_dir.parent / f"{out_dir.name}.claim"
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(claim.read_text() or 0), 0)
+            return False  # the holder is alive
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            claim.unlink(missing_ok=True)
+            return claim_run(out_dir)
+        except PermissionError:  # alive, another user's
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def release_run(out_dir: Path) -> None:
+    (out_dir.parent / f"{out_dir.name}.claim").unlink(missing_ok=True)
 
 
 def run_grid(cells: list[Cell], seeds, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
              extra: tuple) -> None:
-    """Every (seed, cell) without a row file yet, seeds outermost."""
-    todo = [(seed, cell) for seed in seeds for cell in cells
-            if not (out_root / series_dir(arch, steps, extra) / cell.name / f"seed{seed}" / ROW_FILE).is_file()]
-    print(f"{len(seeds) * len(cells) - len(todo)} of {len(seeds) * len(cells)} runs already done", flush=True)
+    """Every (seed, cell) without a row file yet, seeds outermost; runs another process holds are left to it."""
+    runs = [(seed, cell, out_root / series_dir(arch, steps, extra) / cell.name / f"seed{seed}")
+            for seed in seeds for cell in cells]
+    done = sum((d / ROW_FILE).is_file() for _, _, d in runs)
+    print(f"{done} of {len(runs)} runs already done", flush=True)
     random_init: dict[int, float] = {}  # the backbone a run starts from depends only on the seed
-    for i, (seed, cell) in enumerate(todo):
-        cfg = run_config(cell, seed, arch, steps, batch_size, extra)
-        if seed not in random_init:
-            random_init[seed] = initial_knn(cfg, data)
-        out_dir = out_root / series_dir(arch, steps, extra) / cell.name / f"seed{seed}"
-        print(f"\n### [{i + 1}/{len(todo)}] {out_dir}", flush=True)
-        row = run_cell(cell, seed, arch, steps, batch_size, out_dir, data, extra, random_init[seed])
+    for i, (seed, cell, out_dir) in enumerate(runs):
+        if (out_dir / ROW_FILE).is_file() or not claim_run(out_dir):
+            continue
+        try:
+            if (out_dir / ROW_FILE).is_file():  # finished by another process between the check and the claim
+                continue
+            cfg = run_config(cell, seed, arch, steps, batch_size, extra)
+            if seed not in random_init:
+                random_init[seed] = initial_knn(cfg, data)
+            print(f"\n### [{i + 1}/{len(runs)}] {out_dir}", flush=True)
+            row = run_cell(cell, seed, arch, steps, batch_size, out_dir, data, extra, random_init[seed])
+        finally:
+            release_run(out_dir)
         print({k: row[k] for k in ("knn_top1", "used_prototypes", "norm_min", "norm_max", "diverged", "wall_s")},
               flush=True)
 

@@ -1,6 +1,9 @@
 """bench/study_vmf_mechanism.py at a toy budget: the grid's configs, the rows, resuming, the report."""
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -113,3 +116,15 @@ def test_spread_explanation_gives_the_kappa_and_log_normaliser_ranges(capsys):
     assert "sigma 0: g in [1.00, 1.00], kappa in [10.0, 10.0], log C_p range 0.00 nats" in out
     wide = next(line for line in out.splitlines() if "sigma 0.5:" in line)
     assert float(wide.split("log C_p range ")[1].split()[0]) > 3
+
+
+def test_a_run_is_claimed_by_one_live_process(tmp_path):
+    run = tmp_path / "series" / "cell" / "seed0"
+    assert study.claim_run(run)
+    assert not study.claim_run(run)  # held by a live process (this one)
+    study.release_run(run)
+    assert study.claim_run(run)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run.parent / "seed0.claim").write_text(dead.stdout.strip())  # a holder that has exited
+    assert study.claim_run(run)
+    assert (run.parent / "seed0.claim").read_text() == str(os.getpid())
