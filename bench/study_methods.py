@@ -142,12 +142,16 @@ def backbone_features(backbone, images: torch.Tensor, batch_size: int = 250) -> 
     return torch.cat([backbone(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def knn_top1(backbone, data) -> float:
+def knn_top1(backbone, data, features: torch.Tensor | None = None) -> float:
+    """kNN top-1 of `backbone` on `data`; `features`: its features of the train then val images, when
+    already computed."""
     from dinovmf.eval.knn import knn_classify
 
-    (train_x, train_y), (val_x, val_y) = data
-    result = knn_classify(backbone_features(backbone, train_x), train_y, backbone_features(backbone, val_x),
-                          val_y, k=KNN_K, temperature=KNN_TEMPERATURE)
+    (train_x, train_y), (_, val_y) = data
+    if features is None:
+        features = backbone_features(backbone, torch.cat([data[0][0], data[1][0]]))
+    result = knn_classify(features[:len(train_x)], train_y, features[len(train_x):], val_y, k=KNN_K,
+                          temperature=KNN_TEMPERATURE)
     return result["top1"]
 
 
@@ -168,12 +172,13 @@ def evaluate_checkpoint(path: Path, cfg, data, more_metrics=None) -> dict:
     weight = teacher.head.prototypes().float()
     norms = torch.linalg.vector_norm(weight, dim=1)
     (train_x, _), (val_x, _) = data
-    z = teacher.head(backbone_features(teacher.backbone, torch.cat([train_x, val_x])))
+    features = backbone_features(teacher.backbone, torch.cat([train_x, val_x]))  # once, for kNN and scores
+    z = teacher.head(features)
     # The teacher's assignment at its final temperature, uncentered: vMF logits for the vMF methods.
     scores = vmf_logits(z, weight, cfg.loss.teacher_temp) if cfg.vmf else z @ weight.t()
     finite = bool(torch.isfinite(weight).all())
     return {
-        "evaluated_step": int(state["step"]), "knn_top1": knn_top1(teacher.backbone, data),
+        "evaluated_step": int(state["step"]), "knn_top1": knn_top1(teacher.backbone, data, features),
         "unique_prototypes": prototype_utilisation(weight, UTILISATION_EPS) if finite else float("nan"),
         "used_prototypes": used_prototypes(scores) if finite else float("nan"),
         "norm_mean": norms.mean().item(), "norm_std_over_mean": (norms.std() / norms.mean()).item(),

@@ -66,7 +66,7 @@ CENTERINGS = ("logit", "prob")
 SPREADS = (0.0, 0.25, 0.5)
 LR_MULTS = (1.0,)
 SEEDS = (0, 1, 2)
-STEPS = 300
+STEPS = 60
 # Kept until the run is evaluated (the mid-run norms are read from a checkpoint), then pruned to the last.
 KEEP_CHECKPOINTS = 8
 MARK_BEGIN, MARK_END = "<!-- tables:begin (written by bench/study_vmf_mechanism.py) -->", "<!-- tables:end -->"
