@@ -157,8 +157,9 @@ def knn_top1(backbone, data, features: torch.Tensor | None = None) -> float:
 
 @torch.no_grad()
 def evaluate_checkpoint(path: Path, cfg, data, more_metrics=None) -> dict:
-    """kNN, prototype norms and utilisation of a checkpoint's teacher; `more_metrics(weight, scores)`,
-    when given, adds its dict (computed from the prototypes [K, p] and the assignment scores [N, K])."""
+    """kNN, prototype norms and utilisation of a checkpoint's teacher; `more_metrics(weight, scores, z,
+    state)`, when given, adds its dict (from the prototypes [K, p], the uncentered assignment scores
+    [N, K], the head outputs z [N, p] of the kNN images and the checkpoint)."""
     from dinovmf.checkpoint import load_checkpoint
     from dinovmf.objectives import build_ssl_model
     from dinovmf.prototypes import prototype_utilisation, used_prototypes
@@ -183,7 +184,7 @@ def evaluate_checkpoint(path: Path, cfg, data, more_metrics=None) -> dict:
         "used_prototypes": used_prototypes(scores) if finite else float("nan"),
         "norm_mean": norms.mean().item(), "norm_std_over_mean": (norms.std() / norms.mean()).item(),
         "norm_min": norms.min().item(), "norm_max": norms.max().item(),
-        **(more_metrics(weight, scores) if more_metrics is not None and finite else {}),
+        **(more_metrics(weight, scores, z, state) if more_metrics is not None and finite else {}),
     }
 
 

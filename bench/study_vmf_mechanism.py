@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 from bench.harness import record
-from bench.study_methods import (ROW_FILE, add_study_arguments, eval_data, initial_knn, recipe_config, recipe_name,
-                                 train_and_evaluate, write_row)
+from bench.study_methods import (ROW_FILE, add_study_arguments, eval_data, evaluate_checkpoint, initial_knn,
+                                 recipe_config, recipe_name, train_and_evaluate, write_row)
 
 VMF = ("off", "on")
 CENTERINGS = ("logit", "prob")
@@ -72,8 +72,9 @@ KEEP_CHECKPOINTS = 8
 MARK_BEGIN, MARK_END = "<!-- tables:begin (written by bench/study_vmf_mechanism.py) -->", "<!-- tables:end -->"
 # Averaged over seeds in the tables and the plot.
 NORM_KEYS = tuple(f"norm_{when}{s}" for when in ("start_", "mid_", "") for s in ("min", "median", "max"))
-MEAN_KEYS = ("knn_top1", "used_prototypes", "unique_prototypes", *NORM_KEYS, "logc_range", "norm_wins_spearman",
-             "top_norm_decile_wins", "teacher_entropy", "final_loss")
+WINS_KEYS = tuple(f"{c}{k}" for c in ("", "centered_") for k in ("used_prototypes", "norm_wins_spearman",
+                                                                   "top_norm_decile_wins"))
+MEAN_KEYS = ("knn_top1", "unique_prototypes", *WINS_KEYS, *NORM_KEYS, "logc_range", "teacher_entropy", "final_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,19 +126,35 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(spearmanr(x.double().numpy(), y.double().numpy()).statistic)
 
 
+def _wins_metrics(norms: torch.Tensor, wins: torch.Tensor, prefix: str) -> dict:
+    """Whether the large-norm prototypes win: rank correlation of norm and wins, the top decile's share."""
+    top = norms.argsort(descending=True)[:max(1, len(norms) // 10)]
+    return {f"{prefix}used_prototypes": int((wins > 0).sum()), f"{prefix}norm_wins_spearman": spearman(norms, wins),
+            f"{prefix}top_norm_decile_wins": (wins[top].sum() / wins.sum()).item()}
+
+
 def mechanism_metrics(cfg):
-    """`more_metrics` for `evaluate_checkpoint`: norm median, the normaliser's spread and whether the
-    large-norm prototypes win the teacher's assignments."""
+    """`more_metrics` for `evaluate_checkpoint`: norm median, the normaliser's spread, and whether the
+    large-norm prototypes win the teacher's assignments (argmax over the kNN images), both uncentered (as
+    the method study's used prototypes) and through the checkpoint's center at the final teacher
+    temperature (`centered_*`: the targets training used). On the teacher side a centering that has
+    converged absorbs any per-prototype constant, the vMF offset included, so the two can differ."""
+    from dinovmf.objectives import build_objective
     from dinovmf.vmf import vmf_column_bias
 
-    def metrics(weight: torch.Tensor, scores: torch.Tensor) -> dict:
+    def metrics(weight: torch.Tensor, scores: torch.Tensor, z: torch.Tensor, state: dict) -> dict:
         norms = torch.linalg.vector_norm(weight.double(), dim=1)
         logc = vmf_column_bias(norms, cfg.loss.student_temp, weight.shape[1])
-        wins = torch.bincount(scores.argmax(dim=1), minlength=weight.shape[0]).double()
-        top = norms.argsort(descending=True)[:max(1, weight.shape[0] // 10)]
-        return {"norm_median": norms.median().item(), "logc_range": (logc.max() - logc.min()).item(),
-                "norm_wins_spearman": spearman(norms, wins),
-                "top_norm_decile_wins": (wins[top].sum() / wins.sum()).item()}
+        objective = build_objective(cfg)
+        objective.load_state_dict(state["loss"])
+        centered = objective.loss.teacher_probs(z, weight, cfg.loss.teacher_temp)
+        k = weight.shape[0]
+        wins = torch.bincount(scores.argmax(dim=1), minlength=k).double()
+        centered_wins = torch.bincount(centered.argmax(dim=1), minlength=k).double()
+        row = {"norm_median": norms.median().item(), "logc_range": (logc.max() - logc.min()).item()}
+        row.update(_wins_metrics(norms, wins, ""))
+        row.update(_wins_metrics(norms, centered_wins, "centered_"))
+        return row
 
     return metrics
 
@@ -227,6 +244,26 @@ def run_grid(cells: list[Cell], seeds, arch: str, steps: int, batch_size: int | 
               flush=True)
 
 
+def reevaluate(cells: list[Cell], seeds, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
+               extra: tuple) -> None:
+    """Evaluate every finished run of the grid again (its last checkpoint) and rewrite its row."""
+    from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
+
+    for seed in seeds:
+        for cell in cells:
+            out_dir = out_root / series_dir(arch, steps, extra) / cell.name / f"seed{seed}"
+            ckpt = latest_checkpoint(checkpoint_dir(out_dir)) if (out_dir / ROW_FILE).is_file() else None
+            if ckpt is None:
+                continue
+            cfg = run_config(cell, seed, arch, steps, batch_size, extra)
+            row = json.loads((out_dir / ROW_FILE).read_text())
+            row.update(evaluate_checkpoint(ckpt, cfg, data, mechanism_metrics(cfg)),
+                       knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
+            write_row(out_dir / ROW_FILE, row)
+            print(f"{out_dir}: kNN {row['knn_top1']:.1f}%, used {row['used_prototypes']}; "
+                  f"centered {row['centered_used_prototypes']}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------- report
 
 def collect_rows(out_root: Path) -> list[dict]:
@@ -277,7 +314,8 @@ def paired_vmf_effect(rows: list[dict], keys: tuple) -> list[dict]:
         if off is not None:
             pairs.setdefault(k[:4] + k[5:], []).append((on, off))
     return [{**dict(zip(("model", "steps", "recipe", "norm_lr_mult", "centering", "norm_spread"), k)),
-             "n": len(p), **{key: _stats([on[key] - off[key] for on, off in p]) for key in keys}}
+             "n": len(p), **{key: _stats([on.get(key, math.nan) - off.get(key, math.nan) for on, off in p])
+                             for key in keys}}
             for k, p in sorted(pairs.items())]
 
 
@@ -286,6 +324,11 @@ def _pm(stat: tuple[float, float], fmt: str = "{:.1f}") -> str:
     if not math.isfinite(mean):
         return "-"
     return fmt.format(mean) + ("" if not math.isfinite(std) else " ± " + fmt.format(std))
+
+
+def _both(entry: dict, key: str, fmt: str) -> str:
+    """`key` uncentered; centered."""
+    return f"{_pm(entry[key], fmt)}; {_pm(entry['centered_' + key], fmt)}"
 
 
 def tables_markdown(rows: list[dict]) -> str:
@@ -300,16 +343,19 @@ def tables_markdown(rows: list[dict]) -> str:
                   "Random-init kNN (mean over seeds): "
                   f"{statistics.fmean(c['knn_top1_random_init'] for c in sel):.1f} %."
                   " Mean ± std over seeds; `div` / `coll`: runs that diverged / raised the collapse warning.", "",
-                  "| norm lr x | centering | vMF | spread | seeds | kNN top-1 % | used / 256 | unique | "
-                  "norm min / median / max (end) | log C_p range (nats) | spearman(norm, wins) | "
-                  "top-10% norms' win share | teacher entropy | div | coll |",
+                  "Winners: the teacher's argmax over the kNN images, uncentered / through its center "
+                  "(`centered_*`, the training targets).", "",
+                  "| norm lr x | centering | vMF | spread | seeds | kNN top-1 % | used / 256 (uncentered; centered) "
+                  "| unique | norm min / median / max (end) | log C_p range (nats) | spearman(norm, wins) "
+                  "(uncentered; centered) | top-10% norms' win share (uncentered; centered) | teacher entropy "
+                  "| div | coll |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in sel:
             norms = " / ".join(_pm(c[k], "{:.2f}") for k in ("norm_min", "norm_median", "norm_max"))
             lines.append(f"| {c['norm_lr_mult']:g} | {c['centering']} | {c['vmf']} | {c['norm_spread']:g} | "
-                         f"{len(c['seeds'])} | {_pm(c['knn_top1'])} | {_pm(c['used_prototypes'], '{:.0f}')} | "
+                         f"{len(c['seeds'])} | {_pm(c['knn_top1'])} | {_both(c, 'used_prototypes', '{:.0f}')} | "
                          f"{_pm(c['unique_prototypes'], '{:.0f}')} | {norms} | {_pm(c['logc_range'], '{:.2f}')} | "
-                         f"{_pm(c['norm_wins_spearman'], '{:.2f}')} | {_pm(c['top_norm_decile_wins'], '{:.2f}')} | "
+                         f"{_both(c, 'norm_wins_spearman', '{:.2f}')} | {_both(c, 'top_norm_decile_wins', '{:.2f}')} | "
                          f"{_pm(c['teacher_entropy'], '{:.2f}')} | {c['diverged']} | {c['collapsed']} |")
         lines += ["", "Prototype norms over training (teacher; mean over seeds of min / median / max):", "",
                   "| norm lr x | centering | vMF | spread | start | mid-run | end |", "|---|---|---|---|---|---|---|"]
@@ -320,13 +366,14 @@ def tables_markdown(rows: list[dict]) -> str:
                          + " | ".join(at) + " |")
         lines += ["", "Paired effect of the vMF normaliser (on − off, same seed: same init, norms and data order), "
                   "mean ± std over seeds:", "",
-                  "| norm lr x | centering | spread | pairs | Δ kNN top-1 (points) | Δ used prototypes | "
-                  "Δ spearman(norm, wins) | Δ norm max (end) |", "|---|---|---|---|---|---|---|---|"]
+                  "| norm lr x | centering | spread | pairs | Δ kNN top-1 (points) | Δ used prototypes "
+                  "(uncentered; centered) | Δ spearman(norm, wins) (uncentered; centered) | Δ norm max (end) |",
+                  "|---|---|---|---|---|---|---|---|"]
         series_rows = [r for r in rows if (r["model"], r["steps"], r["recipe"]) == series]
-        for e in paired_vmf_effect(series_rows, ("knn_top1", "used_prototypes", "norm_wins_spearman", "norm_max")):
+        for e in paired_vmf_effect(series_rows, ("knn_top1", "norm_max", *WINS_KEYS)):
             lines.append(f"| {e['norm_lr_mult']:g} | {e['centering']} | {e['norm_spread']:g} | {e['n']} | "
-                         f"{_pm(e['knn_top1'])} | {_pm(e['used_prototypes'], '{:.0f}')} | "
-                         f"{_pm(e['norm_wins_spearman'], '{:.2f}')} | {_pm(e['norm_max'], '{:.2f}')} |")
+                         f"{_pm(e['knn_top1'])} | {_both(e, 'used_prototypes', '{:.0f}')} | "
+                         f"{_both(e, 'norm_wins_spearman', '{:.2f}')} | {_pm(e['norm_max'], '{:.2f}')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -342,14 +389,16 @@ def plot_study(rows: list[dict], path: Path) -> None:
     series = collections.Counter((r["model"], r["steps"], r["recipe"]) for r in rows).most_common(1)[0][0]
     rows = [r for r in rows if (r["model"], r["steps"], r["recipe"]) == series]
     cells = aggregate(rows)
-    panels = [("knn_top1", "kNN top-1 (%)"), ("used_prototypes", "used prototypes (teacher argmax winners)"),
+    panels = [("knn_top1", "kNN top-1 (%)"), ("used_prototypes", "used prototypes (uncentered teacher argmax)"),
+              ("centered_used_prototypes", "used prototypes (centered teacher: the training targets)"),
               ("norm_ratio", "prototype norm max / min at the end (log)"),
-              ("norm_wins_spearman", "spearman(norm, images won): > 0 = large norms win")]
+              ("norm_wins_spearman", "spearman(norm, images won), uncentered: > 0 = large norms win"),
+              ("centered_norm_wins_spearman", "spearman(norm, images won), centered")]
     for c in cells:  # the ratio of the means: the per-run ratios are in the CSV
         c["norm_ratio"] = (c["norm_max"][0] / c["norm_min"][0], float("nan"))
     lines = list(dict.fromkeys((c["norm_lr_mult"], c["centering"], c["vmf"]) for c in cells))
     colours = {"logit": "tab:blue", "prob": "tab:orange"}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8.5))
     for ax, (key, title) in zip(axes.flat, panels):
         for j, line in enumerate(lines):
             mult, centering, vmf = line
@@ -460,6 +509,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=STEPS, help="steps per run (the same for every run)")
     parser.add_argument("--model", default="vit_tiny", help="model.arch")
     add_study_arguments(parser, out="runs/study_vmf_mechanism", name="study_vmf_mechanism")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="train nothing; evaluate the finished runs of this grid again from their last "
+                             "checkpoints (the norms at the start and mid-run are kept), then report")
     parser.add_argument("--explain-spreads", action="store_true",
                         help="print the kappa and log C_p ranges the spreads give at this recipe, then exit")
     args = parser.parse_args(argv)
@@ -483,7 +535,10 @@ def main(argv=None) -> list[dict]:
     out_root = Path(args.out)
     if not args.report_only:
         data = eval_data(args, configs[0].crops.global_size)  # eval at the crop size
-        run_grid(cells, seeds, args.model, args.steps, args.batch_size, out_root, data, extra)
+        if args.reevaluate:
+            reevaluate(cells, seeds, args.model, args.steps, args.batch_size, out_root, data, extra)
+        else:
+            run_grid(cells, seeds, args.model, args.steps, args.batch_size, out_root, data, extra)
     rows = collect_rows(out_root)
     if args.record and rows:
         report(rows, Path(args.results_dir), args.name)

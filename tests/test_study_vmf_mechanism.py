@@ -41,8 +41,10 @@ def test_grid_runs_records_resumes_and_reports(tmp_path, monkeypatch):
         assert (r["norm_start_min"], r["norm_start_max"]) == (start.min().item(), start.max().item())
         assert r["norm_start_median"] == start.median().item() and r["norm_mid_step"] == 1
         assert r["norm_min"] < 0.5 < 2 < r["norm_max"] and r["logc_range"] > 1  # spread norms, large log C_p gaps
-        assert -1 <= r["norm_wins_spearman"] <= 1 and 0 <= r["top_norm_decile_wins"] <= 1
-        assert 1 <= r["used_prototypes"] <= 256 and 0 <= r["knn_top1"] <= 100
+        for prefix in ("", "centered_"):
+            assert -1 <= r[f"{prefix}norm_wins_spearman"] <= 1 and 0 <= r[f"{prefix}top_norm_decile_wins"] <= 1
+            assert 1 <= r[f"{prefix}used_prototypes"] <= 256
+        assert 0 <= r["knn_top1"] <= 100
         run_dir = out / r["run_id"]
         assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_0000002.pt"]  # pruned to the last
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -78,6 +80,14 @@ def test_grid_runs_records_resumes_and_reports(tmp_path, monkeypatch):
 
     saved = json.loads((out / off["run_id"] / "study_row.json").read_text())
     assert saved == off
+
+    # --reevaluate: the same checkpoints, another kNN memory: the rows change there, the norms do not.
+    again = study.main([*args[:-4], "--knn-memory-per-class", "20", "--knn-queries-per-class", "5", "--reevaluate",
+                        "--no-record"])
+    assert [r["knn_memory"] for r in again] == [200, 200, 100]  # seed 0 (this grid) evaluated again, not 1
+    assert {k: v for k, v in again[0].items() if k.startswith("norm")} == {k: v for k, v in off.items()
+                                                                            if k.startswith("norm")}
+    rows = again
     assert study.main([*args, "--report-only"]) == rows  # reports without data or training
 
 
