@@ -85,8 +85,7 @@ def test_grid_runs_records_resumes_and_reports(tmp_path, monkeypatch):
     again = study.main([*args[:-4], "--knn-memory-per-class", "20", "--knn-queries-per-class", "5", "--reevaluate",
                         "--no-record"])
     assert [r["knn_memory"] for r in again] == [200, 200, 100]  # seed 0 (this grid) evaluated again, not 1
-    assert {k: v for k, v in again[0].items() if k.startswith("norm")} == {k: v for k, v in off.items()
-                                                                            if k.startswith("norm")}
+    assert [again[0][k] for k in study.NORM_KEYS] == [off[k] for k in study.NORM_KEYS]
     rows = again
     assert study.main([*args, "--report-only"]) == rows  # reports without data or training
 
