@@ -51,9 +51,9 @@ from bench.dino_original import OriginalDINOStep
 from bench.harness import record
 from dinovmf.config import load_config
 from dinovmf.models import build_backbone
-from dinovmf.objectives import build_objective, build_ssl_model, model_args
+from dinovmf.models import model_args
 from dinovmf.schedules import build_schedules
-from dinovmf.train import _train_step, build_optimizer, last_layer_params
+from dinovmf.trainer import Trainer
 
 STEPS_PER_EPOCH = 1000  # schedules need one; with optim.freeze_last_layer=0 only the values' position matters
 BASE_PRESET = "demo"
@@ -90,35 +90,30 @@ def bench_config(name: str, method: str = "dino", extra: list[str] = ()):
 
 @dataclass
 class DinovmfTraining:
-    """dinovmf's networks and its step: `step(crops, step_index) -> loss` (a float)."""
-    step: Callable[[list[torch.Tensor], int], float]
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    objective: torch.nn.Module
+    """dinovmf's trainer and its step: `step(crops, step_index) -> loss` (a 0-d device tensor: the trainer
+    syncs only on log steps)."""
+    trainer: Trainer
+
+    def step(self, crops: list[torch.Tensor], i: int) -> torch.Tensor:
+        return self.trainer.train_step(crops, i)["loss"]
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.trainer.models.student
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self.trainer.models.teacher
+
+    @property
+    def objective(self) -> torch.nn.Module:
+        return self.trainer.objective
 
 
 def dinovmf_training(cfg, device: torch.device) -> DinovmfTraining:
-    """One dinovmf training step exactly as the trainer runs it (with `train.compile`, through
-    torch.compile'd networks). The ONE place to change when the trainer's entry point changes (e.g. to
-    `Trainer(cfg).train_step(crops, step)`); bench_train.py uses it too."""
-    torch.manual_seed(cfg.train.seed)
-    student = build_ssl_model(cfg, cfg.model.drop_path).to(device)
-    teacher = build_ssl_model(cfg, 0.0).to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    objective = build_objective(cfg).to(device)
-    optimizer = build_optimizer(student, cfg, device)
-    frozen = last_layer_params(student)
-    sched = build_schedules(cfg, STEPS_PER_EPOCH)
-    train_module, teacher_fwd = student, teacher
-    if cfg.train.compile:
-        train_module, teacher_fwd = torch.compile(student), torch.compile(teacher)
-
-    def step(crops: list[torch.Tensor], i: int) -> float:
-        return _train_step(cfg, i, sched.at(i), crops, train_module, student, teacher_fwd, teacher, objective,
-                           optimizer, frozen, None)["loss"]
-
-    return DinovmfTraining(step, student, teacher, objective)
+    """One dinovmf training step exactly as the trainer runs it: `Trainer(cfg).train_step` (with
+    `train.compile`, through torch.compile'd networks). bench_train.py uses it too."""
+    return DinovmfTraining(Trainer(cfg, device=device, steps_per_epoch=STEPS_PER_EPOCH))
 
 
 def original_training(cfg, device: torch.device, norm_last_layer: bool,

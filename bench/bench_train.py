@@ -4,7 +4,7 @@
     python -m bench.bench_train --arch vit_tiny       # what a CPU box can run (few steps)
     python -m bench.bench_train --batch 32 64 --steps 300 --warmup 30 --compile
 
-One step is exactly the trainer's (`dinovmf.train._train_step`): teacher forward on the global crops,
+One step is exactly the trainer's (`Trainer.train_step`): teacher forward on the global crops,
 student forward + backward on all crops, the DINO-vMF loss through the selected backend, gradient
 clipping, fused AdamW, EMA update, under bf16 autocast on GPU. The crops are random tensors already on
 the device, so the number is the model + loss + optimizer ceiling, not the data path's (see
@@ -25,7 +25,6 @@ from bench.bench_step import STEPS_PER_EPOCH, dinovmf_training, make_crops
 from bench.harness import record
 from dinovmf.config import load_config
 from dinovmf.monitor import peak_flops
-from dinovmf.train import training_flops_per_image
 
 
 def bench_config(arch: str, batch: int, args):
@@ -54,10 +53,10 @@ def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(steps):
-        loss = step(warmup + i)  # the trainer's host sync per step (metrics as Python floats) included
+        loss = step(warmup + i)  # a device tensor: the trainer syncs on log steps only
     sync()
     dt = time.perf_counter() - t0
-    flops = training_flops_per_image(cfg, training.student)
+    flops = training.objective.flops_per_image(training.student)
     peak, peak_source = peak_flops(device)
     img_s = B * steps / dt
     row = {"arch": cfg.model.arch, "batch": B, "crops": f"2x{cfg.crops.global_size}+{cfg.crops.n_local}x"

@@ -88,13 +88,19 @@ def budget_overrides(steps: int, batch_size: int | None) -> list[str]:
             f"train.ckpt_every={max(1, steps // 4)}"] + ([f"train.batch_size={batch_size}"] if batch_size else [])
 
 
-def study_config(method: str, arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
-    """The demo recipe with the study's fixed overrides, the method's, the model, the budget, and `extra`
-    (--set: a recipe change applied to every run, e.g. a larger learning rate to stress stability)."""
+def recipe_config(overrides: list[str], arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
+    """The demo recipe with the study's fixed overrides, then `overrides` (what a run varies: method,
+    centering, ...), the model, the budget, and `extra` (--set: a recipe change applied to every run,
+    e.g. a larger learning rate to stress stability)."""
     from dinovmf.config import load_config
 
-    return load_config(PRESET, STUDY_OVERRIDES + METHODS[method] + [f"model.arch={arch}"]
+    return load_config(PRESET, STUDY_OVERRIDES + list(overrides) + [f"model.arch={arch}"]
                        + budget_overrides(steps, batch_size) + list(extra))
+
+
+def study_config(method: str, arch: str, steps: int, batch_size: int | None = None, extra: tuple = ()):
+    """`recipe_config` of one of the study's METHODS."""
+    return recipe_config(METHODS[method], arch, steps, batch_size, extra)
 
 
 def recipe_name(extra) -> str:
@@ -136,20 +142,26 @@ def backbone_features(backbone, images: torch.Tensor, batch_size: int = 250) -> 
     return torch.cat([backbone(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def knn_top1(backbone, data) -> float:
+def knn_top1(backbone, data, features: torch.Tensor | None = None) -> float:
+    """kNN top-1 of `backbone` on `data`; `features`: its features of the train then val images, when
+    already computed."""
     from dinovmf.eval.knn import knn_classify
 
-    (train_x, train_y), (val_x, val_y) = data
-    result = knn_classify(backbone_features(backbone, train_x), train_y, backbone_features(backbone, val_x),
-                          val_y, k=KNN_K, temperature=KNN_TEMPERATURE)
+    (train_x, train_y), (_, val_y) = data
+    if features is None:
+        features = backbone_features(backbone, torch.cat([data[0][0], data[1][0]]))
+    result = knn_classify(features[:len(train_x)], train_y, features[len(train_x):], val_y, k=KNN_K,
+                          temperature=KNN_TEMPERATURE)
     return result["top1"]
 
 
 @torch.no_grad()
-def evaluate_checkpoint(path: Path, cfg, data) -> dict:
-    """kNN, prototype norms and utilisation of a checkpoint's teacher."""
+def evaluate_checkpoint(path: Path, cfg, data, more_metrics=None) -> dict:
+    """kNN, prototype norms and utilisation of a checkpoint's teacher; `more_metrics(weight, scores, z,
+    state)`, when given, adds its dict (from the prototypes [K, p], the uncentered assignment scores
+    [N, K], the head outputs z [N, p] of the kNN images and the checkpoint)."""
     from dinovmf.checkpoint import load_checkpoint
-    from dinovmf.objectives import build_ssl_model
+    from dinovmf.models import build_ssl_model
     from dinovmf.prototypes import prototype_utilisation, used_prototypes
     from dinovmf.train import UTILISATION_EPS
     from dinovmf.vmf import vmf_logits
@@ -161,37 +173,37 @@ def evaluate_checkpoint(path: Path, cfg, data) -> dict:
     weight = teacher.head.prototypes().float()
     norms = torch.linalg.vector_norm(weight, dim=1)
     (train_x, _), (val_x, _) = data
-    z = teacher.head(backbone_features(teacher.backbone, torch.cat([train_x, val_x])))
+    features = backbone_features(teacher.backbone, torch.cat([train_x, val_x]))  # once, for kNN and scores
+    z = teacher.head(features)
     # The teacher's assignment at its final temperature, uncentered: vMF logits for the vMF methods.
     scores = vmf_logits(z, weight, cfg.loss.teacher_temp) if cfg.vmf else z @ weight.t()
     finite = bool(torch.isfinite(weight).all())
     return {
-        "evaluated_step": int(state["step"]), "knn_top1": knn_top1(teacher.backbone, data),
+        "evaluated_step": int(state["step"]), "knn_top1": knn_top1(teacher.backbone, data, features),
         "unique_prototypes": prototype_utilisation(weight, UTILISATION_EPS) if finite else float("nan"),
         "used_prototypes": used_prototypes(scores) if finite else float("nan"),
         "norm_mean": norms.mean().item(), "norm_std_over_mean": (norms.std() / norms.mean()).item(),
         "norm_min": norms.min().item(), "norm_max": norms.max().item(),
+        **(more_metrics(weight, scores, z, state) if more_metrics is not None and finite else {}),
     }
 
 
 # ------------------------------------------------------------------------------------------- one run
 
-def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
-            extra: tuple = ()) -> dict:
-    """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
+def train_and_evaluate(cfg, out_dir: Path, data, more_metrics=None) -> dict:
+    """Train `cfg` into `out_dir` from scratch, then evaluate its last checkpoint (`evaluate_checkpoint`);
+    never raises for a diverged run: the row says what happened (NaN, collapse warning, steps done)."""
     from dinovmf.checkpoint import checkpoint_dir, latest_checkpoint
     from dinovmf.monitor import read_metrics
     from dinovmf.train import NonFiniteLossError, train
 
-    cfg = study_config(method, arch, steps, batch_size, extra)
-    out_dir = out_root / arch / method
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.time()
     error = ""
     try:
         if train(cfg, out_dir).get("interrupted"):
             # The trainer turned SIGTERM / SIGINT into a clean stop: stop the study too.
-            raise SystemExit(f"study stopped by a signal during {arch} / {method}")
+            raise SystemExit(f"study stopped by a signal during {out_dir}")
     except NonFiniteLossError as e:
         error = str(e).split(";")[0]
     wall = time.time() - started
@@ -202,8 +214,6 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     nan_seen = bool(error) or any(isinstance(v, float) and not math.isfinite(v)
                                   for r in train_records for v in r.values())
     row = {
-        "method": method, "model": arch, "recipe": recipe_name(extra), "overrides": list(extra), "steps": steps,
-        "batch_size": cfg.train.batch_size,
         "steps_completed": last.get("step", 0), "wall_s": round(wall, 1),
         "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" for r in records),
         "final_loss": last.get("loss", float("nan")), "teacher_entropy": last.get("teacher_entropy", float("nan")),
@@ -211,17 +221,37 @@ def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root
     }
     ckpt = latest_checkpoint(checkpoint_dir(out_dir))
     if ckpt is not None:
-        row.update(evaluate_checkpoint(ckpt, cfg, data))
+        row.update(evaluate_checkpoint(ckpt, cfg, data, more_metrics))
+    return row
+
+
+def write_row(path: Path, row: dict) -> None:
+    """Write a run's row atomically: a row file marks a finished run, so a torn one must never exist."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row))
+    tmp.replace(path)
+
+
+def run_one(method: str, arch: str, steps: int, batch_size: int | None, out_root: Path, data,
+            extra: tuple = ()) -> dict:
+    """Train `method` on `arch`, then evaluate its last checkpoint; never raises for a diverged run."""
+    cfg = study_config(method, arch, steps, batch_size, extra)
+    row = {"method": method, "model": arch, "recipe": recipe_name(extra), "overrides": list(extra),
+           "steps": steps, "batch_size": cfg.train.batch_size}
+    row.update(train_and_evaluate(cfg, out_root / arch / method, data))
     return row
 
 
 def random_init_knn(arch: str, data, extra: tuple = ()) -> float:
     """kNN of the backbone at the seed every run starts from (train.seed)."""
-    from dinovmf.objectives import build_ssl_model
+    return initial_knn(study_config("dino_vmf", arch, 1, extra=extra), data)
 
-    cfg = study_config("dino_vmf", arch, 1, extra=extra)
-    torch.manual_seed(cfg.train.seed)
-    return knn_top1(build_ssl_model(cfg, 0.0).backbone, data)
+
+def initial_knn(cfg, data) -> float:
+    """kNN of the backbone a run of `cfg` starts from (its train.seed)."""
+    from dinovmf.models import init_student
+
+    return knn_top1(init_student(cfg).backbone, data)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -292,7 +322,7 @@ def reevaluate_runs(out_root: Path, models: list[str], methods: list[str], data)
             cfg = study_config(method, arch, row["steps"], row["batch_size"], extra)
             row.update(evaluate_checkpoint(ckpt, cfg, data))
             row.update(knn_top1_random_init=base, knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
-            path.write_text(json.dumps(row))
+            write_row(path, row)
             print(f"{arch} / {method}: kNN {row['knn_top1']:.1f}% (random init {base:.1f}%)", flush=True)
 
 
@@ -307,6 +337,33 @@ def collect_rows(out_root: Path) -> list[dict]:
     return rows
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, out: str, name: str) -> None:
+    """The options every study script shares: batch, recipe changes (--set), where runs and results go,
+    threads, the kNN memory and queries, recording."""
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
+    parser.add_argument("--out", default=out, help="run folders (checkpoints, logs, rows)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--name", default=name, help="results file stem: <results-dir>/<name>.{csv,png,...}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="a config override applied to every run (repeatable); it names the recipe in "
+                             "the results, so the same runs under another recipe are a separate series")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
+                        help="default: every train image")
+    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS,
+                        help="default: every val image")
+    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                        help="write the results files from every finished run under --out (--no-record: "
+                             "only train; lets a study be run in parts)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; record the runs under --out")
+
+
+def eval_data(args, image_size: int) -> tuple:
+    """The kNN (memory, queries) images at `image_size`, as many per class as --knn-*-per-class ask."""
+    return (load_eval_images("train", args.knn_memory_per_class, image_size),
+            load_eval_images("val", args.knn_queries_per_class, image_size))
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(STUDY_METHODS),
@@ -314,23 +371,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps-tiny", type=int, default=744, help="default: the demo's 8 epochs")
     parser.add_argument("--steps-small", type=int, default=465, help="default: 5 epochs")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
-    parser.add_argument("--out", default="runs/study_methods", help="run folders (checkpoints, logs, rows)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
-    parser.add_argument("--name", default="study_methods",
-                        help="results file stem: <results-dir>/<name>.{csv,png}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
-                        help="a config override applied to every run (repeatable); it names the recipe in "
-                             "the results, so the same method under another recipe is a separate series")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--knn-memory-per-class", type=int, default=KNN_MEMORY_PER_CLASS,
-                        help="default: every train image")
-    parser.add_argument("--knn-queries-per-class", type=int, default=KNN_QUERIES_PER_CLASS,
-                        help="default: every val image")
-    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
-                        help="append every finished run under --out to the results CSV and plot them "
-                             "(--no-record: only train; lets a study be run in parts)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; record the runs under --out")
+    add_study_arguments(parser, out="runs/study_methods", name="study_methods")
     parser.add_argument("--reevaluate", action="store_true",
                         help="train nothing; evaluate the finished runs under --out again (their last "
                              "checkpoints, with the current kNN settings), then record them")
@@ -354,9 +395,7 @@ def main(argv=None) -> list[dict]:
     out_root = Path(args.out)
 
     if not args.report_only:
-        image_size = first_cfg.crops.global_size  # eval at the crop size
-        data = (load_eval_images("train", args.knn_memory_per_class, image_size),
-                load_eval_images("val", args.knn_queries_per_class, image_size))
+        data = eval_data(args, first_cfg.crops.global_size)  # eval at the crop size
     if args.reevaluate:
         reevaluate_runs(out_root, models, methods, data)
     elif not args.report_only:
@@ -368,7 +407,7 @@ def main(argv=None) -> list[dict]:
                 row = run_one(method, arch, steps, args.batch_size, out_root, data, extra)
                 row.update(knn_top1_random_init=base, method_index=list(METHODS).index(method),
                            knn_memory=len(data[0][1]), knn_queries=len(data[1][1]))
-                (out_root / arch / method / ROW_FILE).write_text(json.dumps(row))
+                write_row(out_root / arch / method / ROW_FILE, row)
                 print(row, flush=True)
     rows = collect_rows(out_root) + [r for d in args.also_report for r in collect_rows(Path(d))]
     if args.record and rows:

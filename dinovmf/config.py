@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class ModelConfig:
     bottleneck_dim: int = 256        # p, the sphere the prototypes live on
     head_layers: int = 3
     norm_last_layer: bool | None = None  # None: by method (dino -> True, *_vmf -> False)
+    proto_norm_init_spread: float = 0.0  # sigma of log g_k ~ N(0, sigma^2) at init (free norms only); 0: g = 1
 
 
 @dataclass
@@ -62,6 +64,7 @@ class OptimConfig:
     clip_grad: float = 3.0           # 0 disables clipping
     freeze_last_layer: float = 1.0   # epochs during which the prototypes get no update
     betas: tuple[float, float] = (0.9, 0.999)
+    proto_norm_lr_mult: float = 1.0  # lr of the prototype norms g = this x lr (free norms only; 0 freezes g)
 
 
 @dataclass
@@ -402,11 +405,29 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {cfg.model.depth}")
     _validate_ibot(cfg)
     validate_augment(cfg.augment)
+    _validate_proto_norms(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def _validate_proto_norms(cfg: Config) -> None:
+    """The prototype-norm knobs act on g, which trains only with free norms (norm_last_layer false)."""
+    spread, mult = cfg.model.proto_norm_init_spread, cfg.optim.proto_norm_lr_mult
+    if not (math.isfinite(spread) and spread >= 0):
+        raise ValueError(f"config: model.proto_norm_init_spread must be a finite sigma >= 0, got {spread}")
+    if not (math.isfinite(mult) and mult >= 0):
+        raise ValueError(f"config: optim.proto_norm_lr_mult must be finite and >= 0, got {mult}")
+    if cfg.norm_last_layer:
+        # With unit prototypes g is fixed at 1: a spread or an lr for it would be silently ignored.
+        for key, value, default in (("model.proto_norm_init_spread", spread, 0.0),
+                                    ("optim.proto_norm_lr_mult", mult, 1.0)):
+            if value != default:
+                raise ValueError(f"config: {key}={value} needs free prototype norms, but this run has unit "
+                                 f"norms (method={cfg.method}, model.norm_last_layer={cfg.model.norm_last_layer});"
+                                 " set model.norm_last_layer=false")
 
 
 def validate_crops(crops: CropsConfig) -> None:

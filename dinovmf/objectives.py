@@ -20,8 +20,7 @@ from torch import nn
 
 from dinovmf.config import N_GLOBAL_CROPS
 from dinovmf.loss import DINOLoss
-from dinovmf.models import build_ssl_model  # noqa: F401 - TEMPORARY: bench/study_methods.py imports it from
-# here; delete this line when that file imports it from dinovmf.models (its owner's change, at merge).
+from dinovmf.loss_reference import effective_prototypes
 from dinovmf.prototypes import koleo_proto_loss
 
 
@@ -68,11 +67,12 @@ class DINOObjective(nn.Module):
 
     def cls_terms(self, s_out: dict, t_out: dict, teacher_temp: float) -> tuple[dict, dict]:
         """The CLS-token terms ("dino", and "koleo" when weighted) and their metrics."""
-        dino, metrics = self.dino(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"].float(),
-                                  t_out["prototypes"].float(), teacher_temp, N_GLOBAL_CROPS)
+        # Prototypes as (v, g), fp32 parameters: the fused op forms no W and its gradients reach v and g.
+        dino, metrics = self.dino(s_out["z"].float(), t_out["z"].float(), s_out["prototypes"], t_out["prototypes"],
+                                  teacher_temp, N_GLOBAL_CROPS)
         terms = {"dino": dino}
         if self.koleo_weight > 0:
-            terms["koleo"] = self.koleo_weight * koleo_proto_loss(s_out["prototypes"].float())
+            terms["koleo"] = self.koleo_weight * koleo_proto_loss(effective_prototypes(s_out["prototypes"]))
         return terms, _without_losses(metrics)
 
     def forward(self, student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor],
@@ -138,7 +138,7 @@ class IBOTObjective(DINOObjective):
         s_proto = s_out.get("patch_prototypes", s_out["prototypes"])
         t_proto = t_out.get("patch_prototypes", t_out["prototypes"])
         patch, patch_metrics = self.ibot_patch(s_out["patch_z"].float(), t_out["patch_z"].float(), masks,
-                                               s_proto.float(), t_proto.float(), teacher_temp)
+                                               s_proto, t_proto, teacher_temp)
         terms["ibot_patch"] = self.patch_weight * patch
         return terms, {**metrics, **_without_losses(patch_metrics)}
 

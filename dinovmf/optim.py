@@ -7,30 +7,42 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module) -> list[dict]:
+def param_groups(model: nn.Module, proto_norm_lr_mult: float = 1.0) -> list[dict]:
     """DINO's split: weight decay on matrices only; biases and 1-D parameters (norms, g) undecayed.
 
     Parameters that never train (the frozen prototype norm g of `norm_last_layer=True`) are left out.
+    With `proto_norm_lr_mult` != 1 the trainable prototype norms g get a third, undecayed group whose
+    `lr_mult` scales the scheduled lr (at 1 there are two groups, as in checkpoints written before it).
     """
-    decay, no_decay = [], []
+    from dinovmf.models import DINOHead
+
+    norms = {id(h.g) for h in model.modules() if isinstance(h, DINOHead)} if proto_norm_lr_mult != 1 else set()
+    decay, no_decay, proto_norm = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+        if id(p) in norms:
+            proto_norm.append(p)
+        else:
+            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    if proto_norm:
+        groups.append({"params": proto_norm, "name": "proto_norm", "weight_decay": 0.0,
+                       "lr_mult": proto_norm_lr_mult})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU; lr/wd set per step."""
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                             betas=tuple(cfg.optim.betas), **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg.optim.proto_norm_lr_mult), lr=0.0,
+                             weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), **kwargs)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """This step's learning rate (every group) and weight decay (the decayed group only)."""
+    """This step's learning rate (every group, times its `lr_mult`) and weight decay (the decayed group)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
         if group["name"] == "decay":
             group["weight_decay"] = weight_decay
 

@@ -25,7 +25,7 @@ import torch
 from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
 from dinovmf.config import Config, config_from_dict, dump_yaml
-from dinovmf.models import build_ssl_model, model_args
+from dinovmf.models import build_ssl_model, init_student, model_args
 from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient_probes, peak_flops
 from dinovmf.objectives import build_objective
 from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyperparameters
@@ -53,8 +53,7 @@ class Trainer:
         self.info = D.init_distributed(cfg.dist.backend)
         self.device = D.device_for(self.info) if device is None else torch.device(device)
 
-        torch.manual_seed(cfg.train.seed)  # the same weights on every rank; the teacher starts as the student
-        student = build_ssl_model(cfg, cfg.model.drop_path).to(self.device)
+        student = init_student(cfg).to(self.device)  # train.seed: the same weights on every rank
         teacher = build_ssl_model(cfg, 0.0).to(self.device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)

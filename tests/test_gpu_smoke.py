@@ -23,7 +23,7 @@ SMALL = ["method=dino_vmf", "model.arch=vit_tiny", "model.patch_size=16", "model
 
 def _losses(overrides: list[str], device: torch.device, steps: int = 2) -> list[float]:
     state = build_step_state(config(SMALL + overrides), device)
-    return [train_step(state, i, random_crops(state.cfg, device, seed=i))["loss"] for i in range(steps)]
+    return [float(train_step(state, i, random_crops(state.cfg, device, seed=i))["loss"]) for i in range(steps)]
 
 
 def test_step_helper_trains_on_cpu():
@@ -32,10 +32,10 @@ def test_step_helper_trains_on_cpu():
     tiny = ["model.out_dim=64", "model.hidden_dim=64", "model.bottleneck_dim=32", "model.patch_size=8", "model.depth=2",
             "crops.global_size=32", "crops.local_size=16", "crops.n_local=2", "train.batch_size=4"]
     state = build_step_state(config(SMALL + tiny), cpu)
-    before = [p.detach().clone() for p in state.student.parameters()]
+    before = [p.detach().clone() for p in state.models.student.parameters()]
     metrics = train_step(state, 0, random_crops(state.cfg, cpu))
     assert math.isfinite(metrics["loss"])
-    assert any(not torch.equal(b, p) for b, p in zip(before, state.student.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, state.models.student.parameters()))
 
 
 @requires_gpu
@@ -43,16 +43,16 @@ def test_bf16_autocast_step_computes_in_bf16_and_stays_finite():
     device = torch.device("cuda")
     state = build_step_state(config(SMALL + ["train.amp=bf16"]), device)
     seen = []
-    block = state.student.backbone.blocks[0].attn.qkv
+    block = state.models.student.backbone.blocks[0].attn.qkv
     handle = block.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-    before = [p.detach().clone() for p in state.student.parameters()]
+    before = [p.detach().clone() for p in state.models.student.parameters()]
     try:
         metrics = train_step(state, 0, random_crops(state.cfg, device))
     finally:
         handle.remove()
     assert seen and all(d == torch.bfloat16 for d in seen), f"qkv ran in {seen}, not bf16"
     assert math.isfinite(metrics["loss"])
-    params = list(state.student.parameters())
+    params = list(state.models.student.parameters())
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
 
@@ -155,7 +155,7 @@ def test_vit_b_step_peak_memory_is_recorded():
     metrics = train_step(state, 1, crops)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(device)
-    state_bytes = 4 * sum(p.numel() * p.element_size() for p in state.student.parameters())
+    state_bytes = 4 * sum(p.numel() * p.element_size() for p in state.models.student.parameters())
     record("gpu_smoke_memory", [dict(arch="vit_base", batch=64, K=65536, crops="2x224+10x96",
                                      peak_mem_gib=peak / 2**30, training_state_gib=state_bytes / 2**30)],
            x="batch", y="peak_mem_gib", group="arch", title="peak memory of a ViT-B/16 DINO-vMF step", device=device)

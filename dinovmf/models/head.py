@@ -59,6 +59,23 @@ class DINOHead(nn.Module):
         self.v = nn.Parameter(torch.empty(out_dim, bottleneck_dim).uniform_(-bound, bound))
         self.g = nn.Parameter(torch.ones(out_dim), requires_grad=not norm_last_layer)
 
+    @torch.no_grad()
+    def spread_norms_(self, sigma: float) -> None:
+        """Draw the prototype norms log-normally around 1: g_k = exp(sigma * eps_k), eps_k ~ N(0, 1) from
+        torch's global RNG (median 1, std of log g = sigma); sigma = 0 leaves g = 1 and draws nothing.
+
+        Spread norms give the prototypes different vMF precisions kappa_k = g_k / tau from the start (the
+        regime where the vMF normaliser can act); only free norms (norm_last_layer=False) can hold them.
+        """
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
+        if sigma == 0:
+            return
+        if self.norm_last_layer:
+            raise ValueError("spread_norms_ needs free prototype norms (norm_last_layer=False): "
+                             "with norm_last_layer=True every ||w_k|| is fixed at 1")
+        self.g.copy_(torch.exp(sigma * torch.randn(self.out_dim, dtype=self.g.dtype, device=self.g.device)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_dim] -> z [..., bottleneck_dim] with unit L2 norm per row."""
         if x.shape[-1] != self.in_dim:

@@ -16,19 +16,21 @@ from .vit import build_backbone
 
 
 class SSLModel(MultiCropWrapper):
-    """A `MultiCropWrapper` whose forward also returns the prototypes.
+    """A `MultiCropWrapper` whose forward also returns the prototypes as weight-norm parameters (v, g).
 
-    The prototypes `W = g v / ||v||` are formed inside forward because DDP and FSDP2 only make the
-    parameters usable there (FSDP2 all-gathers them for the forward and reshards after it). Subclassing
-    keeps the state_dict keys of a plain MultiCropWrapper (`backbone.*`, `head.*`), which checkpoints,
-    `dinovmf export` and `dinovmf eval` read.
+    The fused head-to-loss op (`dinovmf.head_loss`) takes the prototypes as `(v [K, p], g [K])` with
+    `w_k = g_k v_k / ||v_k||`: it never forms W, and its gradients reach v and g directly. They are
+    returned from inside forward because DDP and FSDP2 only make the parameters usable there (FSDP2
+    all-gathers them for the forward; the root module keeps them unsharded until its backward).
+    Subclassing keeps the state_dict keys of a plain MultiCropWrapper (`backbone.*`, `head.*`), which
+    checkpoints, `dinovmf export` and `dinovmf eval` read.
     """
 
     def forward(self, crops, masks=None, return_patches: bool = False) -> dict:
         out = dict(super().forward(crops, masks=masks, return_patches=return_patches))
-        out["prototypes"] = self.head.prototypes()
+        out["prototypes"] = (self.head.v, self.head.g)
         if self.patch_head is not None:  # iBOT with a separate patch head
-            out["patch_prototypes"] = self.patch_head.prototypes()
+            out["patch_prototypes"] = (self.patch_head.v, self.patch_head.g)
         return out
 
     def prototype_parameters(self) -> list[nn.Parameter]:
@@ -51,6 +53,20 @@ def model_args(cfg) -> dict:
     if cfg.model.depth is not None:
         args["depth"] = cfg.model.depth
     return args
+
+
+def init_student(cfg) -> SSLModel:
+    """The student at step 0 (on the CPU): `build_ssl_model` from `train.seed`, then the prototype norms
+    spread log-normally when `model.proto_norm_init_spread` > 0 (drawn after the build, so every other
+    weight is the same as without the spread). Studies and tests rebuild the step-0 weights with it."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    student = build_ssl_model(cfg, cfg.model.drop_path)
+    for head in (student.head, student.patch_head):
+        if head is not None:
+            head.spread_norms_(cfg.model.proto_norm_init_spread)
+    return student
 
 
 def build_ssl_model(cfg, drop_path: float) -> SSLModel:
