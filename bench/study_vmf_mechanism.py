@@ -139,6 +139,7 @@ def mechanism_metrics(cfg):
     the method study's used prototypes) and through the checkpoint's center at the final teacher
     temperature (`centered_*`: the targets training used). On the teacher side a centering that has
     converged absorbs any per-prototype constant, the vMF offset included, so the two can differ."""
+    from dinovmf.centering import teacher_distribution
     from dinovmf.objectives import build_objective
     from dinovmf.vmf import vmf_column_bias
 
@@ -147,7 +148,10 @@ def mechanism_metrics(cfg):
         logc = vmf_column_bias(norms, cfg.loss.student_temp, weight.shape[1])
         objective = build_objective(cfg)
         objective.load_state_dict(state["loss"])
-        centered = objective.loss.teacher_probs(z, weight, cfg.loss.teacher_temp)
+        center = objective.dino.center  # the EMA state training ended with
+        vmf = dict(weight_norm=norms.float(), p=weight.shape[1]) if cfg.vmf else {}
+        centered, _ = teacher_distribution(z.float() @ weight.float().t(), cfg.loss.teacher_temp, center.mode,
+                                           center.state, **vmf)
         k = weight.shape[0]
         wins = torch.bincount(scores.argmax(dim=1), minlength=k).double()
         centered_wins = torch.bincount(centered.argmax(dim=1), minlength=k).double()

@@ -142,7 +142,7 @@ class CropLayout:
 def _augment_crop_ctypes():
     """`dinovmf_augment_crop_u8` of the dinovmf._C extension as a ctypes function numba can call."""
     from dinovmf._ext import load_extension
-    lib = ctypes.CDLL(load_extension("cpp").__file__)
+    lib = ctypes.CDLL(load_extension().__file__)
     fn = lib.dinovmf_augment_crop_u8
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p]

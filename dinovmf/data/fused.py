@@ -24,7 +24,7 @@ CPU_ISAS = {"auto": -1, "baseline": 0, "avx2": 1, "avx512": 2}
 def load_cpu_op():
     """`torch.ops.dinovmf.augment_crops`, loading the dinovmf._C extension that registers it."""
     from dinovmf._ext import load_extension
-    load_extension("cpp")
+    load_extension()
     return torch.ops.dinovmf.augment_crops
 
 
