@@ -50,6 +50,14 @@ class ModelConfig:
     head_layers: int = 3
     norm_last_layer: bool | None = None  # None: by method (dino -> True, *_vmf -> False)
     proto_norm_init_spread: float = 0.0  # sigma of log g_k ~ N(0, sigma^2) at init (free norms only); 0: g = 1
+    # Continue pretraining (dinovmf.models.init_from): start the student and teacher backbones from the
+    # weights in this file (a dinovmf .pt checkpoint or export .safetensors, or a timm / DINO ViT state
+    # dict, .safetensors or .pth); the head starts fresh. Ignored when resuming a run's own checkpoint.
+    init_from: str | None = None
+    init_strict: bool = True         # every backbone tensor from the file, and nothing else in it
+    # With init_strict=false: backbone key patterns (fnmatch, e.g. [reg_token, blocks.*.ls1.gamma]) that may
+    # be missing from the file (kept fresh) or extra in it (dropped); any other difference is still an error.
+    init_ignore: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -277,6 +285,12 @@ def _coerce(value, hint, key: str):
         if isinstance(value, str) and value.lower() in nulls and type(None) in args:
             return None
         return _coerce(value, inner[0], key)
+    if origin is list:  # a YAML list, or `a,b` / `[a,b]` as text (a pattern like `*.x` is not valid YAML)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config: {key} expects a list (e.g. {key}=[a,b]), got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
@@ -404,6 +418,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.depth is not None and cfg.model.depth < 1:
         raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {cfg.model.depth}")
     _validate_ibot(cfg)
+    _validate_init_from(cfg.model)
     validate_augment(cfg.augment)
     _validate_proto_norms(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
@@ -428,6 +443,20 @@ def _validate_proto_norms(cfg: Config) -> None:
                 raise ValueError(f"config: {key}={value} needs free prototype norms, but this run has unit "
                                  f"norms (method={cfg.method}, model.norm_last_layer={cfg.model.norm_last_layer});"
                                  " set model.norm_last_layer=false")
+
+
+def _validate_init_from(model: ModelConfig) -> None:
+    """Lenient loading must name what may differ, and only applies when there is a file to load."""
+    if model.init_from is None:
+        if not model.init_strict or model.init_ignore:
+            raise ValueError("config: model.init_strict / model.init_ignore need model.init_from "
+                             "(the weights to start from)")
+    elif model.init_ignore and model.init_strict:
+        raise ValueError(f"config: model.init_ignore={model.init_ignore} needs model.init_strict=false "
+                         "(strict loading accepts no difference between the file and the model)")
+    elif not model.init_strict and not model.init_ignore:
+        raise ValueError("config: model.init_strict=false needs model.init_ignore, the keys that may differ "
+                         "(e.g. model.init_ignore=[reg_token]); the error of a strict load lists them")
 
 
 def validate_crops(crops: CropsConfig) -> None:

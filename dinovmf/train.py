@@ -15,6 +15,7 @@ from torch import nn
 from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
 from dinovmf.config import Config
+from dinovmf.models.init_from import require_file
 from dinovmf.stopping import NonFiniteLossError
 from dinovmf.trainer import UTILISATION_EPS, Trainer
 
@@ -33,6 +34,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         resume_path = ckpt.resolve_resume(resume, out_dir)
+        if resume_path is None and cfg.model.init_from is not None:
+            require_file(cfg.model.init_from)  # before the data, whose preparation can take hours
         loader = build_train_loader(cfg, out_dir, info)  # data first: a missing dataset fails in seconds
         if resume_path is None:
             trainer = Trainer(cfg, out_dir, steps_per_epoch=len(loader))

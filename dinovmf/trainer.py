@@ -5,7 +5,8 @@
     metrics = trainer.train_step(crops, step)                       # one step, no loader (benchmarks, tests)
     trainer.save()
 
-The order of construction is the point (issue #15): build the networks (same seed on every rank), then
+The order of construction is the point (issue #15): build the networks (same seed on every rank; the
+student's backbone loaded from `model.init_from` when set, before the teacher copies it), then
 `parallelize` them (DDP or FSDP2, torch.compile), THEN build everything that holds their parameters (the
 optimizer, the frozen-prototype list, the clipping list) from the parallelised student. The Trainer owns
 the models, the objective (with its center state), the optimizer, the schedules and the RNG; checkpoints
@@ -26,6 +27,7 @@ from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
 from dinovmf.config import Config, config_from_dict, dump_yaml
 from dinovmf.models import build_ssl_model, init_student, model_args
+from dinovmf.models.init_from import load_init_weights
 from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient_probes, peak_flops
 from dinovmf.objectives import build_objective
 from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyperparameters
@@ -43,17 +45,26 @@ class Trainer:
     None for a trainer that only runs steps. `device`: default this rank's GPU, else the CPU. Joins the
     process group when launched by torchrun / srun. `steps_per_epoch`: loader batches per epoch, which
     converts the epoch-valued settings (warm-ups, last-layer freeze, the run length when `steps` is unset)
-    into steps; `fit(loader)` fills it in from `len(loader)` when not given.
+    into steps; `fit(loader)` fills it in from `len(loader)` when not given. `load_init_from`: start the
+    backbones from `model.init_from` when it is set (`resume` passes False).
     """
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, device: str | torch.device | None = None,
-                 *, steps_per_epoch: int | None = None):
+                 *, steps_per_epoch: int | None = None, load_init_from: bool = True):
         self.cfg = cfg
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.info = D.init_distributed(cfg.dist.backend)
         self.device = D.device_for(self.info) if device is None else torch.device(device)
 
-        student = init_student(cfg).to(self.device)  # train.seed: the same weights on every rank
+        student = init_student(cfg)  # train.seed: the same weights on every rank
+        if cfg.model.init_from is not None and load_init_from:
+            # Into the student before the teacher copies it and before DDP / FSDP2 wrap or shard it; every
+            # rank reads the file, so all start equal. `resume` skips it: the checkpoint's weights win.
+            report = load_init_weights(student.backbone, cfg.model.init_from, strict=cfg.model.init_strict,
+                                       ignore=cfg.model.init_ignore)
+            if self.info.is_main:
+                print(report, flush=True)
+        student = student.to(self.device)
         teacher = build_ssl_model(cfg, 0.0).to(self.device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
@@ -61,7 +72,7 @@ class Trainer:
                                   compile=cfg.train.compile,
                                   mixed_precision=self.device.type == "cuda" and cfg.train.amp != "none")
         # Parallelised; now capture the parameters that train (FSDP2 replaced them all).
-        self.optimizer = build_optimizer(self.models.student, cfg, self.device)
+        self.optimizer = build_optimizer(self.models.student, cfg)
         self.trainable = [p for p in self.models.student.parameters() if p.requires_grad]
         self.frozen_prototypes = self.models.student.prototype_parameters()
         self.objective = build_objective(cfg).to(self.device)
@@ -284,8 +295,12 @@ class Trainer:
         state = ckpt.load_checkpoint(path, map_location="cpu")
         if cfg is None:
             cfg = config_from_dict(state["config"], source=str(path))
-        trainer = cls(cfg, out_dir, device, steps_per_epoch=steps_per_epoch or state.get("steps_per_epoch"))
+        trainer = cls(cfg, out_dir, device, steps_per_epoch=steps_per_epoch or state.get("steps_per_epoch"),
+                      load_init_from=False)
         trainer._restore(state, path)
+        if cfg.model.init_from is not None and trainer.info.is_main:
+            print(f"model.init_from={cfg.model.init_from} not loaded: resuming from {path}, whose weights win",
+                  flush=True)
         return trainer
 
 

@@ -31,6 +31,23 @@ def random_crops(cfg, seed: int = 0) -> list:
             + [torch.randn(b, 3, ls, ls, generator=g) for _ in range(cfg.crops.n_local)])
 
 
+def check_prototypes_frozen_then_train(trainer, cfg, frozen_steps: int = 2) -> None:
+    """Run `frozen_steps` + 1 steps of `trainer` (its optim.freeze_last_layer covering `frozen_steps`):
+    the prototypes v and g are bitwise unchanged through the frozen steps while the backbone trains,
+    and move at the step after."""
+    import torch
+
+    head, backbone = trainer.models.student.head, trainer.models.student.backbone
+    v0, g0 = head.v.detach().clone(), head.g.detach().clone()
+    qkv0 = backbone.blocks[0].attn.qkv.weight.detach().clone()
+    for step in range(frozen_steps):
+        trainer.train_step(random_crops(cfg, step), step)
+        assert torch.equal(head.v, v0) and torch.equal(head.g, g0), f"prototypes moved at step {step}"
+    assert not torch.equal(backbone.blocks[0].attn.qkv.weight, qkv0)
+    trainer.train_step(random_crops(cfg, frozen_steps), frozen_steps)
+    assert not torch.equal(head.v, v0) and not torch.equal(head.g, g0)
+
+
 def write_image_folder(root: Path, split: str, per_class: int, size: int = 32) -> Path:
     """`per_class` images of each of the embedded dataset's 10 classes, as PNGs in class folders."""
     from PIL import Image

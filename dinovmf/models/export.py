@@ -36,11 +36,12 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ARCHITECTURE_ARGS = ("name", "patch_size", "img_size", "num_register_tokens", "depth")
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
+    """`key` without any leading `prefixes`, in any order and repetition (`module._orig_mod.x` -> `x`)."""
     changed = True
     while changed:
         changed = False
-        for prefix in WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key, changed = key[len(prefix):], True
     return key
@@ -80,9 +81,9 @@ def teacher_backbone_state(teacher_state: dict) -> dict[str, torch.Tensor]:
     """`backbone.*` entries of a MultiCropWrapper state_dict, prefix (and DDP/compile wrappers) removed."""
     out = {}
     for key, value in teacher_state.items():
-        key = _strip_wrappers(key)
+        key = strip_prefixes(key)
         if key.startswith("backbone."):
-            out[_strip_wrappers(key[len("backbone."):])] = value
+            out[strip_prefixes(key[len("backbone."):])] = value
     if not out:
         raise ValueError("the checkpoint's 'teacher' state has no 'backbone.*' entries")
     return out

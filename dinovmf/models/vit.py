@@ -39,6 +39,21 @@ ARCHITECTURES = {
 }
 
 
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings [1, 1 + g_r*g_c, D] learned for a `grid` of patches -> [1, 1 + rows*cols, D]
+    for a patch grid of `size` = (rows, cols): the CLS embedding is kept, the patch embeddings are
+    resampled bicubically in fp32 (the result is added to every token) and returned in the input's dtype.
+    The forward pass (every crop size) and `model.init_from` (weights learned at another resolution) share it.
+    """
+    (g_rows, g_cols), (rows, cols) = grid, size
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    D = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, g_rows, g_cols, D).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, D).to(cls_pos.dtype)
+    return torch.cat((cls_pos, patch_pos), dim=1)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch for a random subset of samples (rows of dim 0).
 
@@ -192,12 +207,7 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.grid_size
         if rows == grid and cols == grid:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        D = patch_pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, grid, grid, D).permute(0, 3, 1, 2).float()
-        patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, D).to(cls_pos.dtype)
-        return torch.cat((cls_pos, patch_pos), dim=1)
+        return resize_pos_embed(self.pos_embed, (grid, grid), (rows, cols))
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B,3,H,W] -> tokens [B, 1 + R + n, D]: CLS, registers, patches (+ position).

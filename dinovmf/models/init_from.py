@@ -1,0 +1,247 @@
+"""`model.init_from`: start a run's backbone from weights the user already has (continue pretraining).
+
+`load_init_weights(backbone, path)` copies into a freshly built backbone the weights of
+- a dinovmf training checkpoint (`checkpoints/step_XXXXXXX.pt`): its teacher backbone, the EMA network
+  that DINO evaluates and releases;
+- a dinovmf export (`dinovmf export`: `.safetensors` + `.json`, recognised by its safetensors metadata);
+- a timm-layout ViT state dict, `.safetensors` or `.pth` / `.pt`: timm's `VisionTransformer`, the
+  original DINO's backbone release (`dino_deitsmall16_pretrain.pth`) or the `teacher` of a DINO training
+  checkpoint (`checkpoint.pth`), a timm / DeiT training checkpoint (`model`).
+
+Heads are never loaded: the DINO head and its prototypes start fresh, so `optim.freeze_last_layer` freezes
+fresh prototypes as in any run. The position embeddings are resampled to the run's patch grid
+(`crops.global_size / patch_size`) the way the forward pass resamples them for other crop sizes.
+
+Anything that does not fit is an error before training starts, never a silent partial load: a key the
+model has and the file lacks (missing) or the reverse (unexpected) is an `InitKeysError` listing them,
+a tensor of another shape an `InitShapeError` naming it and both shapes; both describe the file's and
+the model's architecture (blocks, width, patch). `ignore` (`model.init_strict=false`
+`model.init_ignore=[...]`) accepts differences on the keys it names, and only those: such a key keeps
+its fresh initialisation when missing or mis-shaped, and is dropped when unexpected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .export import METADATA_KEY, TRAINING_ONLY_KEYS, WRAPPER_PREFIXES, strip_prefixes
+from .vit import VisionTransformer, resize_pos_embed
+
+# Prefixes around a backbone's keys: DDP / torch.compile wrappers, and the `backbone.` of a training
+# network (DINO's and our MultiCropWrapper).
+PREFIXES = WRAPPER_PREFIXES + ("backbone.",)
+# Keys under these (after the prefixes) belong to a head, not to the backbone: timm's classifier (`head.`),
+# DINO's and our DINO head (`head.`), iBOT's patch head (ours: `patch_head.`), DINOv2's (`dino_head.`,
+# `ibot_head.`). They are dropped: the run's head starts fresh.
+HEAD_PREFIXES = ("head.", "patch_head.", "dino_head.", "ibot_head.")
+# Source name -> our name, for the names that differ. timm's and the original DINO's ViT already use ours:
+# cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*,
+# norm.*, and timm's registers are `reg_token`. DINOv2 calls its registers `register_tokens` (its layer
+# scale, `blocks.N.ls1.gamma`, has no counterpart here and is reported as unexpected).
+RENAMES = {"register_tokens": "reg_token"}
+# Checkpoint entries that hold a backbone's state dict, in order of preference: the EMA teacher of a
+# dinovmf or DINO training checkpoint, then timm / DeiT (`model`) and Lightning-style (`state_dict`) ones.
+CONTAINER_KEYS = ("teacher", "model", "state_dict")
+LISTED = 12  # keys or shapes shown in an error before "... (N more)"
+
+
+class InitFromError(ValueError):
+    """`model.init_from` cannot be used: no such file, an unreadable one, or weights that do not fit."""
+
+
+class InitKeysError(InitFromError):
+    """Backbone keys missing from the file (`missing`) or present only in the file (`unexpected`)."""
+
+    def __init__(self, where: str, architecture: str, missing: list[str], unexpected: list[str]):
+        self.missing, self.unexpected = missing, unexpected
+        lines = [f"{where} does not match this backbone ({architecture}):"]
+        if missing:
+            lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected in the file ({len(unexpected)}): {_listing(unexpected)}")
+        lines.append("  to start named keys fresh (missing) or drop them (unexpected): "
+                     "model.init_strict=false model.init_ignore=[PATTERN,...]")
+        super().__init__("\n".join(lines))
+
+
+class InitShapeError(InitFromError):
+    """Tensors whose shape in the file differs from the model's: `mismatches` = [(key, file, model)]."""
+
+    def __init__(self, where: str, architecture: str, mismatches: list[tuple[str, tuple, tuple]]):
+        self.mismatches = mismatches
+        lines = [f"{where} does not fit this backbone ({architecture}): {len(mismatches)} tensor(s) differ "
+                 "in shape:"]
+        lines += [f"  {key}: file {list(file)}, model {list(model)}" for key, file, model in mismatches[:LISTED]]
+        if len(mismatches) > LISTED:
+            lines.append(f"  ... ({len(mismatches) - LISTED} more)")
+        super().__init__("\n".join(lines))
+
+
+def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, strict: bool = True,
+                      ignore: Sequence[str] = ()) -> str:
+    """Copy the backbone weights of `path` into `backbone` (in place); returns a one-line report.
+
+    `strict=False` with `ignore` (fnmatch patterns of our key names, e.g. `reg_token`, `blocks.*.ls1.*`)
+    accepts differences on the matching keys only (module docstring); `mask_token`, which only iBOT
+    training uses and exports leave out, keeps its fresh value when the file has none.
+    Raises `InitFromError` (a ValueError): `InitKeysError`, `InitShapeError`, or a file problem.
+    """
+    path = require_file(path)
+    raw, kind = read_weights(path)
+    where = f"model.init_from {str(path)!r} ({kind})"
+    state, dropped = backbone_state(raw, where)
+    target = backbone.state_dict()
+    resized = _fit_pos_embed(state, backbone)
+    patterns = () if strict else tuple(ignore)
+
+    def accepted(key: str) -> bool:
+        return any(fnmatchcase(key, p) for p in patterns)
+
+    missing = [k for k in target if k not in state and k not in TRAINING_ONLY_KEYS]
+    unexpected = [k for k in state if k not in target]
+    mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in target.items()  # in the model's order
+                  if k in state and state[k].shape != v.shape]
+    architecture = _architecture(state, backbone)
+    refused = [k for k in missing if not accepted(k)], [k for k in unexpected if not accepted(k)]
+    if any(refused):
+        raise InitKeysError(where, architecture, *map(_sorted, refused))
+    if [m for m in mismatched if not accepted(m[0])]:
+        raise InitShapeError(where, architecture, [m for m in mismatched if not accepted(m[0])])
+
+    # What is left differs only where `ignore` allows it; those keys keep their fresh values (and so does
+    # the training-only mask token when the file has none, as an export).
+    fresh = set(missing) | {k for k, _, _ in mismatched}
+    loaded = {k: v for k, v in state.items() if k in target and k not in fresh}
+    backbone.load_state_dict(loaded, strict=False)
+    notes = [f"{where}: loaded {len(loaded)} of the backbone's {len(target)} tensors"]
+    if resized:
+        notes.append(resized)
+    if fresh:
+        notes.append(f"kept fresh: {_listing(_sorted(fresh))}")
+    if unexpected:
+        notes.append(f"dropped (init_ignore): {_listing(_sorted(unexpected))}")
+    if dropped:
+        notes.append(f"dropped {len(dropped)} head tensor(s)")
+    differing = missing + unexpected + [k for k, _, _ in mismatched]
+    unused = [p for p in patterns if not any(fnmatchcase(k, p) for k in differing)]
+    if unused:
+        notes.append(f"init_ignore patterns that matched nothing: {unused}")
+    return "; ".join(notes) + "; the head starts fresh"
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def require_file(path: str | os.PathLike) -> Path:
+    """`path` (user-expanded) if it is a file of a kind `read_weights` reads, else an `InitFromError`.
+    `train` calls it before preparing the data, which can take hours, so a typo fails at once."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InitFromError(f"model.init_from: {str(path)!r} does not exist")
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise InitFromError(f"model.init_from: {str(path)!r} is neither a .safetensors nor a torch .pt / .pth file")
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors of `path`, what kind of file it is) for a .safetensors or a torch .pt / .pth file."""
+    path = require_file(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise InitFromError(f"model.init_from: {str(path)!r} is not a readable safetensors file: {e}") from None
+    if METADATA_KEY not in metadata:  # exports carry their config in the metadata, whatever the .json
+        return tensors, "safetensors state dict"
+    step = json.loads(metadata[METADATA_KEY]).get("step")
+    return tensors, "dinovmf export" + ("" if step is None else f", step {step}")
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    try:
+        # weights_only=False: dinovmf and DINO training checkpoints hold more than tensors (RNG states,
+        # DINO's argparse arguments). Unpickling can run code: start only from files you trust.
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - pickle / zip errors: not a torch file
+        raise InitFromError(f"model.init_from: {str(path)!r} cannot be read by torch.load: {e}") from None
+    if _is_state_dict(obj):
+        return obj, "state dict"
+    if isinstance(obj, dict):
+        for key in CONTAINER_KEYS:
+            if _is_state_dict(obj.get(key)):
+                if key == "teacher" and "model_args" in obj:
+                    return obj[key], f"dinovmf checkpoint, teacher at step {obj.get('step')}"
+                return obj[key], f"checkpoint[{key!r}]"
+    found = _listing([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
+    raise InitFromError(f"model.init_from: {str(path)!r} is neither a state dict nor a checkpoint holding one "
+                        f"under {list(CONTAINER_KEYS)} (found: {found})")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+# ------------------------------------------------------------------------------------------- mapping
+
+def backbone_state(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the backbone's tensors under our names, the head keys dropped) from a state dict of any layout
+    above: wrapper prefixes stripped, head entries dropped, DINOv2's names renamed (RENAMES)."""
+    state, dropped, origin = {}, [], {}
+    for key, value in raw.items():
+        name = strip_prefixes(key, PREFIXES)
+        if name.startswith(HEAD_PREFIXES):
+            dropped.append(key)
+            continue
+        name = RENAMES.get(name, name)
+        if name in state:  # e.g. a student and a teacher in one flat dict: which one is meant?
+            raise InitFromError(f"{where}: {origin[name]!r} and {key!r} both map to {name!r}")
+        state[name], origin[name] = value, key
+    return state, dropped
+
+
+def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: VisionTransformer) -> str:
+    """Resample the file's `pos_embed` (CLS + a square patch grid) to the backbone's grid in place; returns
+    a note for the report. Anything else (another width, no CLS position) is left to the shape check."""
+    pos, want = state.get("pos_embed"), backbone.pos_embed.shape
+    if pos is None or pos.ndim != 3 or pos.shape == want or pos.shape[-1] != want[-1]:
+        return ""
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    if side < 1 or side * side != pos.shape[1] - 1:
+        return ""
+    grid = backbone.patch_embed.grid_size
+    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid))
+    return f"pos_embed resized from a {side}x{side} to a {grid}x{grid} patch grid"
+
+
+def _architecture(state: dict[str, torch.Tensor], backbone: VisionTransformer) -> str:
+    """'file: 12 blocks, width 384, patch 16; model: ...' for the errors (a wrong preset shows at once)."""
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    width = state["cls_token"].shape[-1] if "cls_token" in state else "?"
+    proj = state.get("patch_embed.proj.weight")
+    patch = proj.shape[-1] if proj is not None and proj.ndim == 4 else "?"
+    return (f"file: {len(blocks)} blocks, width {width}, patch {patch}; model: {backbone.depth} blocks, "
+            f"width {backbone.embed_dim}, patch {backbone.patch_size}")
+
+
+def _sorted(keys) -> list[str]:
+    """Keys in natural order (blocks.2 before blocks.10)."""
+    return sorted(keys, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:LISTED])
+    return shown if len(keys) <= LISTED else f"{shown}, ... ({len(keys) - LISTED} more)"
