@@ -10,8 +10,11 @@ file, or the complete new one.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ class PrepareReport:
     num_images: int
     class_names: list[str]
     corrupt: list[Path] = field(default_factory=list)
+    seconds: float | None = None  # wall time of the check + write
 
     @property
     def num_classes(self) -> int:
@@ -38,7 +42,9 @@ class PrepareReport:
     def summary(self) -> str:
         lines = [f"wrote {self.num_images} images"
                  + (f" in {self.num_classes} classes" if self.class_names else " (unlabelled, label -1)")
-                 + f" to {self.out}"]
+                 + f" to {self.out}"
+                 + (f" in {self.seconds:.1f} s ({self.num_images / self.seconds:.0f} images/s)"
+                    if self.seconds else "")]
         if self.corrupt:
             lines.append(f"skipped {len(self.corrupt)} corrupt or unreadable image(s):")
             lines += [f"  {p}" for p in self.corrupt]
@@ -127,10 +133,12 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, force: bool 
     if not files:
         raise ValueError(f"source {str(src_dir)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
+    started = time.perf_counter()
+    # disable=None: tqdm draws its bar only on a terminal; in a log file a bar is a line per redraw.
+    bar = partial(tqdm, disable=None if progress else True)
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-        ok = list(tqdm(pool.map(_readable, files), total=len(files), desc="checking images",
-                       disable=not progress))
+        ok = list(bar(pool.map(_readable, files), total=len(files), desc="checking images"))
     corrupt = [f for f, good in zip(files, ok) if not good]
     files = [f for f, good in zip(files, ok) if good]
     labels = [lab for lab, good in zip(labels, ok) if good]
@@ -145,13 +153,29 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, force: bool 
         "label": IntField(),
     }
     try:
-        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-            _ImageList(files, labels), chunksize=64)
+        # FFCV's writer always draws a tqdm bar (no option): give it ours, quiet off a terminal.
+        with _writer_progress(partial(bar, desc="writing")):
+            DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+                _ImageList(files, labels), chunksize=64)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return PrepareReport(out=out, num_images=len(files), class_names=classes, corrupt=corrupt)
+    return PrepareReport(out=out, num_images=len(files), class_names=classes, corrupt=corrupt,
+                         seconds=time.perf_counter() - started)
+
+
+@contextmanager
+def _writer_progress(bar):
+    """Swap the tqdm that `ffcv.writer` calls for `bar` while a dataset is written."""
+    import ffcv.writer
+
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = bar
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
 
 
 def resolve_dataset(spec: str | os.PathLike, workdir: str | os.PathLike, split: str = "train") -> Path:
