@@ -47,6 +47,9 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
         if cfg.data.val:
             backbone = trainer.teacher_backbone()  # gathered from the shards under FSDP2 (all ranks call it)
             summary.update(evaluate_knn_after_training(cfg, out_dir, backbone, trainer.device, info))
+        elif info.is_main:
+            print("no kNN evaluation: data.val is not set (the kNN needs labelled data.train and data.val)",
+                  flush=True)
         if info.is_main:
             from dinovmf.plots import plot_run
             summary["plots"] = [str(p) for p in plot_run(out_dir, summary)]

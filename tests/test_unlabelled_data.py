@@ -39,6 +39,12 @@ def test_training_on_unlabelled_images_skips_knn_with_a_message(flat, tmp_path, 
     assert (tmp_path / "checkpoints" / "step_0000002.pt").is_file()
 
 
+def test_training_without_data_val_says_there_is_no_knn(flat, tmp_path, capsys):
+    summary = train(tiny_config(flat, flat, ["steps=1", "data.val=null"]), tmp_path)
+    assert summary["step"] == 1 and "knn_top1" not in summary
+    assert "no kNN evaluation: data.val is not set" in capsys.readouterr().out
+
+
 def test_unlabelled_images_are_a_clear_error_for_eval_and_the_features(flat, tmp_path, capsys):
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1)
     with pytest.raises(UnlabelledDataError, match="40 unlabelled image"):
