@@ -1,6 +1,6 @@
 """The fused head-to-loss op: from the head's bottleneck rows and prototypes to the DINO / DINO-vMF (or
 iBOT same-view) loss, its exact gradients, the teacher's centre statistic and the metrics' by-products,
-without ever holding the [N, K] student logits or their gradient (DESIGN §1b; Liger's fused linear
+without ever holding the [N, K] student logits or their gradient (docs/DESIGN.md §2; Liger's fused linear
 cross-entropy, adapted to DINO).
 
 Prototypes are either a plain `W` [K, p] or weight-norm parameters `(v, g)` with `w_k = g_k v_k / ||v_k||`.
