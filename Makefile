@@ -59,7 +59,7 @@ cuda-check: $(STAMP)
 	$(PY) -m tools.triton_aot --arch 90 --arch 80 --stats
 
 # Static per-kernel report (registers, spills, CTAs/SM, fences in loops, bytes moved vs minimum) for sm_90 at
-# the issue sizes -> bench/results/kernel_model.{csv,png}. CPU only, a few minutes.
+# the issue sizes -> bench/results/kernel_model.{csv,png}. CPU only, about 45 minutes on 2 cores.
 kernel-model: $(STAMP)
 	$(PY) -m bench.kernel_model
 

@@ -1,6 +1,7 @@
 """Benchmark: the fused photometric augmentation of a DINO multi-crop batch (2 x 224 + 10 x 96 crops per image).
 
     python -m bench.bench_augment [--batch 16] [--rounds 5] [--skip-compile]
+    python -m bench.bench_augment --gpu-only [--gpu-batch 64] [--device cuda]     # `make gpu-check`'s slot
 
 CPU rows (the choice the issue asks for, "C++ op or torch.compile, whichever measures faster"), on
 the same uint8 crops and parameter rows, alternating the implementations round by round, medians:
@@ -12,9 +13,10 @@ at 1 thread (per core, as in a loader worker) and at all threads (the torch op's
 The floor is the memory traffic (uint8 read + float32 written: 15 bytes per pixel) over the copy
 bandwidth measured in the same run.
 
-GPU rows: `gpu_rows(batch=64)` (entry point for `make gpu-check`): Triton (`fused_augment` on CUDA)
-and the eager reference on the GPU, per 64-image multi-crop batch, with the same floor measured on
-the device; `main()` records them when a GPU is present.
+GPU rows: `gpu_rows(batch=64)`: Triton (`fused_augment` on CUDA) and the eager reference on the GPU, per
+64-image multi-crop batch, with the same floor measured on the device; `main()` records them when a GPU
+is present, `--gpu-only` records only them (`make gpu-check`; with `--device cpu` the same code runs the
+C++ op instead of Triton, which is what the check's dry run exercises).
 """
 from __future__ import annotations
 
@@ -149,37 +151,45 @@ def cpu_rows(batch: int, rounds: int, compile_candidate: bool) -> list[dict]:
     return rows
 
 
-def gpu_rows(batch: int = 64, iters: int = 20) -> list[dict]:
+def gpu_rows(batch: int = 64, iters: int = 20, device: str = "cuda") -> list[dict]:
     """Triton vs the eager reference on the GPU for one `batch`-image DINO multi-crop batch (2 x 224 +
-    10 x 96 crops per image): ms per batch and the memory-traffic floor. The `make gpu-check` entry point."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_rows needs a CUDA GPU")
-    groups = multicrop_batch(batch, device="cuda")
-    impls = {"triton": lambda: [fused_augment(i, p) for i, p in groups],
+    10 x 96 crops per image): ms per batch and the memory-traffic floor. The `make gpu-check` entry point;
+    `device="cpu"` runs the same code with the C++ op in Triton's place (the check's dry run)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError("gpu_rows needs a CUDA GPU (or device='cpu' for a dry run)")
+    groups = multicrop_batch(batch, device=device)
+    impls = {"triton" if on_gpu else "cpp": lambda: [fused_augment(i, p) for i, p in groups],
              "reference_eager": lambda: [A.augment_reference(A.to_float_nchw(i), p) for i, p in groups]}
-    bandwidth = copy_bandwidth("cuda", 1 << 30)
+    bandwidth = copy_bandwidth(device, (1 << 30) if on_gpu else (64 << 20))
     floor_ms = pixels(groups) * BYTES_PER_PIXEL / bandwidth * 1e3
     rows = []
     for name, fn in impls.items():
-        ms = timeit(fn, warmup=3, iters=iters, sync=True)
+        ms = timeit(fn, warmup=3 if iters > 1 else 1, iters=iters, sync=on_gpu)
         rows.append({"implementation": name, "batch": batch, "ms_per_batch": ms, "images_per_s": batch / ms * 1e3,
                      "floor_ms_per_batch": floor_ms, "copy_GBps": bandwidth / 1e9,
                      "x_floor": ms / floor_ms})
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16, help="multi-crop images per CPU batch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile candidate")
-    args = ap.parse_args()
-    rows = cpu_rows(args.batch, args.rounds, not args.skip_compile)
-    record("augment_cpu", rows, x="threads", y="images_per_s", group="implementation", device="cpu",
-           title=f"fused augmentation, DINO multi-crop batch of {args.batch} (2x224 + 10x96)")
-    if torch.cuda.is_available():
-        record("augment_gpu", gpu_rows(), x="batch", y="ms_per_batch", group="implementation", device="cuda",
-               title="fused augmentation on the GPU, DINO multi-crop batch of 64")
+    ap.add_argument("--gpu-only", action="store_true", help="only the GPU rows (make gpu-check)")
+    ap.add_argument("--gpu-batch", type=int, default=64, help="multi-crop images per GPU batch")
+    ap.add_argument("--gpu-iters", type=int, default=20)
+    ap.add_argument("--device", default="cuda", help="where the GPU rows run (cpu: the dry run, C++ op)")
+    args = ap.parse_args(argv)
+    if not args.gpu_only:
+        rows = cpu_rows(args.batch, args.rounds, not args.skip_compile)
+        record("augment_cpu", rows, x="threads", y="images_per_s", group="implementation", device="cpu",
+               title=f"fused augmentation, DINO multi-crop batch of {args.batch} (2x224 + 10x96)")
+    if args.gpu_only or torch.cuda.is_available():
+        record("augment_gpu", gpu_rows(args.gpu_batch, args.gpu_iters, args.device), x="batch", y="ms_per_batch",
+               group="implementation", device=args.device,
+               title=f"fused augmentation on {args.device}, DINO multi-crop batch of {args.gpu_batch}")
 
 
 if __name__ == "__main__":

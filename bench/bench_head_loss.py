@@ -24,8 +24,14 @@ scratch, invisible to the profiler, is added analytically (`CPP_SCRATCH_FLOATS_P
 thread: the per-block [K] column sums of ce_rows and teacher_rows). `peak_extra_x_logits` divides by one
 fp32 [S*B, K] logits tensor (the issue's target: <= 0.25).
 
+On a GPU (`--device cuda`: the Triton row kernels, `--dtype bfloat16` for bf16 heads) every call is
+timed between `torch.cuda.synchronize()`s, the floor's GEMMs run on the device, peak memory is the CUDA
+allocator's, and `cpu_ms` is host time (the launch overhead, not the work). `--configs tiny` is the dry
+run's size (every code path in seconds on CPU).
+
     python -m bench.bench_head_loss                       # issue size (S=12,T=2,B=64,K=65536,p=256) and the demo's
     python -m bench.bench_head_loss --configs issue --iters 7 --threads 1 2
+    python -m bench.bench_head_loss --device cuda --configs issue --dtype bfloat16 --methods dino_vmf dino
     python -m bench.bench_head_loss --profile             # where the fused op's time goes (torch.profiler)
 """
 from __future__ import annotations
@@ -43,7 +49,8 @@ from dinovmf.head_loss import head_to_loss
 from dinovmf.loss_reference import head_to_loss_reference
 
 # name: (S, T, B, K, p)
-CONFIGS = {"issue": (12, 2, 64, 65536, 256), "demo": (4, 2, 32, 256, 128)}
+CONFIGS = {"issue": (12, 2, 64, 65536, 256), "demo": (4, 2, 32, 256, 128), "tiny": (4, 2, 2, 64, 32)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPP_SCRATCH_FLOATS_PER_THREAD = 2  # ce_rows' and teacher_rows' per-block [K] partial sums
 METHODS = {  # vmf, centering, g trains
     "dino_vmf": (True, "prob", True),
@@ -54,19 +61,23 @@ METHODS = {  # vmf, centering, g trains
 class Inputs:
     """Head features and weight-normed prototypes as DINOHead makes them (v ~ U(+-1/sqrt(p)), g = 1 +- 0.2)."""
 
-    def __init__(self, S, T, B, K, p, method: str, dtype=torch.float32, seed=0):
+    def __init__(self, S, T, B, K, p, method: str, dtype=torch.float32, seed=0, device="cpu"):
         vmf, centering, g_trains = METHODS[method]
         gen = torch.Generator().manual_seed(seed)
         self.S, self.T, self.B, self.K, self.p = S, T, B, K, p
-        self.vmf, self.centering = vmf, centering
-        self.z_s = F.normalize(torch.randn(S * B, p, generator=gen), dim=1).to(dtype).requires_grad_()
-        self.z_t = F.normalize(torch.randn(T * B, p, generator=gen), dim=1).to(dtype)
+        self.vmf, self.centering, self.dtype, self.device = vmf, centering, dtype, torch.device(device)
+
+        def put(x):  # drawn on the CPU (same numbers on every device), then moved
+            return x.to(device=device, dtype=dtype)
+        self.z_s = put(F.normalize(torch.randn(S * B, p, generator=gen), dim=1)).requires_grad_()
+        self.z_t = put(F.normalize(torch.randn(T * B, p, generator=gen), dim=1))
         bound = 1.0 / p ** 0.5
-        self.v = ((torch.rand(K, p, generator=gen) * 2 - 1) * bound).to(dtype).requires_grad_()
-        self.g = (1 + 0.2 * (torch.rand(K, generator=gen) * 2 - 1)).to(dtype).requires_grad_(g_trains)
-        self.v_t = (self.v.detach() + 1e-3 * torch.randn(K, p, generator=gen).to(dtype))
+        self.v = put((torch.rand(K, p, generator=gen) * 2 - 1) * bound).requires_grad_()
+        self.g = put(1 + 0.2 * (torch.rand(K, generator=gen) * 2 - 1)).requires_grad_(g_trains)
+        self.v_t = self.v.detach() + put(1e-3 * torch.randn(K, p, generator=gen))
         self.g_t = self.g.detach().clone()
-        self.center = (torch.full((K,), 1.0 / K) if centering == "prob" else torch.randn(K, generator=gen) * 0.1)
+        center = torch.full((K,), 1.0 / K) if centering == "prob" else torch.randn(K, generator=gen) * 0.1
+        self.center = center.to(device)  # the EMA buffer is fp32 whatever the heads' dtype
         self.kw = dict(student_temp=0.1, teacher_temp=0.04, centering=centering, center=self.center, vmf=vmf,
                        n_global=T)
 
@@ -105,18 +116,19 @@ def measured_peak(step, x: Inputs) -> float:
 
     def forward_backward():
         step.fn(x.z_s, x.z_t, (x.v, x.g), (x.v_t, x.g_t), **x.kw, **step.extra).loss.backward()
-    return peak_memory(forward_backward, "cpu")
+    return peak_memory(forward_backward, x.device)
 
 
 def floor_fn(x: Inputs):
-    """The unavoidable GEMMs at full size (outputs preallocated, as in the op)."""
+    """The unavoidable GEMMs at full size, on the inputs' device (outputs preallocated, as in the op)."""
     N = x.S * x.B
     z_s, v = x.z_s.detach(), x.v.detach()
-    logits = torch.empty(N, x.K, dtype=z_s.dtype)
-    grad = torch.randn(N, x.K, dtype=z_s.dtype) * 1e-3
-    dz = torch.empty(N, x.p, dtype=z_s.dtype)
-    dv = torch.empty(x.K, x.p, dtype=z_s.dtype)
-    dots = torch.empty(x.T * x.B, x.K, dtype=z_s.dtype)
+    like = dict(dtype=z_s.dtype, device=x.device)
+    logits = torch.empty(N, x.K, **like)
+    grad = torch.randn(N, x.K, **like) * 1e-3
+    dz = torch.empty(N, x.p, **like)
+    dv = torch.empty(x.K, x.p, **like)
+    dots = torch.empty(x.T * x.B, x.K, **like)
 
     def gemms():
         torch.mm(z_s, v.t(), out=logits)
@@ -126,8 +138,10 @@ def floor_fn(x: Inputs):
     return gemms
 
 
-def alternate(fns: dict, iters: int, warmup: int) -> tuple[dict, dict]:
-    """Median wall and CPU ms of each callable, timed round-robin so that machine noise hits all alike."""
+def alternate(fns: dict, iters: int, warmup: int, device=torch.device("cpu")) -> tuple[dict, dict]:
+    """Median wall and CPU ms of each callable, timed round-robin so that machine noise hits all alike; on
+    a GPU each call is bracketed by synchronisations, so wall time is the device's work, not the launches."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -135,8 +149,10 @@ def alternate(fns: dict, iters: int, warmup: int) -> tuple[dict, dict]:
     cpu = {name: [] for name in fns}
     for _ in range(iters):
         for name, f in fns.items():
+            sync()
             c0, t0 = time.process_time(), time.perf_counter()
             f()
+            sync()
             wall[name].append((time.perf_counter() - t0) * 1e3)
             cpu[name].append((time.process_time() - c0) * 1e3)
     return ({n: statistics.median(t) for n, t in wall.items()}, {n: statistics.median(t) for n, t in cpu.items()})
@@ -146,9 +162,11 @@ def profile_fused(x: Inputs, backend: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     step = step_fn(head_to_loss, x, backend=backend)
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = x.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                                    row_limit=20))
 
 
 def measure(x: Inputs, config: str, method: str, threads: int, backend: str, compile_ref: bool, iters: int,
@@ -158,14 +176,16 @@ def measure(x: Inputs, config: str, method: str, threads: int, backend: str, com
     if compile_ref:
         fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
     fns["floor"] = floor_fn(x)
-    wall, cpu = alternate(fns, iters, warmup)
+    wall, cpu = alternate(fns, iters, warmup, x.device)
     scratch = CPP_SCRATCH_FLOATS_PER_THREAD * threads * x.K * 4 if backend == "cpp" else 0
-    base = dict(config=config, method=method, S=x.S, T=x.T, B=x.B, K=x.K, p=x.p, dtype="float32", threads=threads,
+    base = dict(config=config, method=method, S=x.S, T=x.T, B=x.B, K=x.K, p=x.p,
+                dtype=str(x.dtype).replace("torch.", ""), backend=backend, threads=threads,
                 floor_ms=round(wall["floor"], 2), floor_cpu_ms=round(cpu["floor"], 2),
                 floor_gflop=round(2 * (3 * x.S * x.B + x.T * x.B) * x.K * x.p / 1e9, 2))
     rows = []
     for name, f in fns.items():
-        row = dict(base, impl=name, series=f"{name}, {threads} thread{'s' if threads > 1 else ''}", ms=round(wall[name], 2), cpu_ms=round(cpu[name], 2),
+        series = f"{name}, {threads} thread{'s' if threads > 1 else ''}" if x.device.type == "cpu" else name
+        row = dict(base, impl=name, series=series, ms=round(wall[name], 2), cpu_ms=round(cpu[name], 2),
                    x_floor=round(wall[name] / wall["floor"], 3), cpu_x_floor=round(cpu[name] / cpu["floor"], 3),
                    non_gemm_ms=round(wall[name] - wall["floor"], 2))
         if name != "floor":
@@ -187,25 +207,32 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
-    ap.add_argument("--backend", default="auto", help="row kernels of the fused op (auto: cpp on CPU)")
+    ap.add_argument("--backend", default="auto", help="row kernels of the fused op (auto: cpp on CPU, triton on CUDA)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels; GEMM floor on the device)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="heads and prototypes (bf16: GPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the fused op and exit")
     args = ap.parse_args(argv)
-    backend = backends.resolve_backend(args.backend, "cpu")
+    device = torch.device(args.device)
+    backend = backends.resolve_backend(args.backend, device)
+    threads_list = args.threads if device.type == "cpu" else [torch.get_num_threads()]  # host threads: CPU only
     rows = []
-    for threads in args.threads:
+    for threads in threads_list:
         torch.set_num_threads(threads)
         for config in args.configs:
             for method in args.methods:
-                x = Inputs(*CONFIGS[config], method)
+                x = Inputs(*CONFIGS[config], method, dtype=DTYPES[args.dtype], device=device)
                 if args.profile:
                     profile_fused(x, backend)
                     continue
                 rows += measure(x, config, method, threads, backend, compile_ref=not args.no_compile, iters=args.iters,
                                 warmup=args.warmup)
     if rows:
-        record("head_loss", rows, x="K", y="cpu_x_floor", group="series", logx=True,
-               title=f"head-to-loss fwd+bwd, CPU time / GEMM floor (threads {args.threads}, fp32)", device="cpu")
+        on = f"threads {threads_list}" if device.type == "cpu" else f"{device.type}, {backend}"
+        y = "cpu_x_floor" if device.type == "cpu" else "x_floor"
+        record("head_loss", rows, x="K", y=y, group="series", logx=True, device=device,
+               title=f"head-to-loss fwd+bwd, {'CPU' if device.type == 'cpu' else 'wall'} time / GEMM floor "
+                     f"({on}, {args.dtype})")
 
 
 if __name__ == "__main__":

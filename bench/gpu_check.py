@@ -7,9 +7,10 @@
 The steps are the table `steps()`: set the package up (editable install, no network), record the device,
 run the GPU tests (Triton kernels on CUDA against float64, the GPU smoke tests of a real training step),
 the loss-kernel benchmarks (ours vs eager vs torch.compile, % of measured copy bandwidth), the fused
-head-to-loss benchmark, the ViT-B/16 multi-crop training step (bf16, fused AdamW, eager and torch.compile;
-images/s and MFU against the 900 images/s goal) and the GPU augmentation benchmark. A step whose module is
-not in this checkout, or that needs hardware the machine lacks, is skipped with the reason. Each step runs
+head-to-loss benchmark (bf16, Triton, vs its GEMM floor), the ViT-B/16 multi-crop training step (bf16, fused
+AdamW, eager and torch.compile; images/s and MFU against the 900 images/s goal), the registry's AOT compile
+with the machine's own triton and the GPU augmentation benchmark. A step whose module is not in this
+checkout, or that needs hardware the machine lacks, is skipped with the reason. Each step runs
 in its own process group with its own timeout (killed, never waited on forever), inside an overall budget
 (GPU_CHECK_BUDGET_S, default 480 s); a failed step does not stop the next. Exit status: 1 if a step
 failed or timed out, else 0.
@@ -78,10 +79,13 @@ def steps(dry: bool) -> list[Step]:
         Step("bench_loss_fp32", "fused CE + teacher vs eager vs torch.compile, fp32, % of copy bandwidth",
              ("-m", "bench.bench_loss", "--k", "256", *loss_tiny) if dry else
              ("-m", "bench.bench_loss", "--k", "4096", "65536", "--dtype", "float32"), 150, needs=("cuda",)),
-        # The fused head-to-loss op's benchmark (issue #14); the slot runs once the module exists.
-        Step("bench_head_loss", "fused head-to-loss op vs eager vs torch.compile (issue #14)",
-             ("-m", "bench.bench_head_loss", *(("--dry",) if dry else ())), 120,
-             needs=("cuda", "module:bench.bench_head_loss")),
+        # The fused head-to-loss op (issue #14) at the issue size in bf16 on the Triton kernels. Dry: the same
+        # code path (Triton backend, bf16, synchronised timing helpers) at the tiny size, under the interpreter.
+        Step("bench_head_loss", "fused head-to-loss op (Triton, bf16) vs eager vs torch.compile vs GEMM floor",
+             ("-m", "bench.bench_head_loss", "--configs", "tiny", "--iters", "1", "--warmup", "0", "--no-compile",
+              "--device", "cpu", "--backend", "triton", "--dtype", "bfloat16") if dry else
+             ("-m", "bench.bench_head_loss", "--configs", "issue", "--device", "cuda", "--dtype", "bfloat16",
+              "--iters", "5", "--warmup", "2"), 150, needs=("cuda",)),
         Step("bench_train_eager", "ViT-B/16 2x224+10x96, batch 64, K=65536, bf16, fused AdamW, eager",
              ("-m", "bench.bench_train", *train_tiny) if dry else
              ("-m", "bench.bench_train", "--steps", "200", "--warmup", "20"), 150, needs=("cuda",)),
@@ -93,14 +97,16 @@ def steps(dry: bool) -> list[Step]:
         Step("bench_loss_bf16", "fused CE + teacher, bf16 logits",
              ("-m", "bench.bench_loss", "--k", "256", "--dtype", "bfloat16", *loss_tiny) if dry else
              ("-m", "bench.bench_loss", "--k", "65536", "--dtype", "bfloat16"), 120, needs=("cuda",)),
-        # The registry's representative subset compiled by the machine's own triton (the image's version, not
-        # the pinned one): registers / spills of the toolchain that really runs, to set beside kernel_model.csv.
-        Step("aot_device_triton", "AOT compile of the CI subset with this machine's triton, ptxas -v stats",
-             ("-m", "tools.triton_aot", "--quick", "--arch", "90", "--stats"), 90),
-        # The GPU augmentation benchmark (data path issue); the slot runs once the module exists.
-        Step("bench_augment_gpu", "GPU augmentation, batch 64, 2x224+10x96",
-             ("-m", "bench.bench_augment_gpu", *(("--dry",) if dry else ())), 90,
-             needs=("cuda", "module:bench.bench_augment_gpu")),
+        # The registry (tools/triton_cases.py) CI subset compiled by the machine's own triton (the image's
+        # version, not the pinned one): registers / spills of the toolchain that really runs, to set beside
+        # kernel_model.csv. Dry: the launch-registry coverage check and one family, not minutes of ptxas.
+        Step("aot_device_triton", "AOT compile of the registry's CI subset with this machine's triton, ptxas -v",
+             ("-m", "tools.triton_aot", "--quick", "--arch", "90", "--stats",
+              *(("--only", "vmf_bias.") if dry else ())), 90),
+        # The GPU augmentation (bench/bench_augment.py's GPU rows). Dry: the same code with the C++ op on CPU.
+        Step("bench_augment_gpu", "GPU augmentation (Triton) vs eager, batch 64, 2x224+10x96, vs the copy floor",
+             ("-m", "bench.bench_augment", "--gpu-only", "--device", "cpu", "--gpu-batch", "1", "--gpu-iters", "1")
+             if dry else ("-m", "bench.bench_augment", "--gpu-only", "--gpu-batch", "64"), 90, needs=("cuda",)),
     ]
 
 
@@ -261,6 +267,13 @@ def headlines(out: Path) -> list[str]:
             bw = f", {float(r['bw_frac_of_copy']):.0%} of copy bandwidth" if r.get("bw_frac_of_copy") else ""
             lines.append(f"{name} K={r.get('K')} {r.get('dtype')} {r.get('backend')}: {_fmt(r.get('ms'))} ms, "
                          f"{_fmt(r.get('speedup_vs_eager'))}x eager{bw}")
+    for r in _rows(out / "head_loss.csv"):
+        extra = f", peak extra {_fmt(r.get('peak_extra_x_logits'))}x the logits" if r.get("peak_extra_x_logits") else ""
+        lines.append(f"head-to-loss {r.get('config')} {r.get('method')} {r.get('dtype')} {r.get('impl')}: "
+                     f"{_fmt(r.get('ms'))} ms, {_fmt(r.get('x_floor'))}x the GEMM floor{extra}")
+    for r in _rows(out / "augment_gpu.csv"):
+        lines.append(f"augmentation batch {r.get('batch')} {r.get('implementation')}: {_fmt(r.get('ms_per_batch'))} ms "
+                     f"({_fmt(r.get('images_per_s'), 4)} images/s), {_fmt(r.get('x_floor'))}x the copy floor")
     for r in _rows(out / "gpu_smoke_memory.csv"):
         lines.append(f"peak memory of a {r.get('arch')} step (batch {r.get('batch')}, K={r.get('K')}): "
                      f"{_fmt(r.get('peak_mem_gib'))} GiB")

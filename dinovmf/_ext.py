@@ -9,8 +9,8 @@ from functools import lru_cache
 
 import torch
 
-from dinovmf.kernels.common import (check_ce_rows_inputs, check_teacher_rows_inputs, finish_teacher_stat,
-                                    serial_vector_math, sinkhorn_knopp, teacher_column_terms)
+from dinovmf.kernels.common import (check_ce_rows_inputs, check_teacher_rows_inputs, check_visit_inner,
+                                    finish_teacher_stat, serial_vector_math, sinkhorn_knopp, teacher_column_terms)
 
 EXTENSION = "dinovmf._C"
 _BUILD_HINT = "build it with `make install` or `python setup.py build_ext --inplace` in the repository root"
@@ -30,10 +30,12 @@ def load_extension():
 
 
 def ce_rows_cpp(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
-                grad_out, col_grad_sum):
-    """`ce_rows` on the CPU (see docs/INTERFACES.md): stats [4, c] fp32; the gradient goes to `grad_out`."""
+                grad_out, col_grad_sum, *, visit_inner: int = 1):
+    """`ce_rows` on the CPU (see docs/INTERFACES.md): stats [4, c] fp32; the gradient goes to `grad_out`.
+    `visit_inner` (the contract's visiting-order hint) is checked; the C++ loops keep their own order."""
     check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight,
                          grad_out, col_grad_sum)
+    check_visit_inner(visit_inner, logits.shape[0])
 
     def f32(x):
         return None if x is None else x.float().contiguous()

@@ -19,7 +19,9 @@ from dinovmf.prototypes import koleo_proto_loss
 
 class _RowsCrossEntropy(torch.autograd.Function):
     """`dino_cross_entropy` on a backend's `ce_rows` kernel: the logits' gradient is written during the
-    forward (one pass over the logits after the row statistics) and scaled by grad_output in backward."""
+    forward (one pass over the logits after the row statistics) and scaled by grad_output in backward.
+    The rows are view-major [S*B]; `visit_inner=S` asks the kernel to walk them image by image, so the S
+    rows that share an image's T teacher rows are visited together (a cache hint; same results)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, ce_rows, need_grad):
@@ -31,7 +33,7 @@ class _RowsCrossEntropy(torch.autograd.Function):
         rows = torch.arange(S * B, device=logits.device)
         acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         probs = teacher_probs.detach().to(acc).contiguous().view(T * B, K)  # fp32 for the kernels
-        stats = ce_rows(logits, None, None, probs, rows, B, T, False, None, scale, grad, None)
+        stats = ce_rows(logits, None, None, probs, rows, B, T, False, None, scale, grad, None, visit_inner=S)
         ctx.grads = None if grad is None else (grad.view(S, B, K),)
         return stats[0].to(acc).sum() * scale
 

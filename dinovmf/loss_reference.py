@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dinovmf.centering import row_entropy, teacher_bias, teacher_rows_reference
-from dinovmf.kernels.common import check_ce_inputs, check_ce_rows_inputs, pair_count
+from dinovmf.kernels.common import check_ce_inputs, check_ce_rows_inputs, check_visit_inner, pair_count
 from dinovmf.vmf import vmf_logits
 
 
@@ -102,13 +102,15 @@ def paired_teacher_sum(teacher_probs: torch.Tensor, row_index: torch.Tensor, B: 
 
 @torch.no_grad()
 def ce_rows_reference(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
-                      grad_out, col_grad_sum):
+                      grad_out, col_grad_sum, *, visit_inner: int = 1):
     """The `ce_rows` kernel in PyTorch (docs/INTERFACES.md, Backends): returns stats [4, c] (loss_row, lse,
     psum, sum_k softmax_k l_k) with l = logits * col_scale + bias; writes G * col_scale to `grad_out` (it
     may alias `logits`) and adds G.sum(0) to `col_grad_sum`, where G = (psum softmax(l) - Pbar) *
-    grad_scale * row_weight. Float32 arithmetic (float64 for float64 logits)."""
+    grad_scale * row_weight. Float32 arithmetic (float64 for float64 logits). `visit_inner`, a
+    visiting-order hint for cache-bound kernels, is checked and has nothing to order here."""
     check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight,
                          grad_out, col_grad_sum)
+    check_visit_inner(visit_inner, logits.shape[0])
     acc = _accumulation_dtype(logits)
     l = logits.to(acc)
     if col_scale is not None:

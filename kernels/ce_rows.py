@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
+from dinovmf.kernels.common import check_visit_inner
 from dinovmf.kernels.softmax_tiles import (merge_partials, online_exp_update, online_rescale, partials_max,
                                            partials_tile, zero_if_empty)
 
@@ -121,19 +122,15 @@ def _ce_finish_kernel(PART, STATS, n_rows, n_blocks, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS, GO, stride_go, CGS,
+def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GO, stride_go, CGS,
                     n_rows, K, B, T, rows_per_group, visit_inner, visit_outer, grad_scale,
                     HAS_CS: tl.constexpr, HAS_BIAS: tl.constexpr, SAME_VIEW: tl.constexpr, HAS_W: tl.constexpr,
-                    GS_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr, COL_SUM: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """G = (psum softmax(l) - Pbar) * grad_scale [* GS[0]] [* W[row]]; GO = G * col_scale (WRITE_GRAD);
+                    WRITE_GRAD: tl.constexpr, COL_SUM: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """G = (psum softmax(l) - Pbar) * grad_scale [* W[row]]; GO = G * col_scale (WRITE_GRAD);
     COL_SUM 1: CGS[cols] += sum_rows G (one row group owns the columns), 2: CGS[g, cols] = sum_rows G."""
     g, cols, cmask, start, group_end = tiling.stream_program(n_rows, K, rows_per_group, BLOCK_C)
     cs = tiling.column_vector(CS, cols, cmask, HAS_CS, 1.0)  # once per program
     bias = tiling.column_vector(BIAS, cols, cmask, HAS_BIAS, 0.0)
-    scale = grad_scale
-    if GS_FROM_PTR:  # the upstream gradient, read on the device: no host sync in autograd's backward
-        scale = scale * tl.load(GS).to(tl.float32)
     n_tiles = tl.cdiv(group_end - start, ROWS)
     end = start + n_tiles * ROWS
     col_acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
@@ -149,7 +146,7 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GS,
         pbar = _teacher_mass(P, stride_p, gi, mask2, cols, B, T, SAME_VIEW, ROWS, BLOCK_C)
         lse = tl.load(STATS + n_rows + r, mask=rmask, other=0.0)
         psum = tl.load(STATS + 2 * n_rows + r, mask=rmask, other=0.0)
-        w = tl.full([ROWS], 1.0, tl.float32) * scale
+        w = tl.full([ROWS], 1.0, tl.float32) * grad_scale
         if HAS_W:
             w = w * tl.load(W + r, mask=rmask, other=0.0)
         grad = (psum[:, None] * tl.exp(l - lse[:, None]) - pbar) * w[:, None]
@@ -243,7 +240,7 @@ def ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_v
 
 
 def ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
-                grad_out, col_grad_sum, stats, *, visit_inner=1, grad_scale_tensor=None, plan=None) -> None:
+                grad_out, col_grad_sum, stats, *, visit_inner=1, plan=None) -> None:
     """Pass 3: grad_out = G * col_scale and col_grad_sum += G.sum(0), from the row statistics."""
     c, K = logits.shape
     if c == 0 or (grad_out is None and col_grad_sum is None):
@@ -259,12 +256,11 @@ def ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_vi
     tiling.launch(_ce_grad_kernel, grid.grid, logits, logits.stride(0), col_scale if col_scale is not None else stats,
                   bias if bias is not None else stats, teacher_probs, teacher_probs.stride(0), row_index, stats,
                   row_weight if row_weight is not None else stats,
-                  grad_scale_tensor if grad_scale_tensor is not None else stats,
                   grad_out if grad_out is not None else logits, grad_out.stride(0) if grad_out is not None else 0,
                   cgs, c, K, B, T, grid.rows_per_group, visit_inner, c // visit_inner, float(grad_scale),
                   HAS_CS=col_scale is not None, HAS_BIAS=bias is not None, SAME_VIEW=bool(same_view),
-                  HAS_W=row_weight is not None, GS_FROM_PTR=grad_scale_tensor is not None,
-                  WRITE_GRAD=grad_out is not None, COL_SUM=col_sum_mode, BLOCK_C=grid.cols)
+                  HAS_W=row_weight is not None, WRITE_GRAD=grad_out is not None, COL_SUM=col_sum_mode,
+                  BLOCK_C=grid.cols)
     if col_sum_mode == 2:
         col_grad_sum += cgs.sum(0)
 
@@ -272,15 +268,20 @@ def ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_vi
 def ce_rows(logits: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Tensor | None,
             teacher_probs: torch.Tensor, row_index: torch.Tensor, B: int, T: int, same_view: bool,
             row_weight: torch.Tensor | None, grad_scale: float, grad_out: torch.Tensor | None,
-            col_grad_sum: torch.Tensor | None, *, plan: tiling.ColumnPlan | None = None) -> torch.Tensor:
+            col_grad_sum: torch.Tensor | None, *, visit_inner: int = 1,
+            plan: tiling.ColumnPlan | None = None) -> torch.Tensor:
     """The contract's `ce_rows` (see the module docstring): returns the row statistics [4, c] fp32
     (loss_row, lse, psum, sum softmax*l); writes G * col_scale to `grad_out` (which may be `logits`
     itself) and adds G.sum(0) to `col_grad_sum` when they are given. Rows may have any stride as long
-    as the columns are contiguous. `plan` forces the launch geometry (tests)."""
+    as the columns are contiguous. `visit_inner` is the contract's visiting-order hint (`_visited_rows`:
+    S for view-major [S*B] rows walks them image by image, so a tile's rows share their teacher rows in
+    L1); `plan` forces the launch geometry (tests)."""
     check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
                        col_grad_sum)
+    check_visit_inner(visit_inner, logits.shape[0])
     plan = plan or tiling.column_plan(logits.shape[0], logits.shape[1], logits.device, logits.element_size())
-    stats = ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, plan=plan)
+    stats = ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view,
+                         visit_inner=visit_inner, plan=plan)
     ce_row_grad(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale, grad_out,
-                col_grad_sum, stats, plan=plan)
+                col_grad_sum, stats, visit_inner=visit_inner, plan=plan)
     return stats

@@ -16,7 +16,7 @@ CENTERING_MODES = ("logit", "prob", "none", "sinkhorn")
 SINKHORN_ITERATIONS = 3  # DINOv2's default; the contract fixes it.
 # Below this bottleneck size the Debye expansion is not accurate enough in fp32 (DESIGN.md §1: the
 # truncation error is 2e-7 at nu = 7), so the column bias is precomputed with dinovmf.vmf instead.
-# (Only the pre-contract Triton teacher kernel computes the bias in-kernel; the row kernels take a [K] bias.)
+# (Only `kernels.vmf_bias` computes the bias in a kernel; the row kernels take a [K] bias.)
 MIN_P_IN_KERNEL_BIAS = 32
 # Teacher kernels' centre statistic: none, the row mean of the output logits y, or the row mean of
 # normalise_rows(softmax(y) * stat_weight) (see `teacher_column_terms`).
@@ -145,6 +145,12 @@ def check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B: i
         raise ValueError(f"col_grad_sum must be a float32 [K]={K} tensor on {dev}")
 
 
+def check_visit_inner(visit_inner, c: int) -> None:
+    """The `ce_rows` visiting-order hint: a positive int dividing the chunk's row count c (ValueError)."""
+    if isinstance(visit_inner, bool) or not isinstance(visit_inner, int) or visit_inner < 1 or c % visit_inner:
+        raise ValueError(f"visit_inner must be a positive int dividing the {c} rows, got {visit_inner!r}")
+
+
 def check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out) -> None:
     """Validate the arguments of a `teacher_rows` kernel; ValueError naming the argument."""
     if not isinstance(dots, torch.Tensor) or dots.dim() != 2 or dots.shape[0] < 1 or dots.shape[1] < 1 \
@@ -271,16 +277,3 @@ def debye_reference_terms(temp: float, p: int) -> tuple[float, float, float, flo
     z0 = (1.0 / temp) / nu
     s0 = math.sqrt(1.0 + z0 * z0)
     return nu, z0, s0, math.log(debye_series(1.0 / s0, nu))
-
-
-def column_bias_in_kernel(weight_norm: torch.Tensor | None, p: int | None) -> bool:
-    """Whether a kernel computes the vMF column bias itself (Debye, p >= 32)."""
-    return weight_norm is not None and p >= MIN_P_IN_KERNEL_BIAS
-
-
-def precomputed_column_bias(weight_norm: torch.Tensor, temp: float, p: int) -> torch.Tensor:
-    """[K] fp32 vMF column bias from the float64 `dinovmf.vmf` module (no autograd)."""
-    from dinovmf.vmf import vmf_column_bias
-
-    with torch.no_grad():
-        return vmf_column_bias(weight_norm.detach().double(), temp, p).float().contiguous()

@@ -1,6 +1,6 @@
 """`teacher_rows` in Triton: the teacher distribution of every centering mode, its center statistic, and
-the per-row entropy and argmax as by-products (contract in docs/INTERFACES.md), plus the public
-`teacher_distribution` on top of it.
+the per-row entropy and argmax as by-products (contract in docs/INTERFACES.md). The public
+`dinovmf.centering.teacher_distribution(..., backend="triton")` is host code on top of it.
 
 With r = dots * col_scale + temp * bias (bias precomputed once per step) and x = r / temp, the output is
 probs = softmax(y) row by row, where
@@ -23,11 +23,9 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
-from dinovmf.kernels.common import (CENTERING_MODES, check_teacher_inputs, column_bias_in_kernel,
-                                    precomputed_column_bias, sinkhorn_knopp)
+from dinovmf.kernels.common import CENTERING_MODES, check_teacher_inputs, sinkhorn_knopp
 from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, merge_partials, online_exp_sum,
                                            online_exp_update, online_rescale, partials_max, partials_tile)
-from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
 
 STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic of none/sinkhorn, logit, prob
 _STAT_KIND = {"none": STAT_NONE, "logit": STAT_MEAN_SCORE, "prob": STAT_MEAN_SOFTMAX, "sinkhorn": STAT_NONE}
@@ -256,8 +254,9 @@ class _TeacherLaunch:
         return out[0] if p.groups == 1 else torch.logsumexp(out, dim=0)
 
 
-def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None,
-                 col_scale: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor | None, *,
+def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, *,
                  plan: tiling.ColumnPlan | None = None):
     """The contract's `teacher_rows`: (probs [N, K] fp32, stat [K] fp32 or None, row_entropy [N] fp32,
     row_argmax [N] int64) with `r = dots * col_scale + temp * bias` and the modes of the module docstring.
@@ -285,23 +284,6 @@ def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tenso
     row_stats, row_argmax = run.row_stats(by, mode == "prob")
     stat = run.probs(by, row_stats, out, _STAT_KIND[mode])
     return out, stat, row_stats[1], row_argmax
-
-
-def teacher_distribution(dots: torch.Tensor, temp: float, mode: str, center: torch.Tensor | None = None,
-                         weight_norm: torch.Tensor | None = None, p: int | None = None):
-    """Teacher probabilities [N, K] fp32 and the center statistic [K] fp32 (None for none/sinkhorn), the
-    public signature of every backend: the vMF column bias of `weight_norm` is computed once ([K], the
-    Debye kernel for p >= 32, float64 `dinovmf.vmf` below) and passed to `teacher_rows`."""
-    check_teacher_inputs(dots, temp, mode, center, weight_norm, p)
-    bias = None
-    if weight_norm is not None:
-        wn = weight_norm.detach().float().contiguous()
-        bias = vmf_column_bias_triton(wn, temp, p) if column_bias_in_kernel(wn, p) else \
-            precomputed_column_bias(wn, temp, p).to(dots.device)
-    d = dots if dots.dtype in DOTS_DTYPES else dots.float()
-    c = center.detach().float().contiguous() if center is not None else None
-    probs, stat, _, _ = teacher_rows(d, temp, mode, c, None, bias, None)
-    return probs, stat
 
 
 assert set(_STAT_KIND) == set(CENTERING_MODES)

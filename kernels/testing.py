@@ -1,10 +1,10 @@
 """Oracles and the tolerance rule every fused backend is tested with (tests/test_kernels_*.py).
 
-Two families: the per-logits ops (`dino_cross_entropy`, `teacher_distribution`), checked against
-`dinovmf.loss` / `dinovmf.centering` in float64; and the contract ops of the fused head-to-loss path
-(`ce_rows`, `teacher_rows`), checked against `ce_rows_reference` / `teacher_rows_reference` below:
-plain PyTorch, as the contract reads, run in float64 (and in float32 for the flash rule's "same-dtype
-torch" error).
+Two families: the per-logits ops (`dino_cross_entropy`, `teacher_distribution` on a backend), checked
+against `dinovmf.loss` / `dinovmf.centering` in float64; and the contract ops of the fused head-to-loss
+path (`ce_rows`, `teacher_rows`), checked against the package's torch backend (`ce_rows_reference`,
+`teacher_rows_reference`, wrapped below to run in float64, and in float32 for the flash rule's
+"same-dtype torch" error).
 
 Ground truth is float64: the torch reference (`dinovmf.loss` / `dinovmf.centering`) run on float64
 copies of the very inputs the backend sees, plus a plain per-pair loop for the cross-entropy. The
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from dinovmf.centering import sinkhorn_knopp, teacher_distribution_reference
+from dinovmf.centering import teacher_distribution_reference
 from dinovmf.kernels.common import pair_count
 from dinovmf.loss import dino_cross_entropy_reference
 
@@ -184,41 +184,29 @@ def check_teacher(teacher_fn, N, K, dtype, mode, p=256, vmf=True, device="cpu"):
 
 def ce_rows_reference(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_scale,
                       acc=torch.float64):
-    """`ce_rows` as the contract reads, computed in `acc`: (stats [4, c] = loss_row, lse, psum,
-    sum softmax*l; grad_out = G * col_scale [c, K]; col_grad_sum increment G.sum(0) [K])."""
-    l = logits.to(acc)
-    cs = col_scale.to(acc) if col_scale is not None else torch.ones(l.shape[1], dtype=acc, device=l.device)
-    l = l * cs + (bias.to(acc) if bias is not None else 0.0)
-    P = teacher_probs.to(acc)
-    if same_view:
-        pbar = P[row_index]
-    else:
-        s, b = row_index // B, row_index % B
-        pbar = sum((s != t).to(acc)[:, None] * P[t * B + b] for t in range(T))
-    lse, soft, psum = torch.logsumexp(l, 1), torch.softmax(l, 1), pbar.sum(1)
-    stats = torch.stack([psum * lse - (pbar * l).sum(1), lse, psum, (soft * l).sum(1)])
-    w = torch.full_like(psum, grad_scale) * (row_weight.to(acc) if row_weight is not None else 1.0)
-    G = (psum[:, None] * soft - pbar) * w[:, None]
-    return stats, G * cs, G.sum(0)
+    """The package's `ce_rows_reference` (the torch backend) run in `acc`, as functions of the inputs: (stats
+    [4, c] = loss_row, lse, psum, sum softmax*l; G * col_scale [c, K]; the col_grad_sum increment G.sum(0)
+    [K]). The package computes in the logits' precision class (fp32, or float64 for float64 logits), so
+    the inputs are cast to `acc` first: float64 is the oracle, float32 the flash rule's same-dtype torch."""
+    from dinovmf.loss_reference import ce_rows_reference as package_reference
+
+    def cast(x):
+        return None if x is None else x.to(acc).contiguous()
+    logits = cast(logits)
+    grad, col_sum = torch.empty_like(logits), torch.zeros(logits.shape[1], dtype=acc, device=logits.device)
+    stats = package_reference(logits, cast(col_scale), cast(bias), cast(teacher_probs), row_index, B, T, same_view,
+                              cast(row_weight), grad_scale, grad, col_sum)
+    return stats, grad, col_sum
 
 
 def teacher_rows_reference(dots, temp, mode, center, col_scale, bias, acc=torch.float64):
-    """`teacher_rows` as the contract reads, in `acc`: (probs, stat or None, row_entropy, row_argmax)."""
-    r = dots.to(acc)
-    if col_scale is not None:
-        r = r * col_scale.to(acc)
-    if bias is not None:
-        r = r + temp * bias.to(acc)
-    stat = None
-    if mode == "sinkhorn":
-        probs = sinkhorn_knopp(r / temp)
-    elif mode == "logit":
-        probs, stat = torch.softmax((r - center.to(acc)) / temp, 1), r.mean(0)
-    elif mode == "prob":
-        probs, stat = torch.softmax(r / temp - torch.log(center.to(acc)), 1), torch.softmax(r / temp, 1).mean(0)
-    else:
-        probs = torch.softmax(r / temp, 1)
-    return probs, stat, -torch.special.xlogy(probs, probs).sum(1), probs.argmax(1)
+    """The package's `teacher_rows_reference` run in `acc` (inputs cast first, as `ce_rows_reference`):
+    (probs, stat or None, row_entropy, row_argmax)."""
+    from dinovmf.centering import teacher_rows_reference as package_reference
+
+    def cast(x):
+        return None if x is None else x.to(acc)
+    return package_reference(cast(dots), temp, mode, cast(center), cast(col_scale), cast(bias))
 
 
 def ce_rows_inputs(S, T, B, K, dtype, *, same_view=False, rows=None, col_scale=True, bias=True, row_weight=True,

@@ -81,19 +81,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda" and not INTERPRETING
+def _gpu_sms(device: torch.device, sm_count: int | None) -> int | None:
+    """The SM count to plan for: `sm_count` if given (a GPU's plan computed elsewhere: the static kernel
+    model), the device's on a GPU, None when the interpreter runs the kernels."""
+    if sm_count is not None:
+        return sm_count
+    return _sm_count(device) if device.type == "cuda" and not INTERPRETING else None
 
 
-def _grid(n_rows: int, K: int, cols: int, step: int, device: torch.device, groups: int | None) -> Grid:
+def _grid(n_rows: int, K: int, cols: int, step: int, sms: int | None, groups: int | None) -> Grid:
     step = min(step, max(16, triton.next_power_of_2(K)))
     cols = max(step, min(cols, triton.cdiv(K, step) * step))
     n_col_blocks = triton.cdiv(K, cols)
     if groups is None:
         groups = 1
-        if _on_gpu(device):
-            groups = min(triton.cdiv(CTAS_PER_SM * _sm_count(device), n_col_blocks),
-                         triton.cdiv(n_rows, MIN_ROWS_PER_GROUP))
+        if sms is not None:
+            groups = min(triton.cdiv(CTAS_PER_SM * sms, n_col_blocks), triton.cdiv(n_rows, MIN_ROWS_PER_GROUP))
     groups = max(1, min(groups, n_rows))
     rows_per_group = triton.cdiv(triton.cdiv(n_rows, groups), MAX_ROWS) * MAX_ROWS
     return Grid(cols, step, n_col_blocks, max(1, triton.cdiv(n_rows, rows_per_group)), rows_per_group)
@@ -101,24 +104,25 @@ def _grid(n_rows: int, K: int, cols: int, step: int, device: torch.device, group
 
 def column_plan(n_rows: int, K: int, device: torch.device, element_size: int = 4, *, groups: int | None = None,
                 stream_block: int | None = None, stats_step: int | None = None,
-                stats_range: int | None = None) -> ColumnPlan:
+                stats_range: int | None = None, sm_count: int | None = None) -> ColumnPlan:
     """The three grids for `n_rows` x `K` of `element_size`-byte inputs; the keywords force a geometry
-    (tests run every layout under the interpreter)."""
-    if INTERPRETING:
+    (tests run every layout under the interpreter), `sm_count` plans as on a GPU with that many SMs."""
+    sms = _gpu_sms(torch.device(device), sm_count)
+    if sms is None:
         step, rng, block, col_block = INTERPRETER_STEP, INTERPRETER_RANGE, INTERPRETER_STEP, INTERPRETER_STEP
     else:
         step, rng, block = STATS_STEP, STATS_RANGE, STREAM_BLOCK
         col_block = column_block(element_size, NUM_WARPS)
     step, block = stats_step or step, stream_block or block
     col_block = stream_block or col_block
-    if stats_range is None and _on_gpu(device):
+    if stats_range is None and sms is not None:
         # Few rows (a chunk sized to L2, say): shorter ranges give pass 1 the programs the rows cannot.
-        target, row_groups = CTAS_PER_SM * _sm_count(device), triton.cdiv(n_rows, MIN_ROWS_PER_GROUP)
+        target, row_groups = CTAS_PER_SM * sms, triton.cdiv(n_rows, MIN_ROWS_PER_GROUP)
         while rng > MIN_STATS_RANGE and triton.cdiv(K, rng) * row_groups < target:
             rng //= 2
-    return ColumnPlan(stats=_grid(n_rows, K, stats_range or max(rng, step), step, device, groups),
-                      stream=_grid(n_rows, K, block, block, device, groups),
-                      columns=_grid(n_rows, K, col_block, col_block, device, groups))
+    return ColumnPlan(stats=_grid(n_rows, K, stats_range or max(rng, step), step, sms, groups),
+                      stream=_grid(n_rows, K, block, block, sms, groups),
+                      columns=_grid(n_rows, K, col_block, col_block, sms, groups))
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """The vMF column bias log C_p(||w_k||/temp) - log C_p(1/temp) in Triton (Debye expansion, p >= 32).
 
-`vmf_column_bias_triton` computes the [K] bias once per step with `_column_bias_kernel`; `ce_rows` and
-`teacher_rows` take it as a [K] input (never recomputed per row).
+`vmf_column_bias_triton` computes the [K] bias with one launch of `_column_bias_kernel`. The training path
+does not call it today: `dinovmf.centering.teacher_bias` / `dinovmf.head_loss` compute the bias once per step
+in float64 (`dinovmf.vmf`) and the row kernels take it as a [K] input. It stays as the one-launch GPU
+alternative to those ~20 small float64 ops, tested against `vmf_column_bias` (tests/test_kernels_triton.py).
 """
 from __future__ import annotations
 

@@ -57,11 +57,35 @@ def test_cpp_rejects_cuda_device_tensors_by_name():
         backends.resolve_backend("cpp", "cuda")
 
 
+def _contract_params(fn):
+    """The parameters a caller may pass positionally, with their defaults (keyword-only test hooks such as
+    Triton's `plan=` are not part of the contract)."""
+    return [(n, p.default) for n, p in inspect.signature(fn).parameters.items() if p.kind != p.KEYWORD_ONLY]
+
+
 def test_impls_have_the_contract_signatures():
+    empty = inspect.Parameter.empty
+    teacher_contract = [(n, None if n in ("center", "col_scale", "bias", "out") else empty) for n in TEACHER_ROWS_PARAMS]
     for name in backends.available_backends("cpu"):
         ce, teacher = backends.ce_rows_impl(name), backends.teacher_rows_impl(name)
-        assert list(inspect.signature(ce).parameters) == CE_ROWS_PARAMS, name
-        assert list(inspect.signature(teacher).parameters) == TEACHER_ROWS_PARAMS, name
+        assert _contract_params(ce) == [(n, empty) for n in CE_ROWS_PARAMS], name
+        assert _contract_params(teacher) == teacher_contract, name
+
+
+def test_every_ce_rows_takes_the_visit_order_hint():
+    """`visit_inner` (keyword) orders the visits, never the results: every backend gives the same statistics
+    and gradient for 1 and S, and names it when it does not divide the rows."""
+    S, T, B, K = 3, 2, 2, 40
+    logits, probs = kt.cross_entropy_inputs(S, T, B, K, torch.float32)
+    x, P, rows = logits.view(S * B, K), probs.view(T * B, K), torch.arange(S * B)
+    for name in backends.available_backends("cpu"):
+        ce = backends.ce_rows_impl(name)
+        grads = [torch.empty_like(x) for _ in range(2)]
+        stats = [ce(x, None, None, P, rows, B, T, False, None, 0.5, grads[i], None, visit_inner=v)
+                 for i, v in enumerate((1, S))]
+        assert torch.equal(stats[0], stats[1]) and torch.equal(grads[0], grads[1]), name
+        with pytest.raises(ValueError, match="visit_inner"):
+            ce(x, None, None, P, rows, B, T, False, None, 0.5, None, None, visit_inner=4)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

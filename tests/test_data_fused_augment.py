@@ -155,9 +155,11 @@ def test_triton_float_input_and_dino_batch():
 
 
 def test_triton_kernels_compile_for_hopper():
-    """The interpreter does not catch what only the compiler rejects: compile every kernel for sm_90."""
-    script = Path(__file__).with_name("_triton_augment_aot.py")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, env=env, timeout=600)
+    """The interpreter does not catch what only the compiler rejects: compile every augmentation case of the
+    kernel registry (tools/triton_cases.py: uint8 and float sources, both blur passes, 1-pixel crops) for sm_90."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "tools.triton_aot", "--arch", "90", "--only", "augment."], cwd=root,
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("OK ") == 6, proc.stdout
+    assert proc.stdout.count("OK   sm_90 augment.") == 9, proc.stdout

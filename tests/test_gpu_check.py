@@ -30,13 +30,21 @@ def test_dry_run_goes_through_every_step_and_exports(tmp_path):
     for name, row in steps.items():
         slot = any(n.startswith("module:") for s in gc.steps(True) if s.name == name for n in s.needs)
         assert row["status"] == "ok" or (slot and row["status"] == "skipped" and "not in this checkout" in row["note"]), row
-    # The benchmarks recorded through bench.harness into the one folder, and the summary names the device.
-    for name in ("loss_ce.csv", "loss_ce.png", "loss_teacher.csv", "train_throughput.csv", "device.json"):
+    # Every slot ran its real entry point (no slot is left waiting for a module): each benchmark recorded
+    # through bench.harness into the one folder, and the summary names the device.
+    assert all(row["status"] == "ok" for row in steps.values()), steps
+    for name in ("loss_ce.csv", "loss_ce.png", "loss_teacher.csv", "train_throughput.csv", "device.json",
+                 "head_loss.csv", "head_loss.png", "augment_gpu.csv"):
         assert (out / name).stat().st_size > 0, name
+    with open(out / "head_loss.csv", newline="") as f:  # the slot's GPU options, dry: Triton (interpreted), bf16
+        assert {(r["backend"], r["dtype"], r["config"]) for r in csv.DictReader(f)} == {("triton", "bfloat16", "tiny")}
+    aot_log = (out / "logs" / "aot_device_triton.log").read_text()
+    assert "0 failed, 0 coverage problem(s)" in aot_log and "regs=" in aot_log  # the current registry, --stats
     with open(out / "train_throughput.csv", newline="") as f:
         assert {r["compile"] for r in csv.DictReader(f)} == {"False", "True"}
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "| bench_train_compile | ok |" in summary and "images/s (goal 900)" in summary
+    assert "head-to-loss tiny dino_vmf bfloat16 fused" in summary and "augmentation batch 1 cpp" in summary
     assert "summary.md" in proc.stdout or "| step | status |" in proc.stdout  # printed too
     # $OUT gets three files: the summary, the log and an archive of the folder.
     (archive,) = export.glob("gpu_check_*.tar.gz")

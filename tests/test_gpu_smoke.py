@@ -96,25 +96,26 @@ def test_triton_backend_runs_inside_training_step_and_matches_torch():
     assert triton_losses == pytest.approx(torch_losses, rel=1e-4)
 
 
-# One rank of a 2-process NCCL run: the tiny trainer config, dumping its own student (on the CPU) at each save.
-# (tests/test_distributed.py's worker keeps tensors on the device, which its CPU-side checks cannot compare.)
+# One rank of a 2-process NCCL run through the public Trainer (as tests/test_distributed.py's gloo worker):
+# the tiny config, then this rank's full student state on the CPU, for the test to compare across ranks.
 NCCL_WORKER = """
 import sys
+from pathlib import Path
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from _train_utils import tiny_config
-from dinovmf import distributed as D
-from dinovmf import train as T
+from dinovmf.distributed import init_distributed
+from dinovmf.train import build_train_loader
+from dinovmf.trainer import Trainer
 
-out, data = sys.argv[1], sys.argv[2]
-real_save = T._save
-
-def save_and_dump(cfg, out_dir, step, student, teacher, optimizer, objective, info):
-    real_save(cfg, out_dir, step, student, teacher, optimizer, objective, info)
-    state = {k: v.cpu() for k, v in D.unwrap(student).state_dict().items()}
-    torch.save({"step": step, "student": state}, f"{out}/rank{info.rank}.pt")
-
-T._save = save_and_dump
-T.train(tiny_config(data, None, ["steps=3", "dist.backend=nccl"]), out)
+out, data = Path(sys.argv[1]), sys.argv[2]
+info = init_distributed("nccl")
+cfg = tiny_config(data, None, ["steps=3", "dist.backend=nccl"])
+loader = build_train_loader(cfg, out, info)
+trainer = Trainer(cfg, out, steps_per_epoch=len(loader))
+trainer.fit(loader)
+state = get_model_state_dict(trainer.models.student, options=StateDictOptions(full_state_dict=True))
+torch.save({"step": trainer.step, "student": {k: v.cpu() for k, v in state.items()}}, out / f"rank{info.rank}.pt")
 """
 
 
@@ -122,13 +123,14 @@ T.train(tiny_config(data, None, ["steps=3", "dist.backend=nccl"]), out)
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP smoke test: needs 2 GPUs")
 def test_nccl_ddp_two_processes_keep_replicas_identical(tmp_path):
     """2 processes, one GPU each, DDP over NCCL: after 3 steps both ranks hold bitwise the same student."""
-    from test_distributed import free_port, torchrun, wait_all, write_image_folder
+    from _train_utils import write_image_folder
+    from test_distributed import free_port, torchrun, wait_all
 
     worker = tmp_path / "worker.py"
     worker.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n" + NCCL_WORKER)
     data = write_image_folder(tmp_path / "train", "train", 4)
     wait_all([torchrun(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
-                       worker, tmp_path, data)])
+                       worker, tmp_path, data, [])])
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["step"] == r1["step"] == 3
     for key, value in r0["student"].items():

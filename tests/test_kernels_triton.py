@@ -3,12 +3,16 @@ which executes every program in numpy at a cost per tile op: rows and K stay sma
 hit one code path (DINO and same-view pairing, weights, col_scale / bias on and off, gradient in place /
 out of place / none, col_grad_sum, every centering mode, fp32 / bf16 / fp16, K not a multiple of the
 block, rows in arbitrary order, the GPU's 256-column geometry and several row groups); K = 65536 appears
-once per contract op. On a GPU (`make gpu-check`) the same tests run there, with the tolerance widened by
-the bound on what the GPU's approximate exp adds (`kernels.testing.gpu_exp_error`)."""
+once per contract op. The per-logits API runs through the public `dino_cross_entropy` /
+`teacher_distribution` with backend="triton" (host code shared by every backend). On a GPU (`make
+gpu-check`) the same tests run there, with the tolerance widened by the bound on what the GPU's
+approximate exp adds (`kernels.testing.gpu_exp_error`)."""
+import functools
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from dinovmf.kernels import testing as kt
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
 # The interpreter stores fp32 -> bf16 by truncation, the GPU rounds to nearest (kt.interpreter_store_error).
 INTERPRETED = dict(truncating_bf16_store=DEVICE == "cpu")
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")
@@ -269,23 +274,15 @@ def test_contiguous_tensors_past_2_31_elements_on_gpu(ops):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-# The compiled kernels (no GPU needed): what the interpreter cannot show. Triton turns integer arguments
-# equal to 1 into constants (n_blocks is 1 whenever K <= 2048), so `n.to(...)` on one fails to compile
-# only there; and the row offsets must be 64-bit in the IR the GPU runs, not only in numpy.
-_COMPILE_CHECK = textwrap.dedent("""
-    import os, re
-    os.environ["TRITON_INTERPRET"] = "0"
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from dinovmf.kernels.aot_cases import launch_cases, ones_cases
+# The compiled kernels (no GPU needed): the row offsets must be 64-bit in the IR the GPU runs, not only in
+# numpy. (That every kernel compiles, with its can-be-1 integers as constants too, is tests/test_triton_aot.py.)
+_OFFSETS_CHECK = textwrap.dedent("""
+    import re
+    from tools import triton_aot as aot
+    from tools.triton_cases import cases
 
-    def ttir(c):
-        names = c.kernel.arg_names
-        sig = {n: c.signature.get(n, "constexpr") for n in names}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in c.aligned}
-        src = ASTSource(fn=c.kernel, signature=sig, constexprs=c.constexprs, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=c.num_warps)).asm["ttir"]
+    aot.require_compile_mode()
+    kernels = aot.discover(aot.kernel_modules())
 
     def i32_offsets_from_strides(ir):
         # tt.addptr ops whose offset derives from a row-stride argument but is not i64
@@ -303,65 +300,90 @@ _COMPILE_CHECK = textwrap.dedent("""
                 bad.append(line.strip())
         return bad
 
-    for c in ones_cases():
-        ttir(c)  # compiles: no tensor method on a specialized int
     seen = set()
-    for c in launch_cases(quick=True):
-        name = c.label.split()[0]
-        if name in seen or not any(a.startswith("stride") for a in c.signature):
+    for c in cases():
+        if not c.ci or c.specialized.keys() - {"visit_inner"} or c.kernel in seen \\
+                or not any(a.startswith("stride") for a in c.signature):
             continue
-        seen.add(name)
-        bad = i32_offsets_from_strides(ttir(c))
+        seen.add(c.kernel)
+        bad = i32_offsets_from_strides(aot.compile_case(kernels[c.kernel], c, 90).ttir)
         assert not bad, f"{c.label}: 32-bit row offsets: {bad}"
     print("checked", sorted(seen))
 """)
 
 
-def test_compiled_kernels_specialize_ones_and_keep_row_offsets_64_bit():
-    """Compile for sm_90 in a subprocess (the interpreter must be off before triton is imported): every
-    kernel with all its can-be-1 integer arguments set to 1, and the TTIR of each kernel that takes a
-    row stride, where every pointer offset derived from a stride must be i64."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+def test_compiled_kernels_keep_row_offsets_64_bit():
+    """Compile for sm_90 in a subprocess (the interpreter must be off before triton is imported) the first CI
+    case of each registry kernel that takes a row stride; in its TTIR every pointer offset derived from a
+    stride must be i64."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _OFFSETS_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "_ce_grad_kernel" in r.stdout and "_column_lse_kernel" in r.stdout, r.stdout
 
 
 # --------------------------------------------------------------- the per-logits API on top of them
+def _public_ce():
+    from dinovmf.loss import dino_cross_entropy
+    return functools.partial(dino_cross_entropy, backend="triton")
+
+
+def _public_teacher():
+    from dinovmf.centering import teacher_distribution
+    return functools.partial(teacher_distribution, backend="triton")
+
+
 @pytest.mark.parametrize("S,T,K", [(12, 2, 333), (2, 2, 4099), (4, 1, 4099)])
-def test_cross_entropy_layouts(ops, S, T, K):
-    kt.check_cross_entropy(ops.dino_cross_entropy_triton, S, T, 2, K, torch.float32, DEVICE)
+def test_cross_entropy_layouts(S, T, K):
+    kt.check_cross_entropy(_public_ce(), S, T, 2, K, torch.float32, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cross_entropy_low_precision(ops, dtype):
-    kt.check_cross_entropy(ops.dino_cross_entropy_triton, 4, 2, 2, 4099, dtype, DEVICE, **INTERPRETED)
+def test_cross_entropy_low_precision(dtype):
+    kt.check_cross_entropy(_public_ce(), 4, 2, 2, 4099, dtype, DEVICE, **INTERPRETED)
 
 
-def test_cross_entropy_upstream_gradient_is_read_on_device(ops):
-    """backward scales by the upstream gradient (a device tensor, never synced to the host)."""
+def test_cross_entropy_scales_by_the_upstream_gradient():
+    """backward scales the gradient the forward computed by the upstream gradient."""
     logits, probs = kt.cross_entropy_inputs(3, 2, 2, 100, torch.float32, DEVICE)
     grads = []
     for scale in (1.0, -2.5):
         x = logits.clone().requires_grad_()
-        (ops.dino_cross_entropy_triton(x, probs) * scale).backward()
+        (_public_ce()(x, probs) * scale).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], -2.5 * grads[0], rtol=1e-6, atol=1e-9)
 
 
+def test_cross_entropy_visits_rows_image_major_with_the_same_result(ops):
+    """The per-logits API asks ce_rows to walk the view-major rows image by image (visit_inner = S, a cache
+    hint): on the GPU's geometry (two row groups, each visiting rows of several views), bitwise the same
+    statistics and gradient as the plain order. (Every backend, CPU geometry: tests/test_backends.py.)"""
+    from dinovmf.kernels import tiling
+
+    S, T, B, K = 4, 2, 10, 1000
+    logits, probs = kt.cross_entropy_inputs(S, T, B, K, torch.float32, DEVICE)
+    x, P, rows = logits.view(S * B, K), probs.view(T * B, K), torch.arange(S * B, device=DEVICE)
+    plan = tiling.column_plan(S * B, K, x.device, 4, **GPU_GEOMETRY)
+    out = [torch.empty_like(x) for _ in range(2)]
+    stats = [ops.ce_rows_triton(x, None, None, P, rows, B, T, False, None, 0.5, out[i], None, visit_inner=v, plan=plan)
+             for i, v in enumerate((1, S))]
+    assert torch.equal(stats[0], stats[1]) and torch.equal(out[0], out[1])
+
+
 @pytest.mark.parametrize("mode", ["logit", "prob", "none", "sinkhorn"])
-def test_teacher_modes_vmf(ops, mode):
-    kt.check_teacher(ops.teacher_distribution_triton, 3, 4099, torch.float32, mode, device=DEVICE)
+def test_teacher_modes_vmf(mode):
+    kt.check_teacher(_public_teacher(), 3, 4099, torch.float32, mode, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype,mode", [(torch.bfloat16, "logit"), (torch.float16, "prob")])
-def test_teacher_low_precision(ops, dtype, mode):
-    kt.check_teacher(ops.teacher_distribution_triton, 3, 333, dtype, mode, device=DEVICE)
+def test_teacher_low_precision(dtype, mode):
+    kt.check_teacher(_public_teacher(), 3, 333, dtype, mode, device=DEVICE)
 
 
-def test_teacher_plain_dino_and_small_p(ops):
-    kt.check_teacher(ops.teacher_distribution_triton, 3, 333, torch.float32, "logit", vmf=False, device=DEVICE)
-    kt.check_teacher(ops.teacher_distribution_triton, 3, 333, torch.float32, "sinkhorn", p=16, device=DEVICE)
+def test_teacher_plain_dino_and_small_p():
+    kt.check_teacher(_public_teacher(), 3, 333, torch.float32, "logit", vmf=False, device=DEVICE)
+    kt.check_teacher(_public_teacher(), 3, 333, torch.float32, "sinkhorn", p=16, device=DEVICE)
 
 
 # ------------------------------------------------------------------------------ the vMF column bias

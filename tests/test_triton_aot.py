@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the Triton kernels for sm_90 and sm_80 (tools/triton_aot.py), and the registry
+"""Ahead-of-time compile of the Triton kernels for sm_90 and sm_80 (tools/triton_aot.py), and the one registry
 (tools/triton_cases.py) that says how the host launches them. `make cuda-check` compiles every case; here
 the representative subset, in a subprocess (TRITON_INTERPRET must be 0 before triton is imported, and this
 process runs the interpreter)."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tools import triton_aot as aot
-from tools.triton_cases import DEVICE_FUNCTIONS, WORKLOADS, cases
+from tools.triton_cases import CAN_BE_ONE, DEVICE_FUNCTIONS, WORKLOADS, cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,17 +26,29 @@ def test_representative_subset_compiles_for_sm90_and_sm80():
     proc = _run(["-m", "tools.triton_aot", "--quick", "--arch", "90", "--arch", "80"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed, 0 coverage problem(s)" in proc.stdout
-    for kernel in {c.kernel for c in cases()}:  # every launched kernel, on both targets
+    for kernel in {c.kernel for c in cases()}:  # every launched kernel, on both targets, and with its ones
         for arch in (90, 80):
             assert f"OK   sm_{arch} {kernel} " in proc.stdout, f"{kernel} not compiled for sm_{arch}"
+            assert any(line.startswith(f"OK   sm_{arch} {kernel} ") and (" K=1 " in line or " H=1 " in line
+                                                                         or " n_rows=1 " in line)
+                       for line in proc.stdout.splitlines()), f"{kernel}: its ones case not compiled for sm_{arch}"
 
 
-def test_ci_subset_covers_every_kernel_and_dtype():
+def test_ci_subset_covers_every_kernel_dtype_and_specialisation():
     all_cases = cases()
     ci = [c for c in all_cases if c.ci]
     assert {c.kernel for c in ci} == {c.kernel for c in all_cases}
     data_types = {t for c in ci for t in c.signature.values() if t.startswith("*")}
-    assert {"*fp32", "*bf16", "*fp16"} <= data_types
+    assert {"*fp32", "*bf16", "*u8"} <= data_types
+    assert "*fp16" in {t for c in all_cases for t in c.signature.values()}  # fp16 in the full check
+    # every kernel has a case with all its can-be-one integers as constants, and only integers are
+    for kernel in {c.kernel for c in all_cases}:
+        base = next(c for c in all_cases if c.kernel == kernel)
+        can_be_one = {n for n in CAN_BE_ONE if base.signature.get(n) == "i32"}
+        assert can_be_one and any(c.kernel == kernel and can_be_one <= set(c.specialized) for c in ci), \
+            f"{kernel} has no CI case with {sorted(can_be_one)} = 1"
+    for c in all_cases:
+        assert all(n not in c.signature for n in c.specialized), c.label
 
 
 def test_every_jit_function_is_cased_or_a_device_function():
@@ -68,38 +80,52 @@ def test_coverage_check_names_each_kind_of_problem():
 
 
 def test_check_fails_on_a_kernel_without_case_and_on_a_compile_error():
-    """The real CLI with a registry missing one kernel's cases and holding one case that cannot compile
-    (a non-power-of-2 block): exit status 1, both named."""
+    """The real CLI with a registry missing one kernel's cases, holding one case that cannot compile (a
+    non-power-of-2 block) and one whose `tuned` flag is wrong: exit status 1, each named."""
     code = """
-import sys
+import dataclasses, sys
 import tools.triton_cases as reg
 from tools import triton_aot
 full = reg.cases
 def patched():
-    keep = [c for c in full() if c.kernel != "dino_ce._ce_bwd_kernel" and c.ci]
+    keep = [c for c in full() if c.kernel != "ce_rows._ce_grad_kernel" and c.ci and not c.specialized]
     bad = [c for c in keep if c.kernel == "vmf_bias._column_bias_kernel"][0]
-    import dataclasses
-    return keep + [dataclasses.replace(bad, constexprs={"BLOCK_K": 1000})]
+    untuned = [c for c in keep if c.kernel == "ce_rows._ce_partials_kernel"][0]
+    return keep + [dataclasses.replace(bad, constexprs={"BLOCK_K": 1000}), dataclasses.replace(untuned, tuned=False)]
 reg.cases = patched
-sys.exit(triton_aot.main(["--quick", "--arch", "90"]))
+sys.exit(triton_aot.main(["--quick", "--arch", "90", "--only", "ce_rows."]))
 """
     proc = _run(["-c", code])
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "COVERAGE dino_ce._ce_bwd_kernel (launched at dino_ce.py:" in proc.stdout
-    assert "FAIL sm_90 vmf_bias._column_bias_kernel" in proc.stdout
+    assert "COVERAGE ce_rows._ce_grad_kernel (launched at ce_rows.py:" in proc.stdout
+    assert "says tuned=False, but ce_rows._ce_partials_kernel is autotuned" in proc.stdout
+    assert "vmf_bias" not in proc.stdout.split("COVERAGE")[0]  # --only: the bias case was not compiled
+    proc = _run(["-c", code.replace('"--only", "ce_rows."', '"--only", "vmf_bias."')])
+    assert proc.returncode == 1 and "FAIL sm_90 vmf_bias._column_bias_kernel" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
 def test_every_host_launch_has_a_registry_case(workload):
-    """Run each host workload under the interpreter at K = 4096 (the issue's block size, one tile) and match
-    every launch it makes against the registry: the cases are what the host really launches."""
+    """Run each host workload under the interpreter at K = 4096 (one interpreter tile) and match every launch
+    it makes against the registry: the cases are what the host really launches. (The augmentation's crop
+    sizes are DINO's, whatever K: its workload runs one image.)"""
     from tools.triton_bytes import count_workload
 
-    kernels = aot.discover(aot.kernel_modules())
     for dtype in workload.dtypes:
         launches = count_workload(workload.run, 12, 2, 1, 4096, getattr(torch, dtype))
         assert launches, f"{workload.name} launched nothing"
         for launch in launches:
-            record = vars(launch)
-            autotuned = kernels[launch.kernel].autotuner is not None
-            assert aot.find_case(cases(), record, autotuned) is not None, f"no case for {record}"
+            assert aot.find_case(cases(), vars(launch)) is not None, f"no case for {vars(launch)}"
+
+
+def test_workloads_launch_every_kernel_family():
+    """Together the workloads launch every kernel that has cases (what the kernel model reports on)."""
+    from tools.triton_bytes import count_workload
+
+    launched = set()
+    for w in WORKLOADS:
+        if w.name.startswith("augment"):
+            launched |= {"augment._stage_kernel", "augment._photometric_kernel", "augment._blur_kernel"}
+            continue  # its launches are checked above; here the cheap ones
+        launched |= {x.kernel for x in count_workload(w.run, 2, 1, 1, 64, getattr(torch, w.dtypes[0]))}
+    assert launched == {c.kernel for c in cases()}

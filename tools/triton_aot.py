@@ -10,8 +10,10 @@ a listed device function anywhere in the package fails the check). A stale regis
 
 Each case goes through Triton's whole pipeline (ttir -> ttgir -> llir -> ptx -> cubin with the ptxas
 bundled in the triton wheel) for each target: sm_90 (H100/H200) and sm_80 (A100). `--quick` compiles the
-representative subset marked `ci=True` (what `make test` runs); the default is every case (`make cuda-check`).
-`--stats` prints ptxas -v registers / spills and shared memory per case.
+representative subset marked `ci=True` (what `make test` runs), each autotuned kernel in its first config
+only; the default is every case and every autotune config (`make cuda-check`). `--only PREFIX` keeps the
+cases of kernels whose name starts with PREFIX (e.g. `augment.`). `--stats` prints ptxas -v registers /
+spills and shared memory per case.
 Exit status 0 when every case compiles and every kernel is covered, 1 otherwise.
 
 TRITON_INTERPRET must be 0 before triton is first imported (under the interpreter @triton.jit yields
@@ -103,12 +105,14 @@ def discover(modules: Mapping[str, object]) -> dict[str, Kernel]:
 
 
 def host_launches(names: Iterable[str], roots: Iterable[Path]) -> dict[str, list[str]]:
-    """{kernel name: ["file:line", ...]} where Python code under `roots` launches it (`fn[grid](...)`)."""
+    """{kernel name: ["file:line", ...]} where Python code under `roots` launches it: `fn[grid](...)`, or
+    through `kernels.tiling`: `tiling.launch(fn, ...)`, `tiling.tuned(fn)`."""
     files = sorted({p for root in roots for p in Path(root).rglob("*.py")})
     texts = {f: f.read_text().splitlines() for f in files}
     out: dict[str, list[str]] = {}
     for name in names:
-        pat = re.compile(rf"\b{re.escape(name.split('.')[-1])}\s*\[")
+        short = re.escape(name.split('.')[-1])
+        pat = re.compile(rf"\b{short}\s*\[|\b(?:launch|tuned)\(\s*{short}\b")
         out[name] = [f"{f.name}:{i + 1}" for f, lines in texts.items() for i, line in enumerate(lines)
                      if pat.search(line)]
     return out
@@ -157,6 +161,7 @@ class Compiled:
     arch: int
     variant: str  # the autotune config, "" for a plain kernel
     num_warps: int
+    ttir: str
     ptx: str
     cubin: bytes
     ptxas_log: str
@@ -186,13 +191,17 @@ def _constexpr_params(jit) -> list[str]:
     return [p.name for p in jit.params if p.is_constexpr]
 
 
-def variants(kernel: Kernel, case: Case) -> list[tuple[str, dict, dict]]:
-    """(label, constexprs, compile options) per compiled variant of `case`: one, or one per autotune config."""
+def variants(kernel: Kernel, case: Case, quick: bool = False) -> list[tuple[str, dict, dict]]:
+    """(label, constexprs, compile options) per compiled variant of `case`: one, or one per autotune config
+    (`quick`: the first, which is also the interpreter's fixed config)."""
+    if case.tuned != (kernel.autotuner is not None):
+        raise ValueError(f"case {case.label!r} says tuned={case.tuned}, but {kernel.name} is "
+                         f"{'' if kernel.autotuner is not None else 'not '}autotuned; fix {REGISTRY}")
     base = dict(num_warps=case.num_warps, num_stages=case.num_stages)
     if kernel.autotuner is None:
         return [("", dict(case.constexprs), base)]
     out = []
-    for cfg in kernel.autotuner.configs:
+    for cfg in kernel.autotuner.configs[:1] if quick else kernel.autotuner.configs:
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg is not None:
             opts["maxnreg"] = cfg.maxnreg
@@ -205,10 +214,12 @@ def check_case_arguments(kernel: Kernel, case: Case, constexprs: Mapping[str, ob
     """ValueError naming what is missing or unknown when a case does not list exactly the kernel's arguments."""
     args, consts = list(kernel.jit.arg_names), set(_constexpr_params(kernel.jit))
     defaults = {p.name for p in kernel.jit.params if p.is_constexpr and p.has_default}
-    missing = [a for a in args if a not in case.signature and a not in constexprs
+    given = {**constexprs, **case.specialized}
+    missing = [a for a in args if a not in case.signature and a not in given
                and not (a in consts and a in defaults)]
-    unknown = [a for a in list(case.signature) + list(constexprs) if a not in args]
-    wrong_kind = [a for a in case.signature if a in consts] + [a for a in constexprs if a in args and a not in consts]
+    unknown = [a for a in list(case.signature) + list(given) if a not in args]
+    wrong_kind = [a for a in list(case.signature) + list(case.specialized) if a in consts] + \
+        [a for a in constexprs if a in args and a not in consts]
     if missing or unknown or wrong_kind:
         raise ValueError(f"case {case.label!r} does not match {kernel.name}{tuple(args)}: missing {missing}, "
                          f"unknown {unknown}, constexpr/runtime mix-up {wrong_kind}; fix {REGISTRY}")
@@ -258,7 +269,7 @@ def compile_case(kernel: Kernel, case: Case, arch: int, variant: tuple[str, dict
     check_case_arguments(kernel, case, constexprs)
     jit = kernel.jit
     defaults = {p.name: p.default for p in jit.params if p.is_constexpr and p.has_default and p.name not in constexprs}
-    constexprs = {**defaults, **constexprs}
+    constexprs = {**defaults, **constexprs, **case.specialized}  # Triton compiles an int passed as 1 as a constant
     signature = {a: ("constexpr" if a in constexprs else case.signature[a]) for a in jit.arg_names}
     aligned = [a for a, t in case.signature.items() if t.startswith("*")] + list(case.aligned_ints)
     attrs = {(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -274,13 +285,13 @@ def compile_case(kernel: Kernel, case: Case, arch: int, variant: tuple[str, dict
     ptxas_log = log.getvalue()
     if "registers" not in ptxas_log:  # this triton ignored TRITON_DUMP_PTXAS_LOG
         ptxas_log = _ptxas_v(k.asm["ptx"], arch)
-    return Compiled(case, arch, label, opts["num_warps"], k.asm["ptx"], k.asm["cubin"], ptxas_log,
+    return Compiled(case, arch, label, opts["num_warps"], k.asm["ttir"], k.asm["ptx"], k.asm["cubin"], ptxas_log,
                     int(k.metadata.shared), time.perf_counter() - t0)
 
 
-def registry_cases(quick: bool) -> list[Case]:
+def registry_cases(quick: bool, only: str = "") -> list[Case]:
     from tools.triton_cases import cases
-    return [c for c in cases() if c.ci or not quick]
+    return [c for c in cases() if (c.ci or not quick) and c.kernel.startswith(only)]
 
 
 def _same_type(case_type: str, launch_type: str) -> bool:
@@ -291,16 +302,22 @@ def _same_type(case_type: str, launch_type: str) -> bool:
     return case_type == launch_type
 
 
-def find_case(cases: Iterable[Case], launch: Mapping, autotuned: bool) -> Case | None:
+TUNED_CONSTEXPRS = ("ROWS",)  # what kernels.tiling.tuned's configs set (with num_warps)
+
+
+def find_case(cases: Iterable[Case], launch: Mapping) -> Case | None:
     """The case describing a recorded launch (`tools.triton_bytes.Launch` as a dict): same kernel, constexprs
-    and num_warps (for an autotuned kernel: the case's untuned constexprs), same argument types."""
-    consts, types = launch["constexprs"], launch["arg_types"]
+    and num_warps (for a tuned case: the untuned constexprs; the interpreter runs the first config), same
+    argument types. The interpreter specialises nothing: a case's `specialized` integers are runtime
+    arguments of the launch, which must pass 1 for each."""
+    consts, types, ints = launch["constexprs"], launch["arg_types"], launch.get("ints", {})
     for c in cases:
-        if c.kernel != launch["kernel"] or set(c.signature) != set(types):
+        if c.kernel != launch["kernel"] or set(c.signature) | set(c.specialized) != set(types):
             continue
-        if any(k not in consts or consts[k] != v for k, v in c.constexprs.items()):
+        if any(ints.get(n) != v for n, v in c.specialized.items()):
             continue
-        if not autotuned and (set(consts) != set(c.constexprs) or c.num_warps != launch["num_warps"]):
+        got = {k: v for k, v in consts.items() if not (c.tuned and k in TUNED_CONSTEXPRS)}
+        if got != dict(c.constexprs) or (not c.tuned and c.num_warps != launch["num_warps"]):
             continue
         if all(_same_type(t, types[a]) for a, t in c.signature.items()):
             return c
@@ -310,7 +327,9 @@ def find_case(cases: Iterable[Case], launch: Mapping, autotuned: bool) -> Case |
 # ------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="only the representative subset (ci=True cases)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the representative subset (ci=True cases, first autotune config)")
+    ap.add_argument("--only", default="", metavar="PREFIX", help="only kernels whose name starts with PREFIX")
     ap.add_argument("--arch", type=int, action="append", help=f"compute capability, repeatable (default {ARCHS})")
     ap.add_argument("--stats", action="store_true", help="print ptxas -v registers / spills and shared memory")
     ap.add_argument("--out", type=Path, help="write each case's PTX here")
@@ -320,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     archs = args.arch or list(ARCHS)
     kernels = discover(kernel_modules())
-    todo = registry_cases(args.quick)
+    todo = registry_cases(args.quick, args.only)
     from tools.triton_cases import cases as all_cases
     problems = coverage_problems({n: k.source for n, k in kernels.items()}, {c.kernel for c in all_cases()},
                                  DEVICE_FUNCTIONS, host_launches(kernels, package_roots()))
@@ -332,7 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         for case in todo:
             if case.kernel not in kernels:
                 continue  # reported by coverage_problems
-            for variant in variants(kernels[case.kernel], case):
+            try:
+                todo_variants = variants(kernels[case.kernel], case, args.quick)
+            except ValueError as e:
+                failures += 1
+                print(f"FAIL sm_{arch} {case.label}: {e}", flush=True)
+                continue
+            for variant in todo_variants:
                 name = f"sm_{arch} {case.label} {variant[0]}".strip()
                 try:
                     c = compile_case(kernels[case.kernel], case, arch, variant)

@@ -2,17 +2,24 @@
 running the host code under the Triton interpreter (TRITON_INTERPRET=1) with its memory ops instrumented.
 
     python -m tools.triton_bytes --json OUT.json [--S 12 --T 2 --K 65536] [--batches 1 2] [--dtypes ...]
+        [--workloads NAME ...]   (names from tools/triton_cases.WORKLOADS)
 
 For each launch: the kernel, its constexprs / num_warps / grid and argument types, and
-  * loaded / stored / atomic: bytes of the unmasked lanes of every `tl.load`, `tl.store` and atomic the
-    programs execute (a masked-off lane moves nothing; a repeated read counts again);
-  * loaded_unique / stored_unique / atomic_unique: bytes of the distinct addresses behind them — the
-    inputs read once and the outputs written once, i.e. the least any kernel doing this launch's job moves.
-Counting is what the code asks for, not DRAM traffic: a re-read that hits L2 on a GPU still counts, which
-is the point (the GPU's cache decides whether it is free; the kernel should not rely on it).
+  * loaded / stored: bytes of the distinct addresses of each `tl.load` / `tl.store` a program executes (a
+    masked-off lane moves nothing; lanes of one instruction that name the same address are one request:
+    the [K]-vector loads broadcast to a tile's rows, the rows of one image reading its teacher row);
+    atomic: bytes of every unmasked lane of every atomic. A re-read by a later instruction counts again;
+  * loaded_unique / stored_unique / atomic_unique: bytes of the distinct addresses behind them over the
+    whole launch — the inputs read once and the outputs written once, i.e. the least any kernel doing this
+    launch's job moves.
+Counting is what the code asks for, not DRAM traffic: a re-read by a later instruction that hits L2 on a GPU
+still counts, which is the point (the GPU's cache decides whether it is free; the kernel should not rely on
+it). Within one instruction a warp coalesces equal addresses and a tile's other warps hit L1.
 
-Run the host ops at a few batch sizes B and extrapolate: every count is affine in B for these kernels
-(`bench/kernel_model.py` checks that on a third size), so the issue's B = 64 needs no 30-minute
+Launches are planned as on a GPU (`--sms`, default an H100 / H200's 132): the interpreter then runs the GPU's
+tile sizes, so each launch carries the constexprs of a registry case and moves the GPU's bytes. Run the
+host ops at a few batch sizes B and extrapolate: every count is affine in B for these kernels
+(`bench/kernel_model.py` checks that on a third size), so the issue's B = 64 needs no hour-long
 interpreter run.
 """
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Launch:
     num_warps: int
     grid: list
     arg_types: dict  # runtime argument -> Triton type
+    ints: dict = field(default_factory=dict)  # runtime integer argument -> its value (sizes, for the GPU's grid)
     loaded: int = 0
     stored: int = 0
     atomic: int = 0
@@ -80,7 +88,8 @@ class _Accumulator:
         p = np.asarray(ptrs)
         m = np.broadcast_to(np.asarray(mask, dtype=bool), p.shape) if mask is not None else np.ones(p.shape, bool)
         live = p[m]
-        setattr(self.launch, kind, getattr(self.launch, kind) + live.size * elem_bytes)
+        requested = live.size if kind == "atomic" else _count_distinct(live.ravel())  # every RMW happens
+        setattr(self.launch, kind, getattr(self.launch, kind) + requested * elem_bytes)
         self.addresses.setdefault((kind, elem_bytes), []).append(live.astype(np.uint64, copy=False).ravel())
         if sem is not None and sem not in self.launch.atomic_sems:
             self.launch.atomic_sems.append(sem)
@@ -163,8 +172,10 @@ def count_launches():
         grid_v = grid(values | kwargs) if callable(grid) else grid
         grid_v = [int(g) for g in (grid_v if isinstance(grid_v, (tuple, list)) else (grid_v,))]
         name = f"{self.fn.__module__.removeprefix(PREFIX)}.{self.fn.__name__}"
+        runtime = {a: v for a, v in values.items() if a not in consts}
         launch = Launch(name, consts, int(kwargs.get("num_warps", 4)), grid_v,
-                        {a: triton_type(v) for a, v in values.items() if a not in consts})
+                        {a: triton_type(v) for a, v in runtime.items()},
+                        {a: v for a, v in runtime.items() if isinstance(v, int) and not isinstance(v, bool)})
         stack.append(_Accumulator(launch))
         try:
             return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -184,12 +195,34 @@ def count_launches():
         fn_cls.run = original_run
 
 
-def count_workload(run, S: int, T: int, B: int, K: int, dtype) -> list[Launch]:
-    """The launches (with their bytes) of one call `run(S, T, B, K, dtype)` of a host workload."""
+GPU_SMS = 132  # the launch geometry counted by default: an H100 SXM / H200's (kernels.tiling plans per SM count)
+
+
+@contextlib.contextmanager
+def gpu_geometry(sm_count: int | None):
+    """Within the block, `kernels.tiling` plans every launch as on a GPU with `sm_count` SMs (None: the
+    interpreter's own, coarser tiling), so the interpreted launches carry the GPU's constexprs (the registry's
+    cases) and move the GPU's bytes."""
+    from dinovmf.kernels import tiling
+
+    if sm_count is None:
+        yield
+        return
+    original = tiling._gpu_sms
+    tiling._gpu_sms = lambda device, requested: requested or sm_count
+    try:
+        yield
+    finally:
+        tiling._gpu_sms = original
+
+
+def count_workload(run, S: int, T: int, B: int, K: int, dtype, sm_count: int | None = GPU_SMS) -> list[Launch]:
+    """The launches (with their bytes) of one call `run(S, T, B, K, dtype)` of a host workload, planned as on
+    a GPU with `sm_count` SMs (see `gpu_geometry`)."""
     import torch
 
     torch.manual_seed(0)
-    with count_launches() as launches:
+    with gpu_geometry(sm_count), count_launches() as launches:
         run(S, T, B, K, dtype)
     return launches
 
@@ -200,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--S", type=int, default=12)
     ap.add_argument("--T", type=int, default=2)
     ap.add_argument("--K", type=int, default=65536)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batches", type=int, nargs="+", help="batch sizes B (default: each workload's own)")
+    ap.add_argument("--dtypes", nargs="+", help="data dtypes to run (default: each workload's own)")
     ap.add_argument("--workloads", nargs="*", help="names from tools/triton_cases.WORKLOADS (default: all)")
+    ap.add_argument("--sms", type=int, default=GPU_SMS, help="plan launches as on a GPU with this many SMs")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("tools.triton_bytes needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
@@ -218,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = []
     for w in chosen:
-        for dtype in (d for d in args.dtypes if d in w.dtypes):
-            for B in args.batches:
-                launches = count_workload(w.run, args.S, args.T, B, args.K, getattr(torch, dtype))
+        for dtype in (d for d in w.dtypes if not args.dtypes or d in args.dtypes):
+            for B in args.batches or w.batches:
+                launches = count_workload(w.run, args.S, args.T, B, args.K, getattr(torch, dtype), args.sms)
                 out.append(dict(workload=w.name, dtype=dtype, S=args.S, T=args.T, B=B, K=args.K,
                                 launches=[asdict(x) for x in launches]))
                 print(f"{w.name:28s} {dtype:9s} B={B}: {len(launches)} launches, "
