@@ -117,6 +117,19 @@ def test_fp32_matches_float64(S, T, mode, vmf, vg, backend):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("vg,vmf", [(True, True), (False, False)], ids=["v_g-vmf", "W-dino"])
+def test_triton_op_matches_float64(mode, vg, vmf):
+    """The whole op on the Triton row kernels, as a GPU runs it (here through the interpreter)."""
+    from dinovmf import backends
+
+    if "triton" not in backends.available_backends("cpu"):
+        pytest.skip("triton runs on CPU only under TRITON_INTERPRET=1")
+    K = 333
+    case = make_case(4, 2, K, vg, mode, seed=3)
+    check_against_float64(case, torch.float32, "triton", chunk_bytes=5 * K * 4, centering=mode, vmf=vmf, n_global=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_multi_tile_rows(mode):
     # K = 2 full 2048-wide tiles + a 37-wide tail in the C++ kernels; 7-row chunks over 36 rows.
     K = 4133
