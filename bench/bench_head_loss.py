@@ -3,12 +3,14 @@ prototypes), DINO-vMF (vmf on, probability centering, trainable g) or DINO (vmf 
 g frozen as norm_last_layer=True).
 
 Implementations, timed alternately in one run (median of `--iters` rounds):
-  * fused:          `dinovmf.head_loss.head_to_loss` (chunked rows, the C++ / Triton row kernels);
+  * fused:          `dinovmf.head_loss.head_to_loss` (chunked rows; on the CPU in fp32 the k-major C++
+                    kernels, csrc/dino_loss_kmajor.cpp, else the row kernels of the backend);
   * eager:          `dinovmf.loss_reference.head_to_loss_reference` + backward (autograd through the [N, K]
                     logits, the reference CE, the reference teacher; its metric by-products too);
   * torch.compile:  `torch.compile` of that same reference;
   * floor:          the GEMMs no implementation can avoid, alone, at full size: the student logits
-                    z_s @ v.T, its two backward products G @ v and G.T @ z_s, and the teacher's z_t @ v_t.T.
+                    z_s @ v.T, its two backward products G @ v and G.T @ z_s, and the teacher's z_t @ v_t.T,
+                    each in its faster layout (`floor_fn`; the eager and compiled references run theirs).
 Columns: `ms` (median wall time of a step), `cpu_ms` (median process CPU time: on a shared machine the
 better estimate of the quiet-machine time at 1 thread; at 2 threads it adds both threads' work, spin-waits
 included), `x_floor` (= ms / floor_ms) and `cpu_x_floor`, `non_gemm_ms` (= ms - floor_ms) and, for the
@@ -21,7 +23,9 @@ allocates through torch (profiler replay, `bench.harness.peak_memory`; inputs ex
 are not counted) minus what any implementation must hold at the end: the teacher probabilities
 [T*B, K] fp32 and the returned gradients (dz, dv, dg). For the fused op the C++ kernels' std::vector
 scratch, invisible to the profiler, is added analytically (`CPP_SCRATCH_FLOATS_PER_THREAD` x K floats per
-thread: the per-block [K] column sums of ce_rows and teacher_rows). `peak_extra_x_logits` divides by one
+thread: the per-block [K] column sums of ce_rows and teacher_rows), and so is the chunk buffer the op keeps
+between calls on the CPU (`dinovmf.head_loss.cpu_workspace_bytes`: the warm-up made it, so the measured
+call does not allocate it). `peak_extra_x_logits` divides by one
 fp32 [S*B, K] logits tensor (the issue's target: <= 0.25).
 
 On a GPU (`--device cuda`: the Triton row kernels, `--dtype bfloat16` for bf16 heads) every call is
@@ -45,11 +49,14 @@ import torch.nn.functional as F
 
 from bench.harness import peak_memory, record
 from dinovmf import backends
-from dinovmf.head_loss import head_to_loss
+from dinovmf.head_loss import cpu_workspace_bytes, head_to_loss, release_cpu_workspace
 from dinovmf.loss_reference import head_to_loss_reference
 
 # name: (S, T, B, K, p)
-CONFIGS = {"issue": (12, 2, 64, 65536, 256), "demo": (4, 2, 32, 256, 128), "tiny": (4, 2, 2, 64, 32)}
+# (S, T, B, K, p): the issue's loss-path size; `step`: the head of bench_step's dino_head configuration (how
+# much of that step the op is, and how close to its GEMMs); the demo's; a dry-run size.
+CONFIGS = {"issue": (12, 2, 64, 65536, 256), "step": (8, 2, 32, 65536, 256), "demo": (4, 2, 32, 256, 128),
+           "tiny": (4, 2, 2, 64, 32)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPP_SCRATCH_FLOATS_PER_THREAD = 2  # ce_rows' and teacher_rows' per-block [K] partial sums
 METHODS = {  # vmf, centering, g trains
@@ -120,14 +127,27 @@ def measured_peak(step, x: Inputs) -> float:
 
 
 def floor_fn(x: Inputs):
-    """The unavoidable GEMMs at full size, on the inputs' device (outputs preallocated, as in the op)."""
+    """The unavoidable GEMMs at full size, on the inputs' device (outputs preallocated, as in the op), in
+    the faster of the two layouts: on the CPU the k-major one (logits^T = v z^T; MKL writes it ~1.4x faster
+    than z v^T at DINO's head, which is why the op's CPU path uses it), row-major on a GPU."""
     N = x.S * x.B
     z_s, v = x.z_s.detach(), x.v.detach()
     like = dict(dtype=z_s.dtype, device=x.device)
-    logits = torch.empty(N, x.K, **like)
-    grad = torch.randn(N, x.K, **like) * 1e-3
     dz = torch.empty(N, x.p, **like)
     dv = torch.empty(x.K, x.p, **like)
+    if x.device.type == "cpu":
+        logits_t = torch.empty(x.K, N, **like)
+        grad_t = torch.randn(x.K, N, **like) * 1e-3
+        dots_t = torch.empty(x.K, x.T * x.B, **like)
+
+        def gemms():
+            torch.mm(v, z_s.t(), out=logits_t)
+            torch.mm(grad_t.t(), v, out=dz)
+            torch.mm(grad_t, z_s, out=dv)
+            torch.mm(x.v_t, x.z_t.t(), out=dots_t)
+        return gemms
+    logits = torch.empty(N, x.K, **like)
+    grad = torch.randn(N, x.K, **like) * 1e-3
     dots = torch.empty(x.T * x.B, x.K, **like)
 
     def gemms():
@@ -176,6 +196,7 @@ def measure(x: Inputs, config: str, method: str, threads: int, backend: str, com
     if compile_ref:
         fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
     fns["floor"] = floor_fn(x)
+    release_cpu_workspace()  # the kept chunk buffer then holds what this configuration needs, no more
     wall, cpu = alternate(fns, iters, warmup, x.device)
     scratch = CPP_SCRATCH_FLOATS_PER_THREAD * threads * x.K * 4 if backend == "cpp" else 0
     base = dict(config=config, method=method, S=x.S, T=x.T, B=x.B, K=x.K, p=x.p,
@@ -189,7 +210,9 @@ def measure(x: Inputs, config: str, method: str, threads: int, backend: str, com
                    x_floor=round(wall[name] / wall["floor"], 3), cpu_x_floor=round(cpu[name] / cpu["floor"], 3),
                    non_gemm_ms=round(wall[name] - wall["floor"], 2))
         if name != "floor":
-            extra = measured_peak(f, x) + (scratch if name == "fused" else 0) - x.probs_bytes() - x.grad_bytes()
+            # The fused op's kept CPU chunk buffer exists before the measured call (warm-up made it): count it.
+            kept = (scratch + cpu_workspace_bytes()) if name == "fused" else 0
+            extra = measured_peak(f, x) + kept - x.probs_bytes() - x.grad_bytes()
             row.update(peak_extra_mb=round(extra / 2 ** 20, 2), peak_extra_x_logits=round(extra / x.logits_bytes(), 3))
         if name == "fused" and "torch.compile" in wall:
             row["non_gemm_speedup_vs_compile"] = round((wall["torch.compile"] - wall["floor"])

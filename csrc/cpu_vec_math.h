@@ -98,6 +98,11 @@ DINOVMF_DISPATCH(dot)
 DINOVMF_DISPATCH(axpy_mul)
 DINOVMF_DISPATCH(sum_exp)
 DINOVMF_DISPATCH(online_lse)
+DINOVMF_DISPATCH(lanes)
+DINOVMF_DISPATCH(ce_cols_fwd_tile)
+DINOVMF_DISPATCH(ce_cols_grad_tile)
+DINOVMF_DISPATCH(teacher_cols_fwd_tile)
+DINOVMF_DISPATCH(teacher_cols_finish_tile)
 #undef DINOVMF_DISPATCH
 
 }  // namespace vec

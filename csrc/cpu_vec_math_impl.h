@@ -234,3 +234,152 @@ static inline void online_lse(float* m, float* s, const float* y, int64_t n) {
     m[i] = mn;
   }
 }
+
+// --- k-major ("column") tiles -------------------------------------------------------------------------
+// A tile is kb rows of a [K, C] k-major matrix (row k: the C lanes, one per student or teacher row, C a
+// multiple of kW). Lane vector v covers lanes [v kW, v kW + kW). Per-lane results are float arrays [C].
+
+static inline int64_t lanes() { return kW; }
+
+// Pbar for lane vector v at prototype row P (the teacher probabilities of one k, [Nt] floats): the sum over
+// j < n_terms of the term's column per lane. src[j] per (v, j): -2 skip, -1 gather (idx[j kW + lane], -1 =
+// none), >= 0 the first lane's column (the lanes' columns are consecutive).
+__attribute__((always_inline)) inline vf pbar_vec(const float* P, const int32_t* src, const int32_t* idx,
+                                                  int64_t n_terms) {
+  vf acc = splat(0.f);
+  for (int64_t j = 0; j < n_terms; ++j) {
+    const int32_t s = src[j];
+    if (s >= 0) {
+      acc += load(P + s);
+    } else if (s == -1) {
+      vf g = splat(0.f);
+      for (int64_t l = 0; l < kW; ++l) {
+        const int32_t c = idx[j * kW + l];
+        if (c >= 0) g[l] = P[c];
+      }
+      acc += g;
+    }
+  }
+  return acc;
+}
+
+// Cross-entropy pass 1 over one tile of raw logits L [kb, C] (row stride C), in place: l = raw * cs[k] +
+// bias[k] (cs, bias null: 1, 0), then e = exp(l - m) with m the lane's tile max, written over L. Per lane:
+// m, sum e, sum e (l - m), sum pbar l, sum pbar (written to the five [C] outputs). P: teacher rows [kb, ldp]
+// of the same k; src/idx: the pairing (pbar_vec), n_vec x n_terms entries of src, n_vec x n_terms x kW of idx.
+static inline void ce_cols_fwd_tile(float* L, int64_t kb, int64_t C, const float* cs, const float* bias,
+                                    const float* P, int64_t ldp, const int32_t* src, const int32_t* idx,
+                                    int64_t n_terms, float* m_out, float* se_out, float* sel_out, float* dot_out,
+                                    float* ps_out) {
+  const int64_t n_vec = C / kW;
+  for (int64_t v = 0; v < n_vec; ++v) store(m_out + v * kW, splat(-INFINITY));
+  for (int64_t k = 0; k < kb; ++k) {  // phase A: the logits and their lane max (the tile stays in L2)
+    float* row = L + k * C;
+    const vf c = splat(cs ? cs[k] : 1.f), b = splat(bias ? bias[k] : 0.f);
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf l = load(row + v * kW) * c + b;
+      store(row + v * kW, l);
+      store(m_out + v * kW, vmax(load(m_out + v * kW), l));
+    }
+  }
+  for (int64_t v = 0; v < n_vec; ++v) {
+    store(se_out + v * kW, splat(0.f));
+    store(sel_out + v * kW, splat(0.f));
+    store(dot_out + v * kW, splat(0.f));
+    store(ps_out + v * kW, splat(0.f));
+  }
+  for (int64_t k = 0; k < kb; ++k) {  // phase B: one exp per element, the sums, e written over l
+    float* row = L + k * C;
+    const float* prow = P + k * ldp;
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf l = load(row + v * kW), m = load(m_out + v * kW), d = l - m, e = exp8(d);
+      const vf pb = pbar_vec(prow, src + v * n_terms, idx + v * n_terms * kW, n_terms);
+      store(row + v * kW, e);
+      store(se_out + v * kW, load(se_out + v * kW) + e);
+      store(sel_out + v * kW, load(sel_out + v * kW) + e * d);
+      store(dot_out + v * kW, load(dot_out + v * kW) + pb * l);
+      store(ps_out + v * kW, load(ps_out + v * kW) + pb);
+    }
+  }
+}
+
+// Cross-entropy pass 2 over one tile of exponentials E [kb, C], in place: g = (f e - pbar) s per lane
+// (f, s: [C]); E becomes g * cs[k] (cs null: g); col_sum[k] += the sum over lanes of g (col_sum not null).
+static inline void ce_cols_grad_tile(float* E, int64_t kb, int64_t C, const float* cs, const float* P, int64_t ldp,
+                                     const int32_t* src, const int32_t* idx, int64_t n_terms, const float* f,
+                                     const float* s, float* col_sum) {
+  const int64_t n_vec = C / kW;
+  for (int64_t k = 0; k < kb; ++k) {
+    float* row = E + k * C;
+    const float* prow = P + k * ldp;
+    const vf c = splat(cs ? cs[k] : 1.f);
+    vf acc = splat(0.f);
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf pb = pbar_vec(prow, src + v * n_terms, idx + v * n_terms * kW, n_terms);
+      const vf g = (load(f + v * kW) * load(row + v * kW) - pb) * load(s + v * kW);
+      acc += g;
+      store(row + v * kW, g * c);
+    }
+    if (col_sum) col_sum[k] += hsum(acc);
+  }
+}
+
+// Teacher pass 1 over one tile of dots D [kb, C], in place: y = d * a[k] + b[k]; per lane the tile max m and
+// its first row (argmax, as a float: exact below 2^24), then e = exp(y - m) over y; per lane sum e,
+// sum e (y - m), sum e w[k] (w null: 0). ymean (not null): ymean[k] = sum over lanes of y * mask.
+static inline void teacher_cols_fwd_tile(float* D, int64_t kb, int64_t C, const float* a, const float* b,
+                                         const float* w, const float* mask, float* ymean, float* m_out,
+                                         float* arg_out, float* se_out, float* sey_out, float* sew_out) {
+  const int64_t n_vec = C / kW;
+  for (int64_t v = 0; v < n_vec; ++v) {
+    store(m_out + v * kW, splat(-INFINITY));
+    store(arg_out + v * kW, splat(0.f));
+  }
+  for (int64_t k = 0; k < kb; ++k) {
+    float* row = D + k * C;
+    const vf av = splat(a[k]), bv = splat(b[k]), kf = splat(static_cast<float>(k));
+    vf ysum = splat(0.f);
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf y = load(row + v * kW) * av + bv, m = load(m_out + v * kW);
+      store(row + v * kW, y);
+      const vi gt = y > m;  // strict: a lane keeps its first maximum
+      store(m_out + v * kW, (vf)((gt & (vi)y) | (~gt & (vi)m)));
+      store(arg_out + v * kW, (vf)((gt & (vi)kf) | (~gt & (vi)load(arg_out + v * kW))));
+      if (ymean) ysum += y * load(mask + v * kW);
+    }
+    if (ymean) ymean[k] = hsum(ysum);
+  }
+  for (int64_t v = 0; v < n_vec; ++v) {
+    store(se_out + v * kW, splat(0.f));
+    store(sey_out + v * kW, splat(0.f));
+    store(sew_out + v * kW, splat(0.f));
+  }
+  for (int64_t k = 0; k < kb; ++k) {
+    float* row = D + k * C;
+    const vf wk = splat(w ? w[k] : 0.f);
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf d = load(row + v * kW) - load(m_out + v * kW), e = exp8(d);
+      store(row + v * kW, e);
+      store(se_out + v * kW, load(se_out + v * kW) + e);
+      store(sey_out + v * kW, load(sey_out + v * kW) + e * d);
+      store(sew_out + v * kW, load(sew_out + v * kW) + e * wk);
+    }
+  }
+}
+
+// Teacher pass 2 over one tile of exponentials E [kb, C], in place: p = e f per lane (f: [C]); with w (not
+// null): wsum[k] = w[k] sum over lanes of p r (r: [C], the lane's 1 / sum_k p_k w_k times its mask).
+static inline void teacher_cols_finish_tile(float* E, int64_t kb, int64_t C, const float* f, const float* w,
+                                            const float* r, float* wsum) {
+  const int64_t n_vec = C / kW;
+  for (int64_t k = 0; k < kb; ++k) {
+    float* row = E + k * C;
+    vf acc = splat(0.f);
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const vf p = load(row + v * kW) * load(f + v * kW);
+      store(row + v * kW, p);
+      if (w) acc += p * load(r + v * kW);
+    }
+    if (w) wsum[k] = w[k] * hsum(acc);
+  }
+}

@@ -15,10 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#if defined(__x86_64__)
-#include <xmmintrin.h>
-#endif
 
+#include "cpu_loss_common.h"
 #include "cpu_vec_math.h"
 
 namespace dinovmf {
@@ -40,32 +38,6 @@ const float* as_float(const scalar_t* src, float* buf, int64_t n) {
 template <typename scalar_t>
 void store_from_float(const float* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-// Flush-to-zero and denormals-are-zero for one worker thread's loop (MXCSR is per thread; restored on
-// exit). exp() of logits ~87 below the row max lands just above FLT_MIN, and products of such values with
-// weights are denormal: x86 handles those ~100x slower (a 5x slower teacher pass was measured at teacher
-// temperature 0.04). Values below 1.2e-38 next to a row that sums to 1 change nothing.
-struct FlushDenormals {
-#if defined(__x86_64__)
-  unsigned int saved;
-  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
-
-void check_cpu_contiguous(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
-}
-
-// Data pointer of an optional fp32 [n] vector, or nullptr when absent.
-float* optional_vector(const c10::optional<at::Tensor>& x, int64_t n, const char* name) {
-  if (!x.has_value() || !x->defined()) return nullptr;
-  check_cpu_contiguous(*x, name);
-  TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == n, name, " must be a float32 tensor of ", n,
-              " elements");
-  return x->data_ptr<float>();
 }
 
 // Contiguous blocks of rows, one [K] partial sum each, added in block order afterwards (deterministic).
@@ -445,5 +417,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("teacher_rows", &dinovmf::teacher_rows, "teacher softmax rows -> (row_lse, row_entropy, row_argmax, stat)");
   m.def("column_lse", &dinovmf::column_lse, "per-prototype log-sum-exp over rows (Sinkhorn column step)");
   m.def("weight_norm_backward_", &dinovmf::weight_norm_backward_, "u <- u - (u.v/|v|^2) v in place; returns u.v");
+  m.def("ce_cols", &dinovmf::ce_cols, "k-major student chunk [K, C] -> stats [4, n_rows]; gradient in place");
+  m.def("teacher_cols", &dinovmf::teacher_cols, "k-major teacher softmax columns in place -> (lse, entropy, argmax, stat)");
+  m.def("kmajor_lanes", &dinovmf::kmajor_lanes, "the lane multiple the k-major kernels need (the SIMD width)");
   m.def("cpu_isa", [] { return std::string(dinovmf::vec::isa_name()); }, "the SIMD instruction set the loops use");
 }

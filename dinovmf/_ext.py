@@ -1,6 +1,8 @@
 """The compiled C++ CPU extension `dinovmf._C` behind the "cpp" backend: loading with a clear error, and
 the backend's two contract callables `ce_rows_cpp` / `teacher_rows_cpp` (docs/INTERFACES.md, Backends)
-on top of the extension's ops `ce_rows`, `teacher_rows` and `column_lse` (csrc/dino_loss_cpu.cpp).
+on top of the extension's ops `ce_rows`, `teacher_rows` and `column_lse` (csrc/dino_loss_cpu.cpp), and the
+k-major twins the fused op runs on the CPU in fp32, `ce_cols_cpp` / `teacher_cols_cpp`
+(csrc/dino_loss_kmajor.cpp; why k-major: that file's header).
 """
 from __future__ import annotations
 
@@ -69,6 +71,38 @@ def _teacher_rows(ext, dots, temp, mode, center, col_scale, bias, out):
         return probs, None, entropy, argmax
     _, entropy, argmax, stat = ext.teacher_rows(d, a, b, probs, stat_kind, stat_weight)
     return probs, finish_teacher_stat(stat, temp, mode, center), entropy, argmax
+
+
+def kmajor_lanes() -> int:
+    """The lane multiple of the k-major kernels' [K, C] matrices (the SIMD width they run with)."""
+    return load_extension().kmajor_lanes()
+
+
+def ce_cols_cpp(logits_t, col_scale, bias, teacher_probs_t, row0: int, n_rows: int, B: int, T: int,
+                same_view: bool, row_weight, grad_scale: float, write_grad: bool, col_grad_sum):
+    """The k-major student chunk (csrc/dino_loss_kmajor.cpp, `ce_cols`): stats [4, n_rows]; logits_t [K, C]
+    is overwritten (with G * col_scale when write_grad, and col_grad_sum += G's column sums)."""
+    with torch.profiler.record_function("dinovmf::ce_cols_cpp"):
+        return load_extension().ce_cols(logits_t, col_scale, bias, teacher_probs_t, row0, n_rows, B, T, same_view,
+                                        row_weight, grad_scale, write_grad, col_grad_sum)
+
+
+def teacher_cols_cpp(dots_t, n_rows: int, temp, mode, center=None, col_scale=None, bias=None):
+    """`teacher_rows` on k-major dots [K, C] (lanes from n_rows on are padding), in place: (probs_t [K, C]
+    (= dots_t), stat [K] or None, row_entropy [n_rows], row_argmax [n_rows]). Sinkhorn runs the row-major
+    kernels on a transposed copy (its iterations are not written k-major)."""
+    ext = load_extension()
+    K = dots_t.shape[0]
+    with torch.profiler.record_function("dinovmf::teacher_cols_cpp"):
+        if mode == "sinkhorn":
+            rows = dots_t[:, :n_rows].t().contiguous()
+            probs, stat, entropy, argmax = _teacher_rows(ext, rows, temp, mode, center, col_scale, bias, rows)
+            dots_t[:, :n_rows].copy_(probs.t())
+            return dots_t, stat, entropy, argmax
+        with serial_vector_math(dots_t.device):
+            a, b, stat_kind, stat_weight = teacher_column_terms(temp, mode, center, col_scale, bias, K, dots_t.device)
+        _, entropy, argmax, stat = ext.teacher_cols(dots_t, n_rows, a, b, stat_kind, stat_weight)
+        return dots_t, finish_teacher_stat(stat, temp, mode, center), entropy, argmax
 
 
 def weight_norm_backward_cpp(u: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor) -> torch.Tensor:

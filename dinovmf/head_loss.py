@@ -13,19 +13,29 @@ gradient -A_p(kappa) / tau) and added inside the kernel.
 One call:
   1. teacher: `dots = z_t @ v_t.T` (one GEMM), then the backend's `teacher_rows` kernel writes the teacher
      probabilities over that buffer (fp32) with the centre statistic, row entropy and row argmax;
-  2. student, in chunks of rows (`chunk_rows`: the chunk buffer stays within `chunk_bytes`; rows ordered
-     image-major inside a chunk so the T teacher rows of an image are reused from cache):
+  2. student, in chunks of rows (`chunk_rows`: the chunk buffer stays within `chunk_bytes`, and on the CPU
+     is kept between calls, `chunk_buffer`; rows ordered image-major inside a chunk so the T teacher rows
+     of an image are reused from cache):
        raw = z_chunk @ v.T                      (GEMM, into the chunk buffer)
        ce_rows(raw, c, beta, ...)               (loss terms, by-products; G * c written over raw)
        dz[chunk]  = (G c) @ v                   (GEMM)
        U         += (G c).T @ z_chunk            (GEMM; U is the returned prototype gradient's buffer)
        dbeta     += column sums of G            (inside ce_rows)
-  3. the prototype gradients from U. With M = G^T z / tau = dL/dW through the logits, U_k = c_k tau M_k:
+  3. the prototype gradients from U (a fresh [K, p] buffer each call, as autograd keeps it as the .grad:
+     on the CPU backed by huge pages, `dinovmf.cpu_memory`). With M = G^T z / tau = dL/dW through the
+     logits, U_k = c_k tau M_k:
      for W (c_k tau = 1) dW = U plus the bias term dbeta_k dbeta_k/d||w_k|| w_k / ||w_k||; for (v, g)
      (c_k tau = g_k / ||v_k||), as w_k = g_k v^_k gives dL/dv_k = (g_k / ||v_k||)(I - v^_k v^_k^T) M_k and
      dL/dg_k = M_k . v^_k + dbeta_k dbeta_k/dg_k:
        dv_k = U_k - (U_k . v^_k) v^_k,     dg_k = (U_k . v_k) / g_k + dbeta_k dbeta_k/dg_k,
      formed in place in U's buffer with one batched dot product and one axpy over [K, p].
+
+On the CPU in fp32 (the "cpp" backend) the same steps run k-major: the teacher dots and each chunk's logits
+are computed transposed, [K, rows] = v @ z^T, the layout MKL writes ~1.4x faster at DINO's head, and the
+k-major kernels `teacher_cols` / `ce_cols` (csrc/dino_loss_kmajor.cpp) replace `teacher_rows` / `ce_rows`;
+rows go in view-major order there (a SIMD lane vector is consecutive images of one view). Measured at
+the step benchmark's sizes (S=8, T=2, B=32, K=65536, p=256, fwd + bwd, 2 threads, 2-core EPYC VM):
+386 ms row-major, 326 ms k-major (medians of 10 alternating calls).
 
 Gradients are computed during the forward and scaled by grad_output in backward, as Liger does; under
 no_grad (or when nothing requires grad) no gradient work is done. The loss and by-products match
@@ -34,12 +44,14 @@ no_grad (or when nothing requires grad) no gradient work is done. The loss and b
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import torch
 
 from dinovmf import backends
 from dinovmf.centering import teacher_bias
+from dinovmf.cpu_memory import empty_huge
 from dinovmf.kernels.common import check_mode, check_temp, pair_count, serial_vector_math
 from dinovmf.vmf import vmf_column_bias
 
@@ -48,6 +60,38 @@ from dinovmf.vmf import vmf_column_bias
 # chunks are faster (measured: 6 chunks cost ~+25% on that GEMM vs one full-size call); this budget keeps
 # the op's whole peak extra memory under 0.25x the logits.
 DEFAULT_CHUNK_BYTES = 40 * 2 ** 20
+# Chunk buffers kept between calls, per (thread, dtype, device), on the CPU only: glibc hands blocks above
+# 32 MiB back to the OS when they are freed, so a fresh [rows, K] buffer (32 MiB at the step benchmark's
+# DINO head) is ~8k first-touch page faults every call: one op call (forward + backward, S=8, T=2, B=32,
+# K=65536, 2 threads) took 389 ms with a fresh buffer and 340 ms with the kept one (medians of 10
+# alternating calls, 2-core EPYC VM). CUDA's caching allocator already reuses blocks. The buffer is dead
+# once `_run` returns (nothing it returns views it); per thread, so concurrent calls never share one.
+_CPU_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def chunk_buffer(rows: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, K] scratch buffer: on the CPU a view of the kept workspace (grown when too small)."""
+    if device.type != "cpu":
+        return torch.empty(rows, K, dtype=dtype, device=device)
+    key = (threading.get_ident(), dtype, device)
+    ws = _CPU_WORKSPACE.get(key)
+    if ws is None or ws.numel() < rows * K:
+        ws = None  # free the old one (its last reference is the dict's) before the larger one exists
+        _CPU_WORKSPACE.pop(key, None)
+        ws = _CPU_WORKSPACE[key] = torch.empty(rows * K, dtype=dtype, device=device)
+    return ws[:rows * K].view(rows, K)
+
+
+def release_cpu_workspace() -> None:
+    """Drop the kept CPU chunk buffers (the next call allocates what it needs)."""
+    _CPU_WORKSPACE.clear()
+
+
+def cpu_workspace_bytes() -> int:
+    """Bytes the kept CPU chunk buffers hold (memory the op keeps between calls; benchmarks count it)."""
+    return sum(ws.numel() * ws.element_size() for ws in _CPU_WORKSPACE.values())
+
+
 # |g_k| below this is treated as this (same sign) in the column scale: dg_k = (U_k . v_k) / g_k stays exact
 # for g_k = 0 (a dead plain-DINO prototype), and the logits change by < 2^-64 |z.v| / tau (invisible).
 _G_FLOOR = 2.0 ** -64
@@ -193,14 +237,13 @@ def weight_norm_backward_(u: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor
     return u_dot_v
 
 
-def _teacher(plan, teacher_rows):
-    """Teacher probabilities over the teacher GEMM's buffer, and the kernel's by-products."""
+def _teacher_columns(plan):
+    """The teacher's [K] column scale (for (v, g)) and vMF bias (or None each)."""
     w_t, g_t = plan.teacher_prototypes
     vdt = _vector_dtype(plan.teacher_z.dtype)
     with torch.no_grad():
-        dots = torch.mm(plan.teacher_z.detach(), w_t.detach().t())
         w_norm = torch.linalg.vector_norm(w_t.detach(), dim=1, dtype=vdt) if (g_t is not None or plan.vmf) else None
-        with serial_vector_math(dots.device):
+        with serial_vector_math(w_t.device):
             col_scale = norm = None
             if g_t is not None:
                 norm = g_t.detach().to(vdt).abs()
@@ -208,14 +251,116 @@ def _teacher(plan, teacher_rows):
             elif plan.vmf:
                 norm = w_norm
             bias = teacher_bias(norm, plan.teacher_temp, w_t.shape[1]) if plan.vmf else None
+    return col_scale, bias
+
+
+def _teacher(plan, teacher_rows):
+    """Teacher probabilities over the teacher GEMM's buffer, and the kernel's by-products."""
+    w_t, _ = plan.teacher_prototypes
+    col_scale, bias = _teacher_columns(plan)
+    with torch.no_grad():
+        dots = torch.mm(plan.teacher_z.detach(), w_t.detach().t())
         out = dots if dots.dtype == torch.float32 else None  # probabilities in place over the dots
         return teacher_rows(dots, plan.teacher_temp, plan.centering, plan.center, col_scale, bias, out)
 
 
+def _padded_rows(x: torch.Tensor, lanes: int) -> torch.Tensor:
+    """x [n, p] with zero rows appended up to a multiple of `lanes` (x itself when it is one)."""
+    pad = -x.shape[0] % lanes
+    return x if pad == 0 else torch.cat([x, x.new_zeros(pad, x.shape[1])])
+
+
+def _teacher_kmajor(plan, lanes: int):
+    """`_teacher` k-major (csrc/dino_loss_kmajor.cpp): probabilities [K, Nt padded] over the dots W_t z_t^T."""
+    from dinovmf._ext import teacher_cols_cpp
+    w_t, _ = plan.teacher_prototypes
+    col_scale, bias = _teacher_columns(plan)
+    with torch.no_grad():
+        zt = plan.teacher_z.detach()
+        dots_t = torch.mm(w_t.detach(), _padded_rows(zt, lanes).t())
+        return teacher_cols_cpp(dots_t, zt.shape[0], plan.teacher_temp, plan.centering, plan.center, col_scale, bias)
+
+
+def _uses_kmajor(plan, z: torch.Tensor) -> bool:
+    """fp32 on the C++ backend runs k-major (csrc/dino_loss_kmajor.cpp: the faster GEMM layout on the CPU)."""
+    return plan.backend == "cpp" and z.dtype == torch.float32
+
+
+class _Chunks(NamedTuple):
+    """What the student loop writes: row stats [4, N], dz [N, p] and U [K, p] (None when not needed), and
+    the [K] bias-gradient accumulator dbeta (or None)."""
+    stats: torch.Tensor
+    dz: torch.Tensor | None
+    u: torch.Tensor | None
+    dbeta: torch.Tensor | None
+
+
+def _student_rows(plan, z, w_gemm, col_scale, bias, probs, out: _Chunks, need_grad: bool) -> None:
+    """The student chunks row-major: [rows, K] logits through the backend's `ce_rows`, image-major rows."""
+    ce_rows = backends.ce_rows_impl(plan.backend)
+    N, K = z.shape[0], w_gemm.shape[0]
+    order = (torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device))
+    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
+    buf = chunk_buffer(rows, K, z.dtype, z.device)
+    u = out.u
+    for i, r0 in enumerate(range(0, N, rows)):
+        idx = order[r0:r0 + rows]
+        z_c = z.detach().index_select(0, idx)
+        raw = buf[:idx.numel()]
+        torch.mm(z_c, w_gemm.t(), out=raw)
+        weight_c = None if plan.row_weight is None else plan.row_weight.index_select(0, idx)
+        st = ce_rows(raw, col_scale, bias, probs, idx, plan.B, plan.T, plan.same_view, weight_c, plan.grad_scale,
+                     raw if need_grad else None, out.dbeta)
+        out.stats.index_copy_(1, idx, st.to(out.stats.dtype))
+        if out.dz is not None:
+            out.dz.index_copy_(0, idx, torch.mm(raw, w_gemm))
+        if u is not None:
+            if i == 0 and u.dtype == raw.dtype:
+                torch.mm(raw.t(), z_c, out=u)
+            elif u.dtype == raw.dtype:
+                u.addmm_(raw.t(), z_c)
+            else:  # bf16/fp16 chunks: each chunk's product rounded once, the sum kept in fp32
+                (u.copy_ if i == 0 else u.add_)(torch.mm(raw.t(), z_c))
+
+
+def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, need_grad: bool) -> None:
+    """The student chunks k-major (fp32, CPU): raw^T = v z_c^T [K, C] (C padded to the SIMD lanes with zero
+    rows), `ce_cols` in place, then dz_c = G^T-as-stored read transposed, U += G z_c. Rows in view-major
+    order, so a lane vector is consecutive images of one view and reads its teacher terms contiguously."""
+    from dinovmf._ext import ce_cols_cpp, kmajor_lanes
+    lanes = kmajor_lanes()
+    N, K = z.shape[0], w_gemm.shape[0]
+    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
+    flat = chunk_buffer(rows + lanes, K, z.dtype, z.device).view(-1)
+    zd = z.detach()
+    for r0 in range(0, N, rows):
+        c = min(rows, N - r0)
+        z_c = zd[r0:r0 + c]
+        z_pad = _padded_rows(z_c, lanes)
+        raw_t = flat[:K * z_pad.shape[0]].view(K, z_pad.shape[0])
+        torch.mm(w_gemm, z_pad.t(), out=raw_t)
+        weight_c = None if plan.row_weight is None else plan.row_weight[r0:r0 + c].contiguous()
+        out.stats[:, r0:r0 + c] = ce_cols_cpp(raw_t, col_scale, bias, probs_t, r0, c, plan.B, plan.T,
+                                              plan.same_view, weight_c, plan.grad_scale, need_grad, out.dbeta)
+        g_t = raw_t[:, :c]  # G * col_scale, k-major
+        if out.dz is not None:
+            torch.mm(g_t.t(), w_gemm, out=out.dz[r0:r0 + c])
+        if out.u is not None:
+            if r0 == 0:
+                torch.mm(g_t, z_c, out=out.u)
+            else:
+                out.u.addmm_(g_t, z_c)
+
+
 def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     """One call of the op; returns (loss, (dz, dw, dg)) and stores the by-products in `plan.result`."""
-    ce_rows = backends.ce_rows_impl(plan.backend)
-    probs, stat, t_entropy, t_argmax = _teacher(plan, backends.teacher_rows_impl(plan.backend))
+    kmajor = _uses_kmajor(plan, z)
+    if kmajor:
+        from dinovmf._ext import kmajor_lanes
+        probs_t, stat, t_entropy, t_argmax = _teacher_kmajor(plan, kmajor_lanes())
+        probs = probs_t[:, :plan.teacher_z.shape[0]].t()  # [Nt, K], a view of the k-major probabilities
+    else:
+        probs, stat, t_entropy, t_argmax = _teacher(plan, backends.teacher_rows_impl(plan.backend))
     K, p = w.shape
     N = z.shape[0]
     vdt = _vector_dtype(z.dtype)
@@ -230,42 +375,23 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
             with torch.enable_grad():
                 bias64 = vmf_column_bias(bias_leaf.abs() if g is not None else bias_leaf, tau, p)
             bias = bias64.detach().to(vdt)
-    dbeta = torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None
-
-    order = (torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device))
-    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    buf = torch.empty(rows, K, dtype=z.dtype, device=z.device)
-    stats = torch.empty(4, N, dtype=vdt, device=z.device)
-    dz = torch.empty_like(z) if need_dz else None
     acc_dt = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    u = torch.empty(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None
-    w_gemm = w.detach()
-    for i, r0 in enumerate(range(0, N, rows)):
-        idx = order[r0:r0 + rows]
-        z_c = z.detach().index_select(0, idx)
-        raw = buf[:idx.numel()]
-        torch.mm(z_c, w_gemm.t(), out=raw)
-        weight_c = None if plan.row_weight is None else plan.row_weight.index_select(0, idx)
-        st = ce_rows(raw, col_scale, bias, probs, idx, plan.B, plan.T, plan.same_view, weight_c, plan.grad_scale,
-                     raw if need_grad else None, dbeta)
-        stats.index_copy_(1, idx, st.to(vdt))
-        if need_dz:
-            dz.index_copy_(0, idx, torch.mm(raw, w_gemm))
-        if u is not None:
-            if i == 0 and acc_dt == raw.dtype:
-                torch.mm(raw.t(), z_c, out=u)
-            elif acc_dt == raw.dtype:
-                u.addmm_(raw.t(), z_c)
-            else:  # bf16/fp16 chunks: each chunk's product rounded once, the sum kept in fp32
-                (u.copy_ if i == 0 else u.add_)(torch.mm(raw.t(), z_c))
-    del buf
+    out = _Chunks(stats=torch.empty(4, N, dtype=vdt, device=z.device),
+                  dz=torch.empty_like(z) if need_dz else None,
+                  u=empty_huge(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None,
+                  dbeta=torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None)
+    if kmajor:
+        _student_kmajor(plan, z, w.detach(), col_scale, bias, probs_t, out, need_grad)
+    else:
+        _student_rows(plan, z, w.detach(), col_scale, bias, probs, out, need_grad)
+    stats = out.stats
     weighted = stats[0] if plan.row_weight is None else stats[0] * plan.row_weight.to(vdt)
     loss = weighted.sum() * plan.grad_scale
     plan.result = HeadLossOutput(loss.detach(), stat, probs, t_entropy, t_argmax, (stats[1] - stats[3]).detach(),
                                  norm / tau)
 
-    dw, dg = _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_dw, need_dg, vdt)
-    return loss.to(torch.float64 if z.dtype == torch.float64 else torch.float32), (dz, dw, dg)
+    dw, dg = _prototype_gradients(out.u, w, g, g_eff, w_norm, bias64, bias_leaf, out.dbeta, need_dw, need_dg, vdt)
+    return loss.to(torch.float64 if z.dtype == torch.float64 else torch.float32), (out.dz, dw, dg)
 
 
 def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_dw: bool, need_dg: bool, vdt):
@@ -381,5 +507,6 @@ def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_proto
     return plan.result._replace(loss=loss)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "check_prototypes", "chunk_rows", "hand_over_scaled",
-           "head_to_loss", "image_major_order"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "check_prototypes", "chunk_buffer",
+           "chunk_rows", "cpu_workspace_bytes", "hand_over_scaled", "head_to_loss", "image_major_order",
+           "release_cpu_workspace"]

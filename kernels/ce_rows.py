@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
-from dinovmf.kernels.common import check_visit_inner
+from dinovmf.kernels.common import KernelLayout, check_ce_rows_inputs, check_visit_inner
 from dinovmf.kernels.softmax_tiles import (merge_partials, online_exp_update, online_rescale, partials_max,
                                            partials_tile, zero_if_empty)
 
@@ -166,56 +166,10 @@ def _ce_grad_kernel(L, stride_l, CS, BIAS, P, stride_p, ROW_INDEX, STATS, W, GO,
 _ce_partials = tiling.tuned(_ce_partials_kernel)
 
 
-def _check_rows_matrix(name: str, x: torch.Tensor, K: int | None = None, dtypes=None) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor, got {getattr(x, 'shape', type(x))}")
-    if dtypes is not None and x.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {dtypes}, got {x.dtype}")
-    if K is not None and x.shape[1] != K:
-        raise ValueError(f"{name} must have K={K} columns, got shape {tuple(x.shape)}")
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        raise ValueError(f"{name} must have unit column stride (rows may be strided), got strides {x.stride()}")
-
-
-def _check_vector(name: str, x: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> None:
-    if x is None:
-        return
-    if not isinstance(x, torch.Tensor) or x.shape != (n,) or x.dtype != dtype or not x.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous [{n}] {dtype} tensor, got "
-                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, the logits on {device}")
-
-
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
-                       col_grad_sum) -> None:
-    """Shapes, dtypes and devices of a `ce_rows` call; ValueError naming the argument. The values of
-    row_index are not checked (that would cost a device sync per chunk): they must be valid rows."""
-    _check_rows_matrix("logits", logits, dtypes=LOGIT_DTYPES)
-    c, K = logits.shape
-    dev = logits.device
-    _check_rows_matrix("teacher_probs", teacher_probs, K, (torch.float32,))
-    _check_vector("col_scale", col_scale, K, torch.float32, dev)
-    _check_vector("bias", bias, K, torch.float32, dev)
-    _check_vector("row_index", row_index, c, torch.int64, dev)
-    _check_vector("row_weight", row_weight, c, torch.float32, dev)
-    _check_vector("col_grad_sum", col_grad_sum, K, torch.float32, dev)
-    if teacher_probs.device != dev:
-        raise ValueError(f"teacher_probs is on {teacher_probs.device}, the logits on {dev}")
-    for name, v in (("B", B), ("T", T)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not same_view and teacher_probs.shape[0] != T * B:
-        raise ValueError(f"teacher_probs must have T*B = {T * B} rows for the DINO pairing, got "
-                         f"{teacher_probs.shape[0]}")
-    if grad_out is not None:
-        _check_rows_matrix("grad_out", grad_out, K, (logits.dtype,))
-        if grad_out.shape[0] != c or grad_out.device != dev:
-            raise ValueError(f"grad_out must be [{c}, {K}] on {dev} like the logits, got {tuple(grad_out.shape)} "
-                             f"on {grad_out.device}")
+# How these kernels read their inputs: rows through their stride, [K] / [c] vectors and the teacher
+# probabilities as float32 as they are (no conversion on the host).
+LAYOUT = KernelLayout(strided_rows=True, dtypes=LOGIT_DTYPES, float32_vectors=True)
 
 
 def ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, *, visit_inner=1,
@@ -276,8 +230,8 @@ def ce_rows(logits: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Te
     as the columns are contiguous. `visit_inner` is the contract's visiting-order hint (`_visited_rows`:
     S for view-major [S*B] rows walks them image by image, so a tile's rows share their teacher rows in
     L1); `plan` forces the launch geometry (tests)."""
-    check_ce_rows_args(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
-                       col_grad_sum)
+    check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view, row_weight, grad_out,
+                         col_grad_sum, LAYOUT)
     check_visit_inner(visit_inner, logits.shape[0])
     plan = plan or tiling.column_plan(logits.shape[0], logits.shape[1], logits.device, logits.element_size())
     stats = ce_row_stats(logits, col_scale, bias, teacher_probs, row_index, B, T, same_view,

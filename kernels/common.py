@@ -92,83 +92,115 @@ def _check_center(center, mode: str, K: int) -> None:
             raise ValueError(f"center must have shape [K]={K}, got {tuple(getattr(center, 'shape', ()))}")
 
 
-def _check_vector(x, name: str, K: int, device: torch.device) -> None:
-    if x is None:
-        return
-    if not isinstance(x, torch.Tensor) or x.shape != (K,) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor of shape [K]={K}, got "
-                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, the rows on {device}")
+class KernelLayout:
+    """What a row kernel accepts beyond the contract's minimum (one set of checks, parameterised).
+
+    The contract (torch reference, C++): contiguous float matrices, float [K] / [c] vectors (converted by
+    the backend). A Triton kernel reads rows through their stride (unit column stride suffices) and takes
+    its vectors as they are: `strided_rows=True`, `dtypes` = the matrix dtypes it computes, and
+    float32 contiguous vectors and teacher probabilities (`float32_vectors`).
+    """
+
+    def __init__(self, strided_rows: bool = False, dtypes: tuple | None = None, float32_vectors: bool = False):
+        self.strided_rows, self.dtypes, self.float32_vectors = strided_rows, dtypes, float32_vectors
+
+    def check_matrix(self, name: str, x, K: int | None = None, dtypes: tuple | None = None) -> None:
+        """ValueError naming `name` unless x is a 2-D float [*, K] tensor laid out as this kernel reads it."""
+        dtypes = dtypes or self.dtypes
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D float tensor, got {getattr(x, 'dtype', type(x))} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        if dtypes is not None and x.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype in {dtypes}, got {x.dtype}")
+        if K is not None and x.shape[1] != K:
+            raise ValueError(f"{name} must have K={K} columns, got shape {tuple(x.shape)}")
+        if self.strided_rows:
+            if x.shape[1] > 1 and x.stride(1) != 1:
+                raise ValueError(f"{name} must have unit column stride (rows may be strided), got strides "
+                                 f"{x.stride()}")
+        elif not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+    def check_vector(self, name: str, x, n: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        """ValueError naming `name` unless x is None or an [n] vector on `device` (float32 and contiguous
+        for a kernel that takes vectors as they are; `dtype` for non-float vectors such as row_index)."""
+        if x is None:
+            return
+        dtype = dtype or (torch.float32 if self.float32_vectors else None)
+        ok = isinstance(x, torch.Tensor) and x.shape == (n,)
+        if ok and dtype is not None:
+            ok = x.dtype == dtype and (x.is_contiguous() or not self.float32_vectors)
+        elif ok:
+            ok = x.is_floating_point()
+        if not ok:
+            raise ValueError(f"{name} must be a {'contiguous ' if self.float32_vectors else ''}"
+                             f"{dtype or 'float'} tensor of shape [{n}], got {getattr(x, 'dtype', type(x))} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device}, the rows on {device}")
+
+
+CONTRACT_LAYOUT = KernelLayout()
 
 
 def check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B: int, T: int, same_view: bool,
-                         row_weight, grad_out, col_grad_sum) -> None:
-    """Validate the arguments of a `ce_rows` kernel (docs/INTERFACES.md, Backends); ValueError naming the
-    argument. Values of `row_index` are not read here (that would be a device sync); kernels bound-check
-    them where that is free."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a 2-D float tensor [c, K], got {getattr(logits, 'dtype', type(logits))} "
-                         f"{tuple(getattr(logits, 'shape', ()))}")
-    if not logits.is_contiguous():
-        raise ValueError("logits must be contiguous")
+                         row_weight, grad_out, col_grad_sum, layout: KernelLayout = CONTRACT_LAYOUT) -> None:
+    """Validate the arguments of a `ce_rows` kernel (docs/INTERFACES.md, Backends) as `layout` reads them;
+    ValueError naming the argument. Values of `row_index` are not read here (that would be a device
+    sync); kernels bound-check them where that is free."""
+    layout.check_matrix("logits", logits)
     c, K = logits.shape
     dev = logits.device
-    _check_vector(col_scale, "col_scale", K, dev)
-    _check_vector(bias, "bias", K, dev)
-    if (not isinstance(teacher_probs, torch.Tensor) or teacher_probs.dim() != 2 or teacher_probs.shape[1] != K
-            or not teacher_probs.is_floating_point() or not teacher_probs.is_contiguous()):
-        raise ValueError(f"teacher_probs must be a contiguous float [Nt, K={K}] tensor, got "
-                         f"{tuple(getattr(teacher_probs, 'shape', ()))}")
+    layout.check_vector("col_scale", col_scale, K, dev)
+    layout.check_vector("bias", bias, K, dev)
+    layout.check_matrix("teacher_probs", teacher_probs, K, (torch.float32,) if layout.float32_vectors else None)
     if teacher_probs.device != dev:
         raise ValueError(f"teacher_probs is on {teacher_probs.device}, logits on {dev}")
-    if (not isinstance(row_index, torch.Tensor) or row_index.dtype != torch.int64 or row_index.shape != (c,)
-            or row_index.device != dev):
-        raise ValueError(f"row_index must be an int64 tensor of shape [c]={c} on {dev}, got "
-                         f"{getattr(row_index, 'dtype', type(row_index))} {tuple(getattr(row_index, 'shape', ()))}")
-    if not same_view:
-        if not (isinstance(B, int) and isinstance(T, int) and B >= 1 and T >= 1):
-            raise ValueError(f"B and T must be positive ints for DINO pairing, got B={B!r}, T={T!r}")
-        if teacher_probs.shape[0] != T * B:
-            raise ValueError(f"teacher_probs must have T*B={T * B} rows for DINO pairing, got {teacher_probs.shape[0]}")
-    if row_weight is not None and (not isinstance(row_weight, torch.Tensor) or row_weight.shape != (c,)
-                                   or row_weight.device != dev):
-        raise ValueError(f"row_weight must be a [c]={c} tensor on {dev}, got {tuple(getattr(row_weight, 'shape', ()))}")
-    if grad_out is not None and (not isinstance(grad_out, torch.Tensor) or grad_out.shape != logits.shape
-                                 or grad_out.dtype != logits.dtype or not grad_out.is_contiguous()
-                                 or grad_out.device != dev):
-        raise ValueError(f"grad_out must be a contiguous {logits.dtype} tensor shaped like logits {tuple(logits.shape)}")
+    layout.check_vector("row_index", row_index, c, dev, torch.int64)
+    for name, v in (("B", B), ("T", T)):
+        if not same_view and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int for DINO pairing, got {v!r}")
+    if not same_view and teacher_probs.shape[0] != T * B:
+        raise ValueError(f"teacher_probs must have T*B={T * B} rows for DINO pairing, got {teacher_probs.shape[0]}")
+    layout.check_vector("row_weight", row_weight, c, dev)
+    if grad_out is not None:
+        layout.check_matrix("grad_out", grad_out, K, (logits.dtype,))
+        if grad_out.shape[0] != c or grad_out.device != dev:
+            raise ValueError(f"grad_out must be a {logits.dtype} tensor shaped like logits {tuple(logits.shape)} "
+                             f"on {dev}, got {tuple(grad_out.shape)} on {grad_out.device}")
     # float32; float64 accepted with float64 logits (the reference backend's float64 path).
-    sum_dtypes = (torch.float32, torch.float64) if logits.dtype == torch.float64 else (torch.float32,)
-    if col_grad_sum is not None and (not isinstance(col_grad_sum, torch.Tensor) or col_grad_sum.shape != (K,)
-                                     or col_grad_sum.dtype not in sum_dtypes or col_grad_sum.device != dev):
-        raise ValueError(f"col_grad_sum must be a float32 [K]={K} tensor on {dev}")
+    sum_dtype = torch.float64 if logits.dtype == torch.float64 and not layout.float32_vectors else torch.float32
+    if col_grad_sum is not None and (col_grad_sum.dtype not in (torch.float32, sum_dtype)):
+        raise ValueError(f"col_grad_sum must be a float32 [K]={K} tensor on {dev}, got {col_grad_sum.dtype}")
+    layout.check_vector("col_grad_sum", col_grad_sum, K, dev, col_grad_sum.dtype if col_grad_sum is not None else None)
+
+
+def check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out,
+                              layout: KernelLayout = CONTRACT_LAYOUT) -> None:
+    """Validate the arguments of a `teacher_rows` kernel as `layout` reads them; ValueError naming the
+    argument."""
+    layout.check_matrix("dots", dots)
+    if dots.shape[0] < 1 or dots.shape[1] < 1:
+        raise ValueError(f"dots must be a non-empty [N, K] tensor, got {tuple(dots.shape)}")
+    check_temp(temp)
+    check_mode(mode)
+    K = dots.shape[1]
+    _check_center(center, mode, K)
+    for name, v in (("center", center), ("col_scale", col_scale), ("bias", bias)):
+        layout.check_vector(name, v, K, dots.device)
+    if out is not None:
+        layout.check_matrix("out", out, K, (torch.float32,) if layout.float32_vectors else None)
+        if out.shape != dots.shape or out.device != dots.device:
+            raise ValueError(f"out must be shaped like dots {tuple(dots.shape)} on {dots.device}, got "
+                             f"{tuple(out.shape)} on {out.device}")
+        if out.data_ptr() == dots.data_ptr() and out.dtype != dots.dtype:
+            raise ValueError("out may alias dots only when both have the same dtype")
 
 
 def check_visit_inner(visit_inner, c: int) -> None:
     """The `ce_rows` visiting-order hint: a positive int dividing the chunk's row count c (ValueError)."""
     if isinstance(visit_inner, bool) or not isinstance(visit_inner, int) or visit_inner < 1 or c % visit_inner:
         raise ValueError(f"visit_inner must be a positive int dividing the {c} rows, got {visit_inner!r}")
-
-
-def check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out) -> None:
-    """Validate the arguments of a `teacher_rows` kernel; ValueError naming the argument."""
-    if not isinstance(dots, torch.Tensor) or dots.dim() != 2 or dots.shape[0] < 1 or dots.shape[1] < 1 \
-            or not dots.is_floating_point():
-        raise ValueError(f"dots must be a non-empty 2-D float tensor [N, K], got "
-                         f"{getattr(dots, 'dtype', type(dots))} {tuple(getattr(dots, 'shape', ()))}")
-    check_temp(temp)
-    check_mode(mode)
-    K = dots.shape[1]
-    _check_center(center, mode, K)
-    _check_vector(col_scale, "col_scale", K, dots.device)
-    _check_vector(bias, "bias", K, dots.device)
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or out.shape != dots.shape or not out.is_contiguous() \
-                or out.device != dots.device:
-            raise ValueError(f"out must be a contiguous tensor shaped like dots {tuple(dots.shape)}")
-        if out.data_ptr() == dots.data_ptr() and out.dtype != dots.dtype:
-            raise ValueError("out may alias dots only when both have the same dtype")
 
 
 def teacher_column_terms(temp: float, mode: str, center: torch.Tensor | None, col_scale: torch.Tensor | None,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from dinovmf.kernels import tiling
-from dinovmf.kernels.common import CENTERING_MODES, check_teacher_inputs, sinkhorn_knopp
+from dinovmf.kernels.common import CENTERING_MODES, KernelLayout, check_teacher_rows_inputs, sinkhorn_knopp
 from dinovmf.kernels.softmax_tiles import (column_lse_step, merge_block_stats, merge_partials, online_exp_sum,
                                            online_exp_update, online_rescale, partials_max, partials_tile)
 
@@ -31,6 +31,8 @@ STAT_NONE, STAT_MEAN_SCORE, STAT_MEAN_SOFTMAX = 0, 1, 2  # the center statistic 
 _STAT_KIND = {"none": STAT_NONE, "logit": STAT_MEAN_SCORE, "prob": STAT_MEAN_SOFTMAX, "sinkhorn": STAT_NONE}
 N_PARTIALS = 5  # m, s, t of y and m, s of x (prob mode) per (row, column range), plus an int32 argmax
 DOTS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows read through their stride; center, col_scale, bias and out float32 as they are.
+LAYOUT = KernelLayout(strided_rows=True, dtypes=DOTS_DTYPES, float32_vectors=True)
 
 
 @triton.jit
@@ -176,25 +178,6 @@ def _column_lse_kernel(D, stride_d, CS, BIAS, ROW_SHIFT, OUT, n_rows, K, inv_tem
 _teacher_partials = tiling.tuned(_teacher_partials_kernel)
 
 
-def check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out) -> None:
-    """Shapes, dtypes and devices of a `teacher_rows` call; ValueError naming the argument."""
-    check_teacher_inputs(dots, temp, mode, center, None, None)
-    if dots.dtype not in DOTS_DTYPES:
-        raise ValueError(f"dots must have dtype in {DOTS_DTYPES}, got {dots.dtype}")
-    N, K = dots.shape
-    if K > 1 and dots.stride(1) != 1:
-        raise ValueError(f"dots must have unit column stride (rows may be strided), got strides {dots.stride()}")
-    for name, v in (("center", center), ("col_scale", col_scale), ("bias", bias)):
-        if v is not None and (v.shape != (K,) or v.dtype != torch.float32 or not v.is_contiguous()
-                              or v.device != dots.device):
-            raise ValueError(f"{name} must be a contiguous [{K}] float32 tensor on {dots.device}, got "
-                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
-    if out is not None:
-        if out.shape != (N, K) or out.dtype != torch.float32 or out.device != dots.device or (K > 1 and out.stride(1) != 1):
-            raise ValueError(f"out must be an [{N}, {K}] float32 tensor with unit column stride on {dots.device}, "
-                             f"got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
-
-
 class _TeacherLaunch:
     """The launches of one `teacher_rows` call, sharing its inputs and plan."""
 
@@ -262,7 +245,7 @@ def teacher_rows(dots: torch.Tensor, temp: float, mode: str, center: torch.Tenso
     row_argmax [N] int64) with `r = dots * col_scale + temp * bias` and the modes of the module docstring.
     `out` may be `dots` itself (fp32 dots): every element is read before it is overwritten. The argmax is
     that of the row's logits y (of probs, unless two probs round to the same fp32 value)."""
-    check_teacher_rows_args(dots, temp, mode, center, col_scale, bias, out)
+    check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out, LAYOUT)
     N, K = dots.shape
     run = _TeacherLaunch(dots, temp, col_scale, bias, plan or tiling.column_plan(N, K, dots.device, dots.element_size()))
     out = torch.empty(N, K, **run.f32) if out is None else out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dinovmf import backends
-from dinovmf.head_loss import chunk_rows, head_to_loss, image_major_order
+from dinovmf.head_loss import chunk_buffer, chunk_rows, cpu_workspace_bytes, head_to_loss, image_major_order
 from dinovmf.kernels import testing as kt
 from dinovmf.loss_reference import head_to_loss_reference
 
@@ -137,6 +137,43 @@ def test_multi_tile_rows(mode):
     check_against_float64(case, torch.float32, "cpp", chunk_bytes=7 * K * 4, centering=mode, vmf=True, n_global=2)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [32, 20], ids=["lane-aligned", "straddling"])
+def test_kmajor_lane_vectors_within_and_across_views(mode, rows):
+    """fp32 on the CPU runs k-major (csrc/dino_loss_kmajor.cpp), one SIMD lane per row. With B = 16 images
+    and 32-row chunks a lane vector is consecutive images of one view (teacher terms loaded contiguously);
+    20-row chunks make vectors straddle two views and pad the last one (the gather path). K = 4133 gives
+    several tiles of the [K, C] matrices on both sides."""
+    K = 4133
+    case = make_case(4, 2, K, True, mode, seed=5, n_student=4 * 16, n_teacher=2 * 16)
+    check_against_float64(case, torch.float32, "cpp", chunk_bytes=rows * K * 4, centering=mode, vmf=True, n_global=2)
+
+
+def test_kmajor_same_view_lane_vectors_read_their_teacher_rows_contiguously():
+    n, K = 40, 2100
+    case = make_case(1, 1, K, True, "prob", seed=6, n_student=n, n_teacher=n)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(7)).float() + 0.1
+    check_against_float64(case, torch.float32, "cpp", chunk_bytes=16 * K * 4, centering="prob", vmf=True,
+                          same_view=True, row_weight=weights)
+
+
+def test_kmajor_teacher_argmax_ties_take_the_lowest_index():
+    """Tied maxima within a tile (3 and 10) and across tiles (4500, in the second of the k-major teacher's
+    tiles): the argmax is the first, as torch.argmax gives it."""
+    K, p = 5000, 8
+    v = torch.randn(K, p, generator=torch.Generator().manual_seed(11)) * 0.1
+    top = torch.zeros(p)
+    top[0] = 3.0
+    for k in (3, 10, 4500):
+        v[k] = top
+    zt = torch.zeros(6, p)
+    zt[:, 0] = 1.0
+    zs = F.normalize(torch.randn(12, p, generator=torch.Generator().manual_seed(12)), dim=1)
+    out = head_to_loss(zs, zt, v, v, student_temp=TAU_S, teacher_temp=TAU_T, centering="none", vmf=False,
+                       n_global=2, backend="cpp")
+    assert out.teacher_argmax.tolist() == [3] * 6
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode,vg", [("prob", True), ("logit", False), ("sinkhorn", True)])
 def test_bf16_inputs(mode, vg, backend):
@@ -200,26 +237,36 @@ def test_frozen_gain_gives_no_g_gradient_and_exact_v_gradient():
     assert kt.max_abs_err(v32.grad, v64.grad) <= 1e-5 * v64.grad.abs().max().item()
 
 
-def test_no_grad_path_does_no_gradient_work(monkeypatch):
-    """Under no_grad (and for inputs that need no grad) the kernels get no gradient buffers."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-kmajor", "bf16-rows"])
+def test_no_grad_path_does_no_gradient_work(monkeypatch, dtype):
+    """Under no_grad (and for inputs that need no grad) the kernels get no gradient buffers: fp32 runs the
+    k-major `ce_cols`, bf16 the row-major `ce_rows`."""
+    from dinovmf import _ext
     calls = []
-    real = backends.ce_rows_impl("cpp")
+    if dtype == torch.float32:
+        real = _ext.ce_cols_cpp
 
-    def spy(*args):
-        calls.append((args[10] is None, args[11] is None))  # grad_out, col_grad_sum
-        return real(*args)
+        def spy(*args):
+            calls.append((not args[11], args[12] is None))  # write_grad, col_grad_sum
+            return real(*args)
+        monkeypatch.setattr(_ext, "ce_cols_cpp", spy)
+    else:
+        real = backends.ce_rows_impl("cpp")
 
-    monkeypatch.setattr(backends, "ce_rows_impl", lambda name: spy)
+        def spy(*args):
+            calls.append((args[10] is None, args[11] is None))  # grad_out, col_grad_sum
+            return real(*args)
+        monkeypatch.setattr(backends, "ce_rows_impl", lambda name: spy)
     case = make_case(4, 2, 333, True, "prob", seed=8)
-    zs, zt, ps, pt, center = (_cast(x, torch.float32, True) if i in (0, 2) else _cast(x, torch.float32, False)
-                              for i, x in enumerate(case))
+    zs, zt, ps, pt = (_cast(x, dtype, i in (0, 2)) for i, x in enumerate(case[:4]))
+    center = case[4].float()
     kw = dict(student_temp=TAU_S, teacher_temp=TAU_T, centering="prob", center=center, n_global=2, backend="cpp")
     with torch.no_grad():
         out = head_to_loss(zs, zt, ps, pt, **kw)
     assert out.loss.grad_fn is None and calls and all(a and b for a, b in calls)
     calls.clear()
     with_grad = head_to_loss(zs, zt, ps, pt, **kw)
-    assert with_grad.loss.grad_fn is not None and all(not a and not b for a, b in calls)
+    assert with_grad.loss.grad_fn is not None and calls and all(not a and not b for a, b in calls)
     assert out.loss.item() == with_grad.loss.item()  # the same kernels either way: bitwise equal
 
 
@@ -259,6 +306,39 @@ def test_chunk_rows_fits_the_budget_and_evens_out():
     assert chunk_rows(5, 10 ** 9, 4, 1) == 1
     with pytest.raises(ValueError, match="chunk_bytes"):
         chunk_rows(5, 10, 4, 0)
+
+
+def test_cpu_chunk_buffer_is_kept_per_thread_and_grows():
+    import threading
+    cpu = torch.device("cpu")
+    a = chunk_buffer(4, 100, torch.float32, cpu)
+    b = chunk_buffer(2, 150, torch.float32, cpu)  # smaller: the same memory again
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 150)
+    c = chunk_buffer(8, 100, torch.float32, cpu)  # larger: a new, larger buffer replaces it
+    assert c.shape == (8, 100) and cpu_workspace_bytes() >= 800 * 4
+    assert chunk_buffer(8, 100, torch.float32, cpu).data_ptr() == c.data_ptr()
+    assert chunk_buffer(8, 100, torch.float64, cpu).data_ptr() != c.data_ptr()  # one per dtype
+    other = []
+    t = threading.Thread(target=lambda: other.append(chunk_buffer(8, 100, torch.float32, cpu).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != c.data_ptr()  # concurrent calls on two threads never share a buffer
+
+
+def test_kept_chunk_buffer_does_not_leak_between_calls():
+    """Calls of different sizes through the one kept buffer give what fresh buffers give, and nothing the op
+    returns views the buffer (the next call overwrites it)."""
+    kw = dict(centering="prob", vmf=True, n_global=2, backend="cpp", chunk_bytes=5 * 333 * 4)
+    big, small = make_case(12, 2, 333, True, "prob", seed=3), make_case(4, 2, 96, True, "prob", seed=4)
+    first, g_first = run(head_to_loss, big, torch.float32, **kw)
+    kept = [t.clone() for t in (first.teacher_probs, first.student_entropy, *g_first)]
+    run(head_to_loss, small, torch.float32, **kw)  # reuses (and overwrites) the kept buffer
+    for a, b in zip((first.teacher_probs, first.student_entropy, *g_first), kept):
+        assert torch.equal(a, b)
+    again, g_again = run(head_to_loss, big, torch.float32, **kw)
+    assert torch.equal(again.loss, first.loss)
+    for a, b in zip(g_again, g_first):
+        assert torch.equal(a, b)
 
 
 def test_image_major_order():

@@ -207,7 +207,10 @@ def test_narrower_simd_paths_match_float64(isa):
             "t.check_ce_rows(t.ce_rows_case(4, 2, 3, 333, torch.bfloat16, weights=False), torch.bfloat16); "
             "t.check_ce_rows(t.ce_rows_case(1, 1, 5, 4099, torch.float32, same_view=True, weights=True), torch.float32); "
             "[t.check_teacher_rows(t.teacher_case(3, 4099, torch.float32, m), m) for m in ('logit', 'prob', 'sinkhorn')]; "
-            "t.test_teacher_rows_argmax_ties_take_the_lowest_index()")
+            "t.test_teacher_rows_argmax_ties_take_the_lowest_index(); "
+            "import test_head_loss as h; h.test_kmajor_lane_vectors_within_and_across_views('prob', 32); "
+            "h.test_kmajor_lane_vectors_within_and_across_views('logit', 20); h.test_multi_tile_rows('sinkhorn'); "
+            "h.test_kmajor_teacher_argmax_ties_take_the_lowest_index()")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code += "; from dinovmf._ext import load_extension; print(load_extension().cpu_isa())"
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DINOVMF_CPU_ISA": isa},
