@@ -157,7 +157,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     batch_size: int = 128
     image_size: int | None = None    # None: crops.global_size
-    baseline: bool = False           # also evaluate a random-init teacher (the demo's comparison)
+    baseline: bool = False           # also evaluate the step-0 backbone (random init, or model.init_from)
 
 
 @dataclass

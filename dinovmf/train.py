@@ -96,12 +96,25 @@ def prepare_data(spec: str, out_dir: Path, info: D.DistInfo, split: str = "train
     return Path(path)
 
 
+def step0_backbone(cfg: Config) -> nn.Module:
+    """The backbone the run started from, on the CPU: the seeded random initialisation, or the
+    `model.init_from` weights loaded into it (what eval.baseline compares the trained teacher with)."""
+    from dinovmf.models import build_backbone, model_args
+    from dinovmf.models.init_from import load_init_weights
+
+    torch.manual_seed(cfg.train.seed)  # the same draw as the student's initialisation
+    backbone = build_backbone(drop_path_rate=0.0, attn_backend=cfg.model.attn_backend, **model_args(cfg))
+    if cfg.model.init_from is not None:
+        load_init_weights(backbone, cfg.model.init_from, strict=cfg.model.init_strict, ignore=cfg.model.init_ignore)
+    return backbone
+
+
 def evaluate_knn_after_training(cfg: Config, out_dir: Path, backbone: nn.Module | None, device,
                                 info: D.DistInfo) -> dict:
     """kNN top-1 of the trained teacher `backbone` (used on rank 0 only) on data.val, train features from
-    data.train; with eval.baseline, also of a random-initialised backbone (the student's step-0 weights)."""
+    data.train; with eval.baseline, also of the backbone the run started from (`step0_backbone`: random
+    init, or model.init_from's weights)."""
     from dinovmf.eval.run import UnlabelledDataError, knn_for_backbone
-    from dinovmf.models import build_backbone, model_args
 
     train_path = prepare_data(cfg.data.train, out_dir, info, "train", cfg.data.loader)
     val_path = prepare_data(cfg.data.val, out_dir, info, "val", cfg.data.loader)
@@ -120,13 +133,14 @@ def evaluate_knn_after_training(cfg: Config, out_dir: Path, backbone: nn.Module 
     print(f"kNN top-1: {result['top1']:.2f}% (trained teacher, k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature})",
           flush=True)
     if cfg.eval.baseline:
-        torch.manual_seed(cfg.train.seed)  # the same draw as the student's initialisation
-        random_init = build_backbone(drop_path_rate=0.0, attn_backend=cfg.model.attn_backend,
-                                     **model_args(cfg)).to(device)
-        base = knn_for_backbone(random_init, train_path, val_path, image_size, cfg.eval.batch_size, device,
+        start = step0_backbone(cfg).to(device)
+        base = knn_for_backbone(start, train_path, val_path, image_size, cfg.eval.batch_size, device,
                                 cfg.eval.knn_k, cfg.eval.knn_temperature, **loading)
-        summary["knn_top1_random_init"] = base["top1"]
-        print(f"kNN top-1: {base['top1']:.2f}% (random-init baseline)", flush=True)
+        pretrained = cfg.model.init_from is not None
+        summary["knn_top1_init_from" if pretrained else "knn_top1_random_init"] = base["top1"]
+        print(f"kNN top-1: {base['top1']:.2f}% "
+              f"({'the model.init_from weights the run started from' if pretrained else 'random-init baseline'})",
+              flush=True)
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "eval", "step": None, **summary}) + "\n")
     return summary

@@ -89,6 +89,18 @@ def test_round_trip_gives_identical_backbones_at_step_0(tmp_path, capsys, source
         assert "dropped 8 head tensor(s)" in report
 
 
+def test_eval_baseline_is_the_backbone_the_run_started_from(tmp_path):
+    """eval.baseline compares the trained teacher with the step-0 backbone: the seeded random init, or the
+    model.init_from weights when the run started from a checkpoint (not a random init it never had)."""
+    from dinovmf.train import step0_backbone
+    run, _, export_path = trained_run(tmp_path)
+    cfg = config(tmp_path, "train.seed=1")
+    fresh = Trainer(cfg, steps_per_epoch=5).models.student.backbone
+    assert torch.equal(features(step0_backbone(cfg)), features(fresh))
+    loaded = step0_backbone(config(tmp_path, "train.seed=1", f"model.init_from={export_path}"))
+    assert torch.equal(features(loaded), features(run.models.teacher.backbone))
+
+
 @pytest.mark.parametrize("name", ["timm.safetensors", "timm.pth", "dino_checkpoint.pth"])
 def test_timm_and_dino_state_dicts_load_with_the_source_outputs(tmp_path, name):
     source = source_backbone()
