@@ -331,7 +331,7 @@ def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, nee
     lanes = kmajor_lanes()
     N, K = z.shape[0], w_gemm.shape[0]
     rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    flat = chunk_buffer(rows + lanes, K, z.dtype, z.device).view(-1)
+    flat = chunk_buffer(-(-rows // lanes) * lanes, K, z.dtype, z.device).view(-1)  # [K, rows padded]
     zd = z.detach()
     for r0 in range(0, N, rows):
         c = min(rows, N - r0)

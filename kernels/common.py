@@ -170,9 +170,8 @@ def check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B: i
                              f"on {dev}, got {tuple(grad_out.shape)} on {grad_out.device}")
     # float32; float64 accepted with float64 logits (the reference backend's float64 path).
     sum_dtype = torch.float64 if logits.dtype == torch.float64 and not layout.float32_vectors else torch.float32
-    if col_grad_sum is not None and (col_grad_sum.dtype not in (torch.float32, sum_dtype)):
-        raise ValueError(f"col_grad_sum must be a float32 [K]={K} tensor on {dev}, got {col_grad_sum.dtype}")
-    layout.check_vector("col_grad_sum", col_grad_sum, K, dev, col_grad_sum.dtype if col_grad_sum is not None else None)
+    sum_dtype = col_grad_sum.dtype if getattr(col_grad_sum, "dtype", None) == sum_dtype else torch.float32
+    layout.check_vector("col_grad_sum", col_grad_sum, K, dev, sum_dtype)
 
 
 def check_teacher_rows_inputs(dots, temp, mode, center, col_scale, bias, out,
