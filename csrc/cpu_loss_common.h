@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 #if defined(__x86_64__)
 #include <xmmintrin.h>
@@ -34,6 +36,25 @@ inline float* optional_vector(const c10::optional<at::Tensor>& x, int64_t n, con
   TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == n, name, " must be a float32 tensor of ", n,
               " elements");
   return x->data_ptr<float>();
+}
+
+// A row's softmax partials from its tiles (per tile: its max m_t, sum e, sum e (l - m_t), with e = exp(l - m_t)),
+// merged in tile order in double: m = max_t m_t, se = sum_k exp(l_k - m), shifted = sum_k exp(l_k - m)(l_k - m).
+// `stride`: the distance between one row's consecutive tiles in the arrays; tsel null: shifted is 0.
+struct MergedTiles {
+  double m, se, shifted;
+};
+
+inline MergedTiles merge_tiles(const float* tm, const float* tse, const float* tsel, int64_t n_tiles,
+                               int64_t stride) {
+  MergedTiles r{-INFINITY, 0, 0};
+  for (int64_t t = 0; t < n_tiles; ++t) r.m = std::max<double>(r.m, tm[t * stride]);
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const double d = tm[t * stride] - r.m, w = std::exp(d);
+    r.se += w * tse[t * stride];
+    if (tsel) r.shifted += w * (tsel[t * stride] + d * tse[t * stride]);
+  }
+  return r;
 }
 
 // k-major kernels (dino_loss_kmajor.cpp; contracts there).

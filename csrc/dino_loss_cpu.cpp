@@ -136,13 +136,8 @@ void ce_rows_kernel(const CeArgs& a, const scalar_t* L, scalar_t* GO) {
           dot += part4[2];
           psum += part4[3];
         }
-        const float m = *std::max_element(tile_max.begin(), tile_max.end());
-        double se = 0, shifted = 0;  // sum exp(l - m), sum exp(l - m) (l - m)
-        for (int64_t t = 0; t < n_tiles; ++t) {
-          const double w = std::exp(static_cast<double>(tile_max[t]) - m);
-          se += w * tile_se[t];
-          shifted += w * (tile_sel[t] + (static_cast<double>(tile_max[t]) - m) * tile_se[t]);
-        }
+        const MergedTiles merged = merge_tiles(tile_max.data(), tile_se.data(), tile_sel.data(), n_tiles, 1);
+        const double m = merged.m, se = merged.se, shifted = merged.shifted;
         const double lse = m + std::log(se), entropy = std::log(se) - shifted / se;
         a.stats[i] = static_cast<float>(psum * lse - dot);
         a.stats[C + i] = static_cast<float>(lse);
@@ -251,10 +246,8 @@ void teacher_rows_kernel(const TeacherArgs& a, const scalar_t* D) {
             tile_max[t] = vec::max_of(yt.data(), n);
             tile_se[t] = vec::sum_exp(yt.data(), tile_max[t], n);
           }
-          const float m = *std::max_element(tile_max.begin(), tile_max.end());
-          double se = 0;
-          for (int64_t t = 0; t < n_tiles; ++t) se += tile_se[t] * std::exp(static_cast<double>(tile_max[t]) - m);
-          a.row_lse[row] = static_cast<float>(m + std::log(se));
+          const MergedTiles merged = merge_tiles(tile_max.data(), tile_se.data(), nullptr, n_tiles, 1);
+          a.row_lse[row] = static_cast<float>(merged.m + std::log(merged.se));
           continue;
         }
         float* y = a.out + row * K;  // may alias the fp32 dots: each element is read before it is written

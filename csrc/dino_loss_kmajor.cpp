@@ -27,6 +27,15 @@ namespace {
 // Rows of a tile: about 128 KiB of the [K, C] matrix.
 int64_t tile_rows(int64_t K, int64_t C) { return std::max<int64_t>(16, std::min<int64_t>(K, 32768 / C)); }
 
+// fn(t, k0, n) for every tile t of kb rows (k0 .. k0 + n - 1) of K, in parallel, denormals flushed.
+template <typename F>
+void for_each_tile(int64_t K, int64_t kb, const F& fn) {
+  at::parallel_for(0, (K + kb - 1) / kb, 1, [&](int64_t t0, int64_t t1) {
+    FlushDenormals ftz;
+    for (int64_t t = t0; t < t1; ++t) fn(t, t * kb, std::min(kb, K - t * kb));
+  });
+}
+
 void check_kmajor(const at::Tensor& x, const char* name) {
   check_cpu_contiguous(x, name);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, " must be a float32 [K, C] tensor");
@@ -99,26 +108,19 @@ at::Tensor ce_cols(at::Tensor& logits_t, const c10::optional<at::Tensor>& col_sc
   float* L = logits_t.data_ptr<float>();
   const float* P = teacher_probs_t.data_ptr<float>();
   std::vector<float> tm(n_tiles * C), tse(n_tiles * C), tsel(n_tiles * C), tdot(n_tiles * C), tps(n_tiles * C);
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    FlushDenormals ftz;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kb, n = std::min(kb, K - k0);
-      vec::ce_cols_fwd_tile(L + k0 * C, n, C, cs ? cs + k0 : nullptr, bs ? bs + k0 : nullptr, P + k0 * ldp, ldp,
-                            pair.src.data(), pair.idx.data(), pair.n_terms, tm.data() + t * C, tse.data() + t * C,
-                            tsel.data() + t * C, tdot.data() + t * C, tps.data() + t * C);
-    }
+  for_each_tile(K, kb, [&](int64_t t, int64_t k0, int64_t n) {
+    vec::ce_cols_fwd_tile(L + k0 * C, n, C, cs ? cs + k0 : nullptr, bs ? bs + k0 : nullptr, P + k0 * ldp, ldp,
+                          pair.src.data(), pair.idx.data(), pair.n_terms, tm.data() + t * C, tse.data() + t * C,
+                          tsel.data() + t * C, tdot.data() + t * C, tps.data() + t * C);
   });
   auto stats = at::empty({4, n_rows}, logits_t.options());
   float* st = stats.data_ptr<float>();
   std::vector<float> f(write_grad ? n_tiles * C : 0, 0.f), s(C, 0.f);
   for (int64_t i = 0; i < n_rows; ++i) {  // merge the tiles of each lane, in tile order
-    double m = -INFINITY;
-    for (int64_t t = 0; t < n_tiles; ++t) m = std::max<double>(m, tm[t * C + i]);
-    double se = 0, shifted = 0, dot = 0, psum = 0;
+    const MergedTiles merged = merge_tiles(tm.data() + i, tse.data() + i, tsel.data() + i, n_tiles, C);
+    const double m = merged.m, se = merged.se, shifted = merged.shifted;
+    double dot = 0, psum = 0;
     for (int64_t t = 0; t < n_tiles; ++t) {
-      const double d = tm[t * C + i] - m, w = std::exp(d);
-      se += w * tse[t * C + i];
-      shifted += w * (tsel[t * C + i] + d * tse[t * C + i]);
       dot += tdot[t * C + i];
       psum += tps[t * C + i];
     }
@@ -132,13 +134,9 @@ at::Tensor ce_cols(at::Tensor& logits_t, const c10::optional<at::Tensor>& col_sc
     s[i] = static_cast<float>(grad_scale) * (rw ? rw[i] : 1.f);
   }
   if (!write_grad) return stats;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    FlushDenormals ftz;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kb, n = std::min(kb, K - k0);
-      vec::ce_cols_grad_tile(L + k0 * C, n, C, cs ? cs + k0 : nullptr, P + k0 * ldp, ldp, pair.src.data(),
-                             pair.idx.data(), pair.n_terms, f.data() + t * C, s.data(), cgs ? cgs + k0 : nullptr);
-    }
+  for_each_tile(K, kb, [&](int64_t t, int64_t k0, int64_t n) {
+    vec::ce_cols_grad_tile(L + k0 * C, n, C, cs ? cs + k0 : nullptr, P + k0 * ldp, ldp, pair.src.data(),
+                           pair.idx.data(), pair.n_terms, f.data() + t * C, s.data(), cgs ? cgs + k0 : nullptr);
   });
   return stats;
 }
@@ -165,14 +163,10 @@ std::vector<at::Tensor> teacher_cols(at::Tensor& dots_t, int64_t n_rows, const a
   std::vector<float> mask(C, 0.f), tm(n_tiles * C), targ(n_tiles * C), tse(n_tiles * C), tsey(n_tiles * C),
       tsew(n_tiles * C), ysum(stat_kind == 1 ? K : 0);
   std::fill(mask.begin(), mask.begin() + n_rows, 1.f);
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    FlushDenormals ftz;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kb, n = std::min(kb, K - k0);
-      vec::teacher_cols_fwd_tile(D + k0 * C, n, C, a + k0, b + k0, stat_kind == 2 ? w + k0 : nullptr, mask.data(),
-                                 stat_kind == 1 ? ysum.data() + k0 : nullptr, tm.data() + t * C, targ.data() + t * C,
-                                 tse.data() + t * C, tsey.data() + t * C, tsew.data() + t * C);
-    }
+  for_each_tile(K, kb, [&](int64_t t, int64_t k0, int64_t n) {
+    vec::teacher_cols_fwd_tile(D + k0 * C, n, C, a + k0, b + k0, stat_kind == 2 ? w + k0 : nullptr, mask.data(),
+                               stat_kind == 1 ? ysum.data() + k0 : nullptr, tm.data() + t * C, targ.data() + t * C,
+                               tse.data() + t * C, tsey.data() + t * C, tsew.data() + t * C);
   });
   auto f32 = dots_t.options();
   at::Tensor lse = at::empty({n_rows}, f32), entropy = at::empty({n_rows}, f32),
@@ -180,35 +174,26 @@ std::vector<at::Tensor> teacher_cols(at::Tensor& dots_t, int64_t n_rows, const a
   float *lp = lse.data_ptr<float>(), *ep = entropy.data_ptr<float>();
   int64_t* ap = argmax.data_ptr<int64_t>();
   std::vector<float> f(n_tiles * C, 0.f), r(C, 0.f);
-  for (int64_t i = 0; i < n_rows; ++i) {
-    float m = -INFINITY;
-    int64_t best = 0;
-    for (int64_t t = 0; t < n_tiles; ++t)
-      if (tm[t * C + i] > m) {  // strict: the first tile holding the maximum wins
-        m = tm[t * C + i];
-        best = t * kb + static_cast<int64_t>(targ[t * C + i]);
-      }
-    double se = 0, sey = 0, sew = 0;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const double d = static_cast<double>(tm[t * C + i]) - m, e = std::exp(d);
-      se += e * tse[t * C + i];
-      sey += e * (tsey[t * C + i] + d * tse[t * C + i]);
-      sew += e * tsew[t * C + i];
-    }
+  for (int64_t i = 0; i < n_rows; ++i) {  // merge the tiles of each lane, in tile order
+    const MergedTiles merged = merge_tiles(tm.data() + i, tse.data() + i, tsey.data() + i, n_tiles, C);
+    const double m = merged.m, se = merged.se;
+    int64_t t_best = 0;  // the first tile holding the maximum
+    while (t_best + 1 < n_tiles && tm[t_best * C + i] != m) ++t_best;
     lp[i] = static_cast<float>(m + std::log(se));
-    ep[i] = static_cast<float>(std::log(se) - sey / se);
-    ap[i] = best;
-    for (int64_t t = 0; t < n_tiles; ++t) f[t * C + i] = static_cast<float>(std::exp(tm[t * C + i] - m) / se);
+    ep[i] = static_cast<float>(std::log(se) - merged.shifted / se);
+    ap[i] = t_best * kb + static_cast<int64_t>(targ[t_best * C + i]);
+    double sew = 0;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const double rescale = std::exp(tm[t * C + i] - m);  // the tile's sums to the lane max
+      f[t * C + i] = static_cast<float>(rescale / se);
+      sew += rescale * tsew[t * C + i];
+    }
     if (stat_kind == 2) r[i] = static_cast<float>(se / sew);
   }
   std::vector<float> wsum(stat_kind == 2 ? K : 0);
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    FlushDenormals ftz;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kb, n = std::min(kb, K - k0);
-      vec::teacher_cols_finish_tile(D + k0 * C, n, C, f.data() + t * C, stat_kind == 2 ? w + k0 : nullptr, r.data(),
-                                    stat_kind == 2 ? wsum.data() + k0 : nullptr);
-    }
+  for_each_tile(K, kb, [&](int64_t t, int64_t k0, int64_t n) {
+    vec::teacher_cols_finish_tile(D + k0 * C, n, C, f.data() + t * C, stat_kind == 2 ? w + k0 : nullptr, r.data(),
+                                  stat_kind == 2 ? wsum.data() + k0 : nullptr);
   });
   if (stat_kind != 0) {
     stat = at::empty({K}, f32);

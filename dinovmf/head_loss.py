@@ -323,12 +323,11 @@ def _student_rows(plan, z, w_gemm, col_scale, bias, probs, out: _Chunks, need_gr
                 (u.copy_ if i == 0 else u.add_)(torch.mm(raw.t(), z_c))
 
 
-def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, need_grad: bool) -> None:
+def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, need_grad: bool, lanes: int) -> None:
     """The student chunks k-major (fp32, CPU): raw^T = v z_c^T [K, C] (C padded to the SIMD lanes with zero
     rows), `ce_cols` in place, then dz_c = G^T-as-stored read transposed, U += G z_c. Rows in view-major
     order, so a lane vector is consecutive images of one view and reads its teacher terms contiguously."""
-    from dinovmf._ext import ce_cols_cpp, kmajor_lanes
-    lanes = kmajor_lanes()
+    from dinovmf._ext import ce_cols_cpp
     N, K = z.shape[0], w_gemm.shape[0]
     rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
     flat = chunk_buffer(-(-rows // lanes) * lanes, K, z.dtype, z.device).view(-1)  # [K, rows padded]
@@ -357,7 +356,8 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     kmajor = _uses_kmajor(plan, z)
     if kmajor:
         from dinovmf._ext import kmajor_lanes
-        probs_t, stat, t_entropy, t_argmax = _teacher_kmajor(plan, kmajor_lanes())
+        lanes = kmajor_lanes()
+        probs_t, stat, t_entropy, t_argmax = _teacher_kmajor(plan, lanes)
         probs = probs_t[:, :plan.teacher_z.shape[0]].t()  # [Nt, K], a view of the k-major probabilities
     else:
         probs, stat, t_entropy, t_argmax = _teacher(plan, backends.teacher_rows_impl(plan.backend))
@@ -381,7 +381,7 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
                   u=empty_huge(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None,
                   dbeta=torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None)
     if kmajor:
-        _student_kmajor(plan, z, w.detach(), col_scale, bias, probs_t, out, need_grad)
+        _student_kmajor(plan, z, w.detach(), col_scale, bias, probs_t, out, need_grad, lanes)
     else:
         _student_rows(plan, z, w.detach(), col_scale, bias, probs, out, need_grad)
     stats = out.stats

@@ -168,9 +168,9 @@ def check_ce_rows_inputs(logits, col_scale, bias, teacher_probs, row_index, B: i
         if grad_out.shape[0] != c or grad_out.device != dev:
             raise ValueError(f"grad_out must be a {logits.dtype} tensor shaped like logits {tuple(logits.shape)} "
                              f"on {dev}, got {tuple(grad_out.shape)} on {grad_out.device}")
-    # float32; float64 accepted with float64 logits (the reference backend's float64 path).
-    sum_dtype = torch.float64 if logits.dtype == torch.float64 and not layout.float32_vectors else torch.float32
-    sum_dtype = col_grad_sum.dtype if getattr(col_grad_sum, "dtype", None) == sum_dtype else torch.float32
+    # float32; float64 also with float64 logits on the contract (the reference backend's float64 path).
+    float64_ok = logits.dtype == torch.float64 and not layout.float32_vectors
+    sum_dtype = torch.float64 if float64_ok and getattr(col_grad_sum, "dtype", None) == torch.float64 else torch.float32
     layout.check_vector("col_grad_sum", col_grad_sum, K, dev, sum_dtype)
 
 
