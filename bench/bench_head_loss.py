@@ -23,10 +23,11 @@ allocates through torch (profiler replay, `bench.harness.peak_memory`; inputs ex
 are not counted) minus what any implementation must hold at the end: the teacher probabilities
 [T*B, K] fp32 and the returned gradients (dz, dv, dg). For the fused op the C++ kernels' std::vector
 scratch, invisible to the profiler, is added analytically (`CPP_SCRATCH_FLOATS_PER_THREAD` x K floats per
-thread: the per-block [K] column sums of ce_rows and teacher_rows), and so is the chunk buffer the op keeps
-between calls on the CPU (`dinovmf.head_loss.cpu_workspace_bytes`: the warm-up made it, so the measured
-call does not allocate it). `peak_extra_x_logits` divides by one
-fp32 [S*B, K] logits tensor (the issue's target: <= 0.25).
+thread: the per-block [K] column sums of ce_rows and teacher_rows), and so are the buffers the op keeps
+between calls on the CPU (the chunk buffer, the teacher dots that become the probabilities, the prototype
+gradient; `dinovmf.cpu_memory.kept_bytes`: mappings the profiler does not see, made by the warm-up, so the
+measured call does not allocate them). `peak_extra_x_logits` divides by one fp32 [S*B, K] logits tensor
+(the issue's target: <= 0.25).
 
 On a GPU (`--device cuda`: the Triton row kernels, `--dtype bfloat16` for bf16 heads) every call is
 timed between `torch.cuda.synchronize()`s, the floor's GEMMs run on the device, peak memory is the CUDA
@@ -49,7 +50,8 @@ import torch.nn.functional as F
 
 from bench.harness import peak_memory, record
 from dinovmf import backends
-from dinovmf.head_loss import cpu_workspace_bytes, head_to_loss, release_cpu_workspace
+from dinovmf.cpu_memory import kept_bytes, release_kept
+from dinovmf.head_loss import head_to_loss
 from dinovmf.loss_reference import head_to_loss_reference
 
 # name: (S, T, B, K, p)
@@ -190,7 +192,7 @@ def measure(x: Inputs, config: str, method: str, threads: int, backend: str, com
     if compile_ref:
         fns["torch.compile"] = step_fn(torch.compile(head_to_loss_reference), x)
     fns["floor"] = floor_fn(x)
-    release_cpu_workspace()  # the kept chunk buffer then holds what this configuration needs, no more
+    release_kept()  # the kept buffers then hold what this configuration needs, no more
     wall, cpu = alternate(fns, iters, warmup, x.device)
     scratch = CPP_SCRATCH_FLOATS_PER_THREAD * threads * x.K * 4 if backend == "cpp" else 0
     base = dict(config=config, method=method, S=x.S, T=x.T, B=x.B, K=x.K, p=x.p,
@@ -204,8 +206,8 @@ def measure(x: Inputs, config: str, method: str, threads: int, backend: str, com
                    x_floor=round(wall[name] / wall["floor"], 3), cpu_x_floor=round(cpu[name] / cpu["floor"], 3),
                    non_gemm_ms=round(wall[name] - wall["floor"], 2))
         if name != "floor":
-            # The fused op's kept CPU chunk buffer exists before the measured call (warm-up made it): count it.
-            kept = (scratch + cpu_workspace_bytes()) if name == "fused" else 0
+            # The fused op's kept CPU buffers exist before the measured call (warm-up made them): count them.
+            kept = (scratch + kept_bytes()) if name == "fused" else 0
             extra = measured_peak(f, x) + kept - x.probs_bytes() - x.grad_bytes()
             row.update(peak_extra_mb=round(extra / 2 ** 20, 2), peak_extra_x_logits=round(extra / x.logits_bytes(), 3))
         if name == "fused" and "torch.compile" in wall:

@@ -29,6 +29,12 @@ under the torch profiler for a breakdown (shares of backward, AdamW, and the res
 clipping, EMA) and its top operators by self time. Results: bench/results/step_vs_dino.{csv,png},
 rows labelled with the git commit (`+dirty` when tracked files were modified).
 
+How far the op can take the step: the fused op's GEMMs alone (`op_gemm_floor`, the same four products at
+the step's shapes, bench_head_loss.floor_fn) are timed in the same rotation, and each dinovmf row has the
+time its steps spent inside the op (`op_ms`) and the speed-up its step would have if the op cost only
+those GEMMs (`speedup_at_op_floor` = original / (step - op + floor)): the ceiling of any work on the op,
+the rest of the step (backbone, head MLP, AdamW, EMA) being the same GEMMs on both sides.
+
 Configurations (issue 14): `demo` is the demo preset's sizes (4-block ViT-Tiny/8, 2 x 32 + 2 x 16 px
 crops, batch 32, K=256, hidden 512, p=128); `dino_head` is DINO's head (K=65536, hidden 2048, p=256) on a
 4-block ViT-Tiny/16 with 2 x 64 + 6 x 32 px crops, batch 32 (drop-path 0.1 as DINO). Targets: dinovmf at
@@ -37,16 +43,19 @@ least 1.5x faster than the original at dino_head, for dino and dino_vmf; not slo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+import dinovmf.loss
+from bench.bench_head_loss import Inputs, floor_fn
 from bench.dino_original import OriginalDINOStep
 from bench.harness import record
 from dinovmf.config import load_config
@@ -77,6 +86,8 @@ IMPLEMENTATIONS = {
     "dinovmf_dino": ("dinovmf", "dino", "original_dino"),
     "dinovmf_dino_vmf": ("dinovmf", "dino_vmf", "original_dino_free_norms"),
 }
+OP_FLOOR = "op_gemm_floor"
+OP_FLOOR_NOTE = "the fused op's GEMMs alone at the step's shapes, timed in the same rotation (no loss, no step)"
 BACKBONE_NOTE = ("both sides run dinovmf's VisionTransformer and head MLP; only the prototype layer, loss "
                  "and step differ")
 
@@ -88,14 +99,41 @@ def bench_config(name: str, method: str = "dino", extra: list[str] = ()):
     return load_config(BASE_PRESET, [f"method={method}"] + COMMON + CONFIGS[name] + list(extra))
 
 
+@contextlib.contextmanager
+def op_clock():
+    """Yields a one-item list that collects the wall ms spent inside the fused op while the block runs: it
+    wraps `dinovmf.loss.head_to_loss` (the call computes the loss and its gradients; backward only hands
+    them over), bracketed by device syncs on a GPU, and restores it on exit."""
+    op, spent = dinovmf.loss.head_to_loss, [0.0]
+
+    def timed(*args, **kwargs):
+        sync = torch.cuda.synchronize if args[0].is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = op(*args, **kwargs)
+        sync()
+        spent[0] += 1e3 * (time.perf_counter() - t0)
+        return out
+
+    dinovmf.loss.head_to_loss = timed
+    try:
+        yield spent
+    finally:
+        dinovmf.loss.head_to_loss = op
+
+
 @dataclass
 class DinovmfTraining:
     """dinovmf's trainer and its step: `step(crops, step_index) -> loss` (a 0-d device tensor: the trainer
-    syncs only on log steps)."""
+    syncs only on log steps). `op_ms` lists the time each step spent inside the fused op."""
     trainer: Trainer
+    op_ms: list = field(default_factory=list)
 
     def step(self, crops: list[torch.Tensor], i: int) -> torch.Tensor:
-        return self.trainer.train_step(crops, i)["loss"]
+        with op_clock() as spent:
+            loss = self.trainer.train_step(crops, i)["loss"]
+        self.op_ms.append(spent[0])
+        return loss
 
     @property
     def student(self) -> torch.nn.Module:
@@ -233,10 +271,14 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
     """The CSV rows of one configuration: every implementation's median step time and ratios."""
     cfg = bench_config(config, "dino", extra)
     steps = build_implementations(config, names, device, extra)
+    if any(IMPLEMENTATIONS[n][0] == "dinovmf" for n in names):
+        steps[OP_FLOOR] = op_floor_step(cfg, device)
     crops = make_crops(cfg, device)
     load_before = os.getloadavg()[0]
     wall, cpu, losses = time_alternating(steps, crops, n_steps, warmup)
     median = {n: statistics.median(t) for n, t in wall.items()}
+    # time inside the fused op per timed step (the step's bound method carries its DinovmfTraining)
+    op_ms = {n: statistics.median(steps[n].__self__.op_ms[-n_steps:]) for n in names if IMPLEMENTATIONS[n][0] == "dinovmf"}
     cpu_median = {n: statistics.median(t) for n, t in cpu.items()}
     load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
     commit = git_commit()
@@ -255,6 +297,11 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
             row.update(baseline=baseline, time_ratio=median[name] / median[baseline],
                        speedup=median[baseline] / median[name],
                        cpu_speedup=cpu_median[baseline] / cpu_median[name])
+            if kind == "dinovmf":
+                # The step as it would be if the op cost only its GEMMs: how far any op work can take the step.
+                at_floor = median[name] - op_ms[name] + median[OP_FLOOR]
+                row.update(op_ms=op_ms[name], op_floor_ms=median[OP_FLOOR], step_ms_at_op_floor=at_floor,
+                           speedup_at_op_floor=median[baseline] / at_floor)
             if kind == "dinovmf" and config in TARGET_SPEEDUP:
                 row.update(target_speedup=TARGET_SPEEDUP[config],
                            meets_target=row["speedup"] >= TARGET_SPEEDUP[config])
@@ -262,7 +309,22 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
             row.update(profile_breakdown(steps[name], crops, STEPS_PER_EPOCH + warmup + n_steps, profile_steps))
         row.update(load_avg=load, commit=commit, note=BACKBONE_NOTE)
         rows.append(row)
+    if OP_FLOOR in steps:
+        q = statistics.quantiles(wall[OP_FLOOR], n=4) if len(wall[OP_FLOOR]) > 1 else [median[OP_FLOOR]] * 3
+        rows.append({**{k: rows[0][k] for k in ("config", "K", "p", "hidden", "backbone", "crops", "batch",
+                                                "threads", "steps", "warmup")},
+                     "impl": OP_FLOOR, "step_ms": median[OP_FLOOR], "step_ms_q1": q[0], "step_ms_q3": q[2],
+                     "cpu_ms": cpu_median[OP_FLOOR], "load_avg": load, "commit": commit, "note": OP_FLOOR_NOTE})
     return rows
+
+
+def op_floor_step(cfg, device: torch.device) -> Callable:
+    """The fused op's unavoidable GEMMs alone (bench_head_loss.floor_fn: student logits, teacher dots and the
+    two backward products, fp32 as the op runs) at the step's shapes, as a step(crops, i) to alternate."""
+    x = Inputs(2 + cfg.crops.n_local, 2, cfg.train.batch_size, cfg.model.out_dim, cfg.model.bottleneck_dim,
+               "dino", device=device)
+    gemms = floor_fn(x)
+    return lambda crops, i: gemms()
 
 
 def main(argv=None) -> list[dict]:

@@ -10,19 +10,22 @@ the temperature costs nothing: it is folded into that [K] scale. The vMF term `b
 tau) - log C_p(1 / tau)` is a [K] vector computed once per call by `dinovmf.vmf` (float64 inside, exact
 gradient -A_p(kappa) / tau) and added inside the kernel.
 
+On the CPU the three large buffers of a call (teacher dots, student chunk, U) come from
+`dinovmf.cpu_memory.kept_empty`: mappings kept between calls and reused once nothing refers to them (a
+fresh one costs a page fault per 4 KiB every call).
+
 One call:
   1. teacher: `dots = z_t @ v_t.T` (one GEMM), then the backend's `teacher_rows` kernel writes the teacher
      probabilities over that buffer (fp32) with the centre statistic, row entropy and row argmax;
-  2. student, in chunks of rows (`chunk_rows`: the chunk buffer stays within `chunk_bytes`, and on the CPU
-     is kept between calls, `chunk_buffer`; rows ordered image-major inside a chunk so the T teacher rows
+  2. student, in chunks of rows (`chunk_rows`: the chunk buffer stays within `chunk_bytes`; rows ordered
+     image-major inside a chunk so the T teacher rows
      of an image are reused from cache):
        raw = z_chunk @ v.T                      (GEMM, into the chunk buffer)
        ce_rows(raw, c, beta, ...)               (loss terms, by-products; G * c written over raw)
        dz[chunk]  = (G c) @ v                   (GEMM)
        U         += (G c).T @ z_chunk            (GEMM; U is the returned prototype gradient's buffer)
        dbeta     += column sums of G            (inside ce_rows)
-  3. the prototype gradients from U (a fresh [K, p] buffer each call, as autograd keeps it as the .grad:
-     on the CPU backed by huge pages, `dinovmf.cpu_memory`). With M = G^T z / tau = dL/dW through the
+  3. the prototype gradients from U (the [K, p] buffer autograd then keeps as the .grad). With M = G^T z / tau = dL/dW through the
      logits, U_k = c_k tau M_k:
      for W (c_k tau = 1) dW = U plus the bias term dbeta_k dbeta_k/d||w_k|| w_k / ||w_k||; for (v, g)
      (c_k tau = g_k / ||v_k||), as w_k = g_k v^_k gives dL/dv_k = (g_k / ||v_k||)(I - v^_k v^_k^T) M_k and
@@ -44,14 +47,13 @@ no_grad (or when nothing requires grad) no gradient work is done. The loss and b
 from __future__ import annotations
 
 import math
-import threading
 from typing import NamedTuple
 
 import torch
 
 from dinovmf import backends
 from dinovmf.centering import teacher_bias
-from dinovmf.cpu_memory import empty_huge
+from dinovmf.cpu_memory import kept_empty
 from dinovmf.kernels.common import check_mode, check_temp, pair_count, serial_vector_math
 from dinovmf.vmf import vmf_column_bias
 
@@ -60,37 +62,6 @@ from dinovmf.vmf import vmf_column_bias
 # chunks are faster (measured: 6 chunks cost ~+25% on that GEMM vs one full-size call); this budget keeps
 # the op's whole peak extra memory under 0.25x the logits.
 DEFAULT_CHUNK_BYTES = 40 * 2 ** 20
-# Chunk buffers kept between calls, per (thread, dtype, device), on the CPU only: glibc hands blocks above
-# 32 MiB back to the OS when they are freed, so a fresh [rows, K] buffer (32 MiB at the step benchmark's
-# DINO head) is ~8k first-touch page faults every call: one op call (forward + backward, S=8, T=2, B=32,
-# K=65536, 2 threads) took 389 ms with a fresh buffer and 340 ms with the kept one (medians of 10
-# alternating calls, 2-core EPYC VM). CUDA's caching allocator already reuses blocks. The buffer is dead
-# once `_run` returns (nothing it returns views it); per thread, so concurrent calls never share one.
-_CPU_WORKSPACE: dict[tuple, torch.Tensor] = {}
-
-
-def chunk_buffer(rows: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, K] scratch buffer: on the CPU a view of the kept workspace (grown when too small)."""
-    if device.type != "cpu":
-        return torch.empty(rows, K, dtype=dtype, device=device)
-    key = (threading.get_ident(), dtype, device)
-    ws = _CPU_WORKSPACE.get(key)
-    if ws is None or ws.numel() < rows * K:
-        ws = None  # free the old one (its last reference is the dict's) before the larger one exists
-        _CPU_WORKSPACE.pop(key, None)
-        ws = _CPU_WORKSPACE[key] = torch.empty(rows * K, dtype=dtype, device=device)
-    return ws[:rows * K].view(rows, K)
-
-
-def release_cpu_workspace() -> None:
-    """Drop the kept CPU chunk buffers (the next call allocates what it needs)."""
-    _CPU_WORKSPACE.clear()
-
-
-def cpu_workspace_bytes() -> int:
-    """Bytes the kept CPU chunk buffers hold (memory the op keeps between calls; benchmarks count it)."""
-    return sum(ws.numel() * ws.element_size() for ws in _CPU_WORKSPACE.values())
-
 
 # |g_k| below this is treated as this (same sign) in the column scale: dg_k = (U_k . v_k) / g_k stays exact
 # for g_k = 0 (a dead plain-DINO prototype), and the logits change by < 2^-64 |z.v| / tau (invisible).
@@ -259,7 +230,9 @@ def _teacher(plan, teacher_rows):
     w_t, _ = plan.teacher_prototypes
     col_scale, bias = _teacher_columns(plan)
     with torch.no_grad():
-        dots = torch.mm(plan.teacher_z.detach(), w_t.detach().t())
+        zt = plan.teacher_z.detach()
+        dots = torch.mm(zt, w_t.detach().t(), out=kept_empty(zt.shape[0], w_t.shape[0], dtype=zt.dtype,
+                                                              device=zt.device))
         out = dots if dots.dtype == torch.float32 else None  # probabilities in place over the dots
         return teacher_rows(dots, plan.teacher_temp, plan.centering, plan.center, col_scale, bias, out)
 
@@ -276,9 +249,10 @@ def _teacher_kmajor(plan, lanes: int):
     w_t, _ = plan.teacher_prototypes
     col_scale, bias = _teacher_columns(plan)
     with torch.no_grad():
-        zt = plan.teacher_z.detach()
-        dots_t = torch.mm(w_t.detach(), _padded_rows(zt, lanes).t())
-        return teacher_cols_cpp(dots_t, zt.shape[0], plan.teacher_temp, plan.centering, plan.center, col_scale, bias)
+        zt = _padded_rows(plan.teacher_z.detach(), lanes)
+        dots_t = torch.mm(w_t.detach(), zt.t(), out=kept_empty(w_t.shape[0], zt.shape[0], dtype=zt.dtype))
+        return teacher_cols_cpp(dots_t, plan.teacher_z.shape[0], plan.teacher_temp, plan.centering, plan.center,
+                                col_scale, bias)
 
 
 def _uses_kmajor(plan, z: torch.Tensor) -> bool:
@@ -301,7 +275,7 @@ def _student_rows(plan, z, w_gemm, col_scale, bias, probs, out: _Chunks, need_gr
     N, K = z.shape[0], w_gemm.shape[0]
     order = (torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device))
     rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    buf = chunk_buffer(rows, K, z.dtype, z.device)
+    buf = kept_empty(rows, K, dtype=z.dtype, device=z.device)
     u = out.u
     for i, r0 in enumerate(range(0, N, rows)):
         idx = order[r0:r0 + rows]
@@ -330,7 +304,7 @@ def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, nee
     from dinovmf._ext import ce_cols_cpp
     N, K = z.shape[0], w_gemm.shape[0]
     rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    flat = chunk_buffer(-(-rows // lanes) * lanes, K, z.dtype, z.device).view(-1)  # [K, rows padded]
+    flat = kept_empty(-(-rows // lanes) * lanes * K, dtype=z.dtype, device=z.device)  # [K, rows padded]
     zd = z.detach()
     for r0 in range(0, N, rows):
         c = min(rows, N - r0)
@@ -378,7 +352,7 @@ def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
     acc_dt = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     out = _Chunks(stats=torch.empty(4, N, dtype=vdt, device=z.device),
                   dz=torch.empty_like(z) if need_dz else None,
-                  u=empty_huge(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None,
+                  u=kept_empty(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None,
                   dbeta=torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None)
     if kmajor:
         _student_kmajor(plan, z, w.detach(), col_scale, bias, probs_t, out, need_grad, lanes)
@@ -507,6 +481,5 @@ def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_proto
     return plan.result._replace(loss=loss)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "check_prototypes", "chunk_buffer",
-           "chunk_rows", "cpu_workspace_bytes", "hand_over_scaled", "head_to_loss", "image_major_order",
-           "release_cpu_workspace"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadLossOutput", "check_head_loss_inputs", "check_prototypes", "chunk_rows",
+           "hand_over_scaled", "head_to_loss", "image_major_order"]

@@ -60,7 +60,11 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     total = torch.nn.utils.get_total_norm(grads)
     if hasattr(total, "full_tensor"):  # a DTensor: reduce the partial norms over the shards
         total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    # clip_grads_with_norm_ multiplies by min(1, max_norm / (total + 1e-6)) without a host sync, i.e. a pass
+    # over every gradient even when the factor is 1 (~8 ms a step at DINO's head on the 2-core CPU). On the
+    # CPU reading the factor costs nothing (no device to wait for): skip the pass when it is exactly 1.
+    if total.device.type != "cpu" or float(max_norm / (total + 1e-6)) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 

@@ -123,11 +123,11 @@ def test_original_head_outputs_weight_normalised_logits():
 def test_bench_step_runs_end_to_end_at_tiny_sizes(tmp_path):
     rows = bench_step.main(["--configs", "tiny", "--steps", "2", "--warmup", "1", "--profile-steps", "1",
                             "--results-dir", str(tmp_path)])
-    assert [r["impl"] for r in rows] == list(bench_step.IMPLEMENTATIONS)
+    assert [r["impl"] for r in rows] == list(bench_step.IMPLEMENTATIONS) + [bench_step.OP_FLOOR]
     with open(tmp_path / "step_vs_dino.csv", newline="") as f:
         written = list(csv.DictReader(f))
     assert (tmp_path / "step_vs_dino.png").stat().st_size > 0
-    assert len(written) == 4
+    assert len(written) == 5
     by_impl = {r["impl"]: r for r in written}
     for name, (_, _, baseline) in bench_step.IMPLEMENTATIONS.items():
         r = by_impl[name]
@@ -139,5 +139,26 @@ def test_bench_step_runs_end_to_end_at_tiny_sizes(tmp_path):
             ratio = float(by_impl[name]["step_ms"]) / float(by_impl[baseline]["step_ms"])
             assert r["baseline"] == baseline and float(r["time_ratio"]) == pytest.approx(ratio, rel=1e-3)
             assert float(r["speedup"]) == pytest.approx(1 / ratio, rel=1e-3) and float(r["cpu_speedup"]) > 0
+    # The op's own time and its GEMM floor, and the step's speed-up had the op cost only that floor.
+    floor = float(by_impl[bench_step.OP_FLOOR]["step_ms"])
+    assert floor > 0
+    for name in ("dinovmf_dino", "dinovmf_dino_vmf"):
+        r = by_impl[name]
+        op, step = float(r["op_ms"]), float(r["step_ms"])
+        assert 0 < op < step and float(r["op_floor_ms"]) == pytest.approx(floor)
+        assert float(r["step_ms_at_op_floor"]) == pytest.approx(step - op + floor, rel=1e-6)
+        baseline = float(by_impl[bench_step.IMPLEMENTATIONS[name][2]]["step_ms"])
+        assert float(r["speedup_at_op_floor"]) == pytest.approx(baseline / (step - op + floor), rel=1e-6)
     # Same weights, same crops, same maths: the dino rows log the same loss.
     assert float(by_impl["dinovmf_dino"]["loss"]) == pytest.approx(float(by_impl["original_dino"]["loss"]), rel=1e-4)
+
+
+def test_op_clock_times_the_fused_op_and_restores_it():
+    import dinovmf.loss
+    op = dinovmf.loss.head_to_loss
+    z, v = torch.nn.functional.normalize(torch.randn(8, 4), dim=1), torch.randn(6, 4)
+    with bench_step.op_clock() as spent:
+        assert dinovmf.loss.head_to_loss is not op
+        out = dinovmf.loss.head_to_loss(z, z[:4], v, v, student_temp=0.1, teacher_temp=0.04,
+                                           center=torch.zeros(6), n_global=2)
+    assert dinovmf.loss.head_to_loss is op and spent[0] > 0 and torch.isfinite(out.loss)

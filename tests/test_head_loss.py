@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dinovmf import backends
-from dinovmf.head_loss import chunk_buffer, chunk_rows, cpu_workspace_bytes, head_to_loss, image_major_order
+from dinovmf.cpu_memory import kept_bytes, release_kept
+from dinovmf.head_loss import chunk_rows, head_to_loss, image_major_order
 from dinovmf.kernels import testing as kt
 from dinovmf.loss_reference import head_to_loss_reference
 
@@ -308,26 +309,25 @@ def test_chunk_rows_fits_the_budget_and_evens_out():
         chunk_rows(5, 10, 4, 0)
 
 
-def test_cpu_chunk_buffer_is_kept_per_thread_and_grows():
-    import threading
-    cpu = torch.device("cpu")
-    a = chunk_buffer(4, 100, torch.float32, cpu)
-    b = chunk_buffer(2, 150, torch.float32, cpu)  # smaller: the same memory again
-    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 150)
-    c = chunk_buffer(8, 100, torch.float32, cpu)  # larger: a new, larger buffer replaces it
-    assert c.shape == (8, 100) and cpu_workspace_bytes() >= 800 * 4
-    assert chunk_buffer(8, 100, torch.float32, cpu).data_ptr() == c.data_ptr()
-    assert chunk_buffer(8, 100, torch.float64, cpu).data_ptr() != c.data_ptr()  # one per dtype
-    other = []
-    t = threading.Thread(target=lambda: other.append(chunk_buffer(8, 100, torch.float32, cpu).data_ptr()))
-    t.start()
-    t.join()
-    assert other[0] != c.data_ptr()  # concurrent calls on two threads never share a buffer
+def test_cpu_buffers_are_reused_once_the_gradients_are_dropped():
+    """On the CPU the op's large buffers are kept (dinovmf.cpu_memory): a second call while the first call's
+    gradients live gets other memory; once they are dropped, the same memory again."""
+    kw = dict(centering="prob", vmf=True, n_global=2, backend="cpp")
+    case = make_case(12, 2, 333, True, "prob", seed=3)
+    release_kept()
+    _, grads = run(head_to_loss, case, torch.float32, **kw)
+    first = grads[1].data_ptr()
+    _, held = run(head_to_loss, case, torch.float32, **kw)
+    second = held[1].data_ptr()
+    assert second != first  # the first gradient still lives: its buffer is not handed out
+    del grads, held
+    _, again = run(head_to_loss, case, torch.float32, **kw)
+    assert again[1].data_ptr() in (first, second) and kept_bytes() > 0
 
 
-def test_kept_chunk_buffer_does_not_leak_between_calls():
-    """Calls of different sizes through the one kept buffer give what fresh buffers give, and nothing the op
-    returns views the buffer (the next call overwrites it)."""
+def test_kept_buffers_do_not_leak_between_calls():
+    """Calls of different sizes through the kept buffers give what fresh buffers give, and what the op
+    returned (teacher probabilities, gradients: kept buffers themselves) is never overwritten while held."""
     kw = dict(centering="prob", vmf=True, n_global=2, backend="cpp", chunk_bytes=5 * 333 * 4)
     big, small = make_case(12, 2, 333, True, "prob", seed=3), make_case(4, 2, 96, True, "prob", seed=4)
     first, g_first = run(head_to_loss, big, torch.float32, **kw)
