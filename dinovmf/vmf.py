@@ -106,13 +106,29 @@ def _log_iv_debye(nu, kappa: torch.Tensor) -> torch.Tensor:
     return nu * eta - 0.5 * log_2pi_nu - 0.5 * torch.log(s) + torch.log(debye_series(1.0 / s, nu))
 
 
+# Elements per evaluation: the Debye terms hold ~14 float64 temporaries of the batched [2, n] shape at once
+# (14 MiB for K = 65536 prototypes, most of the fused op's memory beyond its buffers); blocks keep them ~2 MiB.
+_BLOCK = 8192
+
+
 def _log_iv_and_ratio(nu: float, kappa: torch.Tensor,
                       need_ratio: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log I_nu(kappa), I_{nu+1}(kappa) / I_nu(kappa)) for float64 kappa > 0; see the module docstring.
 
     With `need_ratio=False` and nu >= `_DEBYE_MIN_ORDER` (the usual p = 256 case) the second Debye
     evaluation is skipped and the ratio is None: that is what a no-grad caller (the teacher) needs.
+    Evaluated in blocks of `_BLOCK` elements (elementwise maths: the same numbers as one pass).
     """
+    if kappa.numel() <= _BLOCK:
+        return _log_iv_and_ratio_block(nu, kappa, need_ratio)
+    parts = [_log_iv_and_ratio_block(nu, block, need_ratio) for block in kappa.reshape(-1).split(_BLOCK)]
+    log_i = torch.cat([log_i for log_i, _ in parts]).view(kappa.shape)
+    return log_i, None if parts[0][1] is None else torch.cat([rho for _, rho in parts]).view(kappa.shape)
+
+
+def _log_iv_and_ratio_block(nu: float, kappa: torch.Tensor,
+                            need_ratio: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_log_iv_and_ratio` in one batched evaluation."""
     steps = max(0, math.ceil(_DEBYE_MIN_ORDER - nu))
     top = nu + steps
     if steps == 0 and not need_ratio:
