@@ -278,7 +278,8 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
     wall, cpu, losses = time_alternating(steps, crops, n_steps, warmup)
     median = {n: statistics.median(t) for n, t in wall.items()}
     # time inside the fused op per timed step (the step's bound method carries its DinovmfTraining)
-    op_ms = {n: statistics.median(steps[n].__self__.op_ms[-n_steps:]) for n in names if IMPLEMENTATIONS[n][0] == "dinovmf"}
+    op_ms = {n: statistics.median(steps[n].__self__.op_ms[-n_steps:])
+             for n in names if IMPLEMENTATIONS[n][0] == "dinovmf"}
     cpu_median = {n: statistics.median(t) for n, t in cpu.items()}
     load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
     commit = git_commit()

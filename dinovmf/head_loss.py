@@ -18,15 +18,14 @@ One call:
   1. teacher: `dots = z_t @ v_t.T` (one GEMM), then the backend's `teacher_rows` kernel writes the teacher
      probabilities over that buffer (fp32) with the centre statistic, row entropy and row argmax;
   2. student, in chunks of rows (`chunk_rows`: the chunk buffer stays within `chunk_bytes`; rows ordered
-     image-major inside a chunk so the T teacher rows
-     of an image are reused from cache):
+     image-major inside a chunk so the T teacher rows of an image are reused from cache):
        raw = z_chunk @ v.T                      (GEMM, into the chunk buffer)
        ce_rows(raw, c, beta, ...)               (loss terms, by-products; G * c written over raw)
        dz[chunk]  = (G c) @ v                   (GEMM)
        U         += (G c).T @ z_chunk            (GEMM; U is the returned prototype gradient's buffer)
        dbeta     += column sums of G            (inside ce_rows)
-  3. the prototype gradients from U (the [K, p] buffer autograd then keeps as the .grad). With M = G^T z / tau = dL/dW through the
-     logits, U_k = c_k tau M_k:
+  3. the prototype gradients from U (the [K, p] buffer autograd then keeps as the .grad). With
+     M = G^T z / tau = dL/dW through the logits, U_k = c_k tau M_k:
      for W (c_k tau = 1) dW = U plus the bias term dbeta_k dbeta_k/d||w_k|| w_k / ||w_k||; for (v, g)
      (c_k tau = g_k / ||v_k||), as w_k = g_k v^_k gives dL/dv_k = (g_k / ||v_k||)(I - v^_k v^_k^T) M_k and
      dL/dg_k = M_k . v^_k + dbeta_k dbeta_k/dg_k:
