@@ -164,6 +164,10 @@ class EvalConfig:
 class DistConfig:
     backend: str = "auto"            # auto (nccl on CUDA, gloo on CPU), nccl, gloo
     fsdp: bool = False               # FSDP2 fully_shard per block instead of DDP (ViT-L)
+    # Seconds ranks wait for each other: collectives time out after it (NCCL then dumps its flight recorder);
+    # on gloo the watchdog names the stalled rank after 0.6 of it (dinovmf.watchdog). It must cover the
+    # longest wait for one rank inside the loop, e.g. rank 0 writing a checkpoint while the others wait.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -410,7 +414,9 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config: {key} must be > 0, got {value}")
     if cfg.train.time_limit_min is not None and cfg.train.time_limit_min <= 0:
         raise ValueError(f"config: train.time_limit_min must be > 0 (or null), got {cfg.train.time_limit_min}")
+    _validate_optim(cfg.optim)
     validate_crops(cfg.crops)
+    _validate_patch_grid(cfg)
     if cfg.train.amp not in ("auto", "bf16", "none"):
         raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
     if cfg.data.loader not in ("auto", "ffcv", "pil"):
@@ -423,9 +429,42 @@ def validate(cfg: Config) -> None:
     _validate_proto_norms(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
+    if not (math.isfinite(cfg.dist.timeout_s) and cfg.dist.timeout_s >= 1):
+        raise ValueError(f"config: dist.timeout_s must be a number of seconds >= 1, got {cfg.dist.timeout_s} "
+                         "(the default, 600, covers a checkpoint write; torch's own is 1800)")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    """Values AdamW, the clipping and the schedules cannot use: torch's own errors would name no key (a
+    negative weight decay) or none would come (a negative clip_grad disabled clipping silently)."""
+    at_least_zero = {"optim.weight_decay": optim.weight_decay, "optim.weight_decay_end": optim.weight_decay_end,
+                     "optim.min_lr": optim.min_lr, "optim.warmup_epochs": optim.warmup_epochs,
+                     "optim.freeze_last_layer": optim.freeze_last_layer}
+    for key, value in at_least_zero.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"config: {key} must be >= 0, got {value}")
+    if not (math.isfinite(optim.clip_grad) and optim.clip_grad >= 0):
+        raise ValueError(f"config: optim.clip_grad must be >= 0 (the largest gradient norm; 0 disables "
+                         f"clipping), got {optim.clip_grad}")
+    if not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ValueError(f"config: optim.betas must both be in [0, 1), got {optim.betas}")
+
+
+def _validate_patch_grid(cfg: Config) -> None:
+    """Every image the ViT sees is cut into model.patch_size squares, which must tile it exactly (the
+    patch embedding would otherwise fail after the data loader is built, naming its own arguments)."""
+    p = cfg.model.patch_size
+    sizes = {"crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size}
+    if cfg.eval.image_size is not None:
+        sizes["eval.image_size"] = cfg.eval.image_size
+    for key, size in sizes.items():
+        if size % p:
+            hint = f"e.g. {key}={max(p, size // p * p)}"
+            raise ValueError(f"config: {key}={size} must be a multiple of model.patch_size ({p}): the ViT cuts "
+                             f"each image into {p} x {p} patches; {hint}")
 
 
 def _validate_proto_norms(cfg: Config) -> None:
@@ -500,10 +539,6 @@ def _validate_ibot(cfg: Config) -> None:
         raise ValueError(f"config: ibot.patch_out_dim must be >= 1 (or null), got {ib.patch_out_dim}")
     if ib.loss_weight < 0:
         raise ValueError(f"config: ibot.loss_weight must be >= 0, got {ib.loss_weight}")
-    if cfg.method == "ibot_vmf" and cfg.crops.global_size % cfg.model.patch_size:
-        # The masks cover the global crop's patch grid, which must be whole.
-        raise ValueError(f"config: method=ibot_vmf needs crops.global_size ({cfg.crops.global_size}) to be a "
-                         f"multiple of model.patch_size ({cfg.model.patch_size})")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -45,23 +45,49 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 class CollapseDetector:
-    """Warns when the teacher's mean entropy stays near log K (uniform outputs: centering dominates)
-    or near 0 (one prototype wins everything: sharpening dominates) for `patience` checks in a row."""
+    """Warns once per kind of collapse, fed every step (`Trainer.fit` reads the entropies with the loss):
 
-    def __init__(self, num_prototypes: int, high: float = 0.98, low: float = 0.02, patience: int = 3):
+    * `uniform`: the teacher's mean entropy stays near log K (centering dominates) and
+    * `one-hot`: near 0 (one prototype takes everything: sharpening dominates), for `patience` steps;
+    * `uniform student`: the student's entropy stays at log K to within `uniform_tol` nats for
+      `student_patience` steps: its logits are equal across prototypes and the loss sits at ln K. A
+      training student never gets there (its temperature keeps it sharp); a diverging run passes there
+      on its way to NaN, within a few steps, hence the shorter patience.
+
+    A step already checked is skipped (a deferred loss guard offers a step's values until the next is read).
+    """
+
+    def __init__(self, num_prototypes: int, high: float = 0.98, low: float = 0.02, patience: int = 10,
+                 uniform_tol: float = 1e-3, student_patience: int = 3):
         self.log_k = math.log(num_prototypes)
         self.high, self.low, self.patience = high, low, patience
-        self._streak, self._kind, self.warned = 0, None, set()
+        self.uniform_tol, self.student_patience = uniform_tol, student_patience
+        self._streaks: dict[str, int] = {}
+        self._last_step: int | None = None
+        self.warned: set[str] = set()
 
-    def check(self, step: int, teacher_entropy: float) -> str | None:
-        """The warning text when collapse is detected at this check (once per kind), else None."""
-        ratio = teacher_entropy / self.log_k
-        kind = "uniform" if ratio > self.high else "one-hot" if ratio < self.low else None
-        self._streak = self._streak + 1 if kind is not None and kind == self._kind else int(kind is not None)
-        self._kind = kind
-        if kind is None or self._streak < self.patience or kind in self.warned:
+    def check(self, step: int, teacher_entropy: float, student_entropy: float = float("nan")) -> str | None:
+        """The warning text when a collapse is detected at this step (once per kind), else None."""
+        if step == self._last_step:
             return None
-        self.warned.add(kind)
+        self._last_step = step
+        ratio = teacher_entropy / self.log_k
+        kinds = {"uniform": ratio > self.high, "one-hot": ratio < self.low,
+                 "uniform student": abs(student_entropy - self.log_k) <= self.uniform_tol}
+        for kind, now in kinds.items():
+            self._streaks[kind] = self._streaks.get(kind, 0) + 1 if now else 0
+        for kind, patience in (("uniform", self.patience), ("one-hot", self.patience),
+                               ("uniform student", self.student_patience)):
+            if self._streaks[kind] >= patience and kind not in self.warned:
+                self.warned.add(kind)
+                return self._message(kind, step, teacher_entropy, student_entropy)
+        return None
+
+    def _message(self, kind: str, step: int, teacher_entropy: float, student_entropy: float) -> str:
+        if kind == "uniform student":
+            return (f"possible collapse at step {step}: the student's entropy {student_entropy:.4f} has been "
+                    f"log K = {self.log_k:.4f} for {self._streaks[kind]} steps: its outputs are uniform and the "
+                    "loss sits at ln K (a diverging run: lower optim.lr, keep optim.clip_grad)")
         what = ("near log K: the teacher outputs are close to uniform (centering too strong or teacher "
                 "temperature too high)" if kind == "uniform" else
                 "near 0: one prototype takes every sample (teacher temperature too low / centering too weak)")

@@ -30,7 +30,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     ValueError for unusable input (missing data, bad checkpoint).
     """
     out_dir = Path(out_dir)
-    info = D.init_distributed(cfg.dist.backend)
+    info = D.init_distributed(cfg.dist.backend, cfg.dist.timeout_s, trace_dir=out_dir / "nccl_traces")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         resume_path = ckpt.resolve_resume(resume, out_dir)
@@ -77,7 +77,8 @@ def build_train_loader(cfg: Config, out_dir: Path, info: D.DistInfo):
 
 
 def prepare_data(spec: str, out_dir: Path, info: D.DistInfo, split: str = "train", loader: str = "auto") -> Path:
-    """Resolve a data spec to a dataset path; rank 0 prepares (an image folder -> .beton), others wait.
+    """Resolve a data spec to a dataset path; rank 0 prepares (an image folder -> .beton), others wait
+    (without a timeout: preparing a large folder takes hours).
 
     With `data.loader=pil` an image folder is read as it is: converting it to a .beton would only
     cost time.
@@ -90,7 +91,7 @@ def prepare_data(spec: str, out_dir: Path, info: D.DistInfo, split: str = "train
     path = None
     if info.is_main:
         path = resolve_dataset(spec, workdir, split=split)
-    D.barrier()
+    D.wait_all()
     if not info.is_main:
         path = resolve_dataset(spec, workdir, split=split)
     return Path(path)

@@ -34,8 +34,11 @@ from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyper
 from dinovmf.parallelize import parallelize
 from dinovmf.schedules import Schedules, build_schedules
 from dinovmf.stopping import NonFiniteLossError, NonFiniteLossGuard, StopSignal, TimeLimit
+from dinovmf.watchdog import watchdog_for
 
 UTILISATION_EPS = 1e-3  # cosine distance under which two prototypes count as one (unique prototypes)
+# Metrics read with the loss every step (one copy), for the collapse detector.
+COLLAPSE_METRICS = ("teacher_entropy", "student_entropy")
 
 
 class Trainer:
@@ -53,7 +56,7 @@ class Trainer:
                  *, steps_per_epoch: int | None = None, load_init_from: bool = True):
         self.cfg = cfg
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.info = D.init_distributed(cfg.dist.backend)
+        self.info = D.init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.device = D.device_for(self.info) if device is None else torch.device(device)
 
         student = init_student(cfg)  # train.seed: the same weights on every rank
@@ -101,7 +104,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms, metrics = self.objective(models.student_forward, models.teacher, crops, values["teacher_temp"])
         loss = sum(terms.values())
-        self.loss_guard.check(loss, step)
+        # Numbered as the logs number steps (the n-th step is step n); the entropies ride along for fit's
+        # collapse detector, read every step without a sync of their own.
+        self.loss_guard.check(loss, step + 1, watch={k: metrics[k] for k in COLLAPSE_METRICS if k in metrics})
         loss.backward()
         if self.probe is not None:  # stability probes (train.probes): the raw gradients, before clipping
             metrics.update({**gradient_probes(models.student.named_parameters()), **self.probe.read()})
@@ -130,8 +135,10 @@ class Trainer:
 
         `loader`: iterable of `(crops, labels)` with `set_epoch(e)` and `len()` (a `MultiCropLoader`).
         Logs every `train.log_every` steps, checkpoints every `train.ckpt_every` and at the end; stops
-        cleanly (checkpoint saved) on SIGTERM / SIGINT or when `train.time_limit_min` is spent, and raises
-        `NonFiniteLossError` on a NaN / inf loss, keeping the last good checkpoint.
+        cleanly (checkpoint saved) on SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT (then `exit_code` says which:
+        `stopping.EXIT_*`) or when `train.time_limit_min` is spent, and raises `NonFiniteLossError` on a
+        NaN / inf loss, keeping the last good checkpoint. Under gloo a watchdog exits the process when
+        ranks stop making progress (`dinovmf.watchdog`).
         """
         cfg, info = self.cfg, self.info
         if self.out_dir is None:
@@ -143,14 +150,17 @@ class Trainer:
         time_limit = TimeLimit(cfg.train.time_limit_min)
         last, interrupted, out_of_time = {}, False, False
         try:
-            with StopSignal() as signal:
+            with StopSignal() as signal, watchdog_for(info) as watchdog:
                 while self.step < sched.total_steps and not (interrupted or out_of_time):
                     epoch = self.step // sched.steps_per_epoch
                     for crops, _labels in self._epoch_batches(loader, epoch):
+                        watchdog.progress(self.step)
                         metrics = self.train_step(crops, self.step)
+                        watchdog.progress(self.step)
                         monitor.advance()
+                        self._check_collapse(monitor, collapse)
                         if self.step % cfg.train.log_every == 0 or self.step == sched.total_steps:
-                            last = self._log(monitor, collapse, metrics, epoch)
+                            last = self._log(monitor, metrics, epoch)
                         if self.step % cfg.train.ckpt_every == 0 and self.step < sched.total_steps:
                             self.save()
                         interrupted, out_of_time = D.any_rank(signal.received_locally, time_limit.expired_locally())
@@ -162,14 +172,16 @@ class Trainer:
         except NonFiniteLossError as e:
             good = ckpt.latest_checkpoint(ckpt.checkpoint_dir(self.out_dir))
             monitor.message(f"ERROR: {e}. Last good checkpoint: {good or 'none (no checkpoint was written)'}")
-            monitor.log(self.step, {"message": str(e)}, kind="error")
+            monitor.log(e.step, {"message": str(e)}, kind="error")
             raise
         finally:
             monitor.close()
-        if interrupted and info.is_main:
-            print(f"stopped by signal at step {self.step}; checkpoint saved, continue with --resume auto",
-                  flush=True)
-        return {**last, "step": self.step, "interrupted": interrupted}
+        if not interrupted:
+            return {**last, "step": self.step, "interrupted": False}
+        if info.is_main:
+            print(f"stopped by signal at step {self.step}; checkpoint saved, continue with --resume auto "
+                  f"(exit code {signal.exit_code})", flush=True)
+        return {**last, "step": self.step, "interrupted": True, "exit_code": signal.exit_code}
 
     def _set_steps_per_epoch(self, steps_per_epoch: int) -> None:
         if self.schedules is None:
@@ -212,7 +224,7 @@ class Trainer:
                         f"TFLOP/s ({peak_source})")
         return monitor
 
-    def _log(self, monitor: Monitor, collapse: CollapseDetector, metrics: dict, epoch: int) -> dict:
+    def _log(self, monitor: Monitor, metrics: dict, epoch: int) -> dict:
         """Turn the step's metrics into floats (the one host sync of a log step) and record them."""
         self.loss_guard.flush()
         values = to_floats(metrics)
@@ -226,10 +238,18 @@ class Trainer:
         if not self.models.fsdp and self.step % every == 0:  # FSDP shards W across ranks: skip the O(K^2 p) count
             record.update(unique_prototypes(self.models.student))
         monitor.log(self.step, record)
-        warning = collapse.check(self.step, values.get("teacher_entropy", float("nan")))
-        if warning:
-            monitor.warn(self.step, warning)
         return values
+
+    def _check_collapse(self, monitor: Monitor, collapse: CollapseDetector) -> None:
+        """Feed the collapse detector the entropies the loss guard read with the loss (every step; on CUDA
+        the previous step's), and print its warning."""
+        seen = self.loss_guard.latest
+        if seen is None:
+            return
+        nan = float("nan")
+        warning = collapse.check(seen["step"], seen.get("teacher_entropy", nan), seen.get("student_entropy", nan))
+        if warning:
+            monitor.warn(seen["step"], warning)
 
     def teacher_backbone(self) -> torch.nn.Module | None:
         """The teacher's backbone as a plain module, e.g. for kNN evaluation. Under FSDP2 its full weights

@@ -246,6 +246,27 @@ def test_ffcv_leaves_torch_thread_count_alone(ffcv_loader, data):
         torch.set_num_threads(threads)
 
 
+def test_ffcv_sets_its_numba_threads_and_leaves_torch_threads_alone():
+    """FFCV's `Compiler.set_num_threads`, which FFCV calls from each epoch's decoding thread as it starts,
+    also set torch's intra-op thread count: the training process's count changed mid-run at a moment set
+    by thread timing, and two 2-process demo runs with one seed differed from their third step (issue #24).
+    Patched by `ffcv_available`, it sets numba's count only."""
+    import numba
+
+    from dinovmf.data.ffcv_loader import ffcv_available
+    assert ffcv_available()
+    from ffcv.pipeline.compiler import Compiler
+    threads, numba_threads, compiler_threads = torch.get_num_threads(), numba.get_num_threads(), Compiler.num_threads
+    try:
+        torch.set_num_threads(3)
+        Compiler.set_num_threads(2)
+        assert (torch.get_num_threads(), numba.get_num_threads(), Compiler.num_threads) == (3, 2, 2)
+    finally:
+        torch.set_num_threads(threads)
+        Compiler.set_num_threads(compiler_threads)
+        numba.set_num_threads(numba_threads)
+
+
 def test_keep_torch_threads_restores_the_count():
     """What wraps FFCV's import, loader build and epoch start."""
     from dinovmf.data.ffcv_loader import keep_torch_threads

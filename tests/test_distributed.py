@@ -52,7 +52,7 @@ runs = {json.dumps(RUNS)}
 for name in sys.argv[3:]:
     cfg = tiny_config(data, None, {OVERRIDES!r} + runs[name.split("_")[0]])
     loader = build_train_loader(cfg, out / name, info)
-    if name.endswith("_nan"):  # a NaN batch on rank 1 only, at step 2: every rank must stop there
+    if name.endswith("_nan"):  # a NaN batch on rank 1 only, in step 3: every rank must stop there
         poison = lambda i, crops: [c * float("nan") for c in crops] if i == 2 and info.rank == 1 else crops
         try:
             Trainer(cfg, out / name, steps_per_epoch=len(loader)).fit(HookedLoader(loader, poison))
@@ -205,7 +205,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(runs):
     launch would time out instead of returning)."""
     out, _ = runs
     errors = [(out / "ddp_nan" / f"rank{r}.err").read_text() for r in (0, 1)]
-    assert "(on another rank) at step 2" in errors[0] and "(nan) at step 2" in errors[1]
+    assert "(on another rank) at step 3" in errors[0] and "(nan) at step 3" in errors[1]
     assert [s for s, _ in ckpt.list_checkpoints(out / "ddp_nan" / "checkpoints")] == [1, 2]
 
 

@@ -66,19 +66,21 @@ def test_few_steps_end_to_end(data, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
-    """A NaN batch at step 3 (a crafted input, through the public `fit`): the run raises naming the step,
-    the step-2 checkpoint stays the newest (and finite), and the error is in metrics.jsonl."""
+    """A NaN batch in the 4th step (batch 3; a crafted input, through the public `fit`): the run raises naming
+    the step as the log lines number it (step 4), the step-2 checkpoint stays the newest (and finite), and the
+    error is in metrics.jsonl under that step."""
     cfg = tiny_config(data[0], None, ["steps=6", "train.ckpt_every=2"])
 
     def nan_batch_at_3(i, crops):
         return [c * float("nan") for c in crops] if i == 3 else crops
 
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4"):
         fit(cfg, tmp_path, nan_batch_at_3)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]
     kept = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
     assert all(torch.isfinite(v).all() for v in kept["student"].values())
-    assert read_records(tmp_path, "error")[0]["step"] == 3
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]  # the log lines of the steps before it
+    assert read_records(tmp_path, "error")[0]["step"] == 4
 
 
 def test_sigterm_saves_and_exits(data, tmp_path):

@@ -57,7 +57,7 @@ def run(args) -> int:
         print(f"dinovmf train: stopped: {e}", file=sys.stderr)
         return 1
     if summary.get("interrupted"):
-        return 130  # as a shell reports an interrupted command; the checkpoint is saved
+        return summary["exit_code"]  # 75 pre-empted (SIGTERM / SIGUSR1 / SIGUSR2), 130 Ctrl-C: saved either way
     if "knn_top1" in summary and "knn_top1_random_init" in summary:
         print(f"kNN top-1: trained teacher {summary['knn_top1']:.2f}% vs random init "
               f"{summary['knn_top1_random_init']:.2f}%")

@@ -28,10 +28,12 @@ class BetonImages:
     """Random access to the (image, label) records of a .beton without FFCV's loader."""
 
     def __init__(self, path: str | Path):
-        try:
-            from ffcv.reader import Reader
-        except ImportError as e:
-            raise RuntimeError(f"reading {path} needs ffcv; give an image folder to the PIL loader") from e
+        from .beton import check_beton
+        from .ffcv_loader import ffcv_available
+        if not ffcv_available():
+            raise RuntimeError(f"reading {path} needs ffcv; give an image folder to the PIL loader")
+        from ffcv.reader import Reader
+        check_beton(path)
         reader = Reader(str(path))
         names = reader.field_names
         if "image" not in names or "label" not in names:

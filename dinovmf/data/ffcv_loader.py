@@ -11,9 +11,11 @@ Crop boxes come from `crops.random_crop_box` keyed per (sample, batch position, 
 order from `crops.epoch_order` through a custom traversal order: reproducible for a given (seed,
 epoch, rank) whatever the thread schedule, and the same rules as the PIL fallback.
 
-Threads. FFCV sets torch's intra-op thread count to `num_workers` when it is imported, when a loader
-is built and when an epoch starts (its Compiler does so); every such call here is wrapped in
-`keep_torch_threads`, so the training process keeps the thread count it had. Each epoch's decoding
+Threads. FFCV's Compiler sets torch's intra-op thread count along with numba's: once when it is
+imported (wrapped in `keep_torch_threads`), and then from each epoch's decoding thread as it starts, at
+a moment set by thread timing. The training process's thread count then changed mid-run and with it the
+GEMMs' summation order: two runs with one seed differed from the third step on (issue #24). So
+`ffcv_available` makes the Compiler set numba's threads only (`_numba_threads_only`). Each epoch's decoding
 runs in a background thread that FFCV leaves running when the consumer stops early; `ffcv_epoch`
 closes and joins it when its generator is closed, so a later fork (a DataLoader worker, FFCV's dataset
 writer) does not find numba's TBB threads attached to a live thread (numba then prints "Unable to join
@@ -28,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import math
+import os
 import queue
 import time
 import weakref
@@ -59,14 +62,33 @@ def keep_torch_threads():
 @functools.lru_cache(maxsize=1)
 def ffcv_available() -> bool:
     """Whether FFCV (and its numba / OpenCV dependencies) imports. The first call also replaces FFCV's
-    numba state types (`_immutable_state_types`)."""
+    numba state types (`_immutable_state_types`) and its thread setting (`_numba_threads_only`)."""
     try:
         with keep_torch_threads():
             import ffcv.loader  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken native dependency raises OSError/ImportError alike
         return False
     _immutable_state_types()
+    _numba_threads_only()
     return True
+
+
+def _numba_threads_only() -> None:
+    """Make FFCV's `Compiler.set_num_threads` set numba's thread count and leave torch's alone.
+
+    FFCV 1.0 also calls `torch.set_num_threads(n)` there, and calls it from each epoch's decoding thread
+    when the thread starts: the training process's intra-op thread count then changed while it trained,
+    at a moment that depended on thread timing, which made runs with the same seed differ (see the
+    module docstring). The decoding threads are numba's, so numba's count is all FFCV needs.
+    """
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    def set_num_threads(cls, n: int) -> None:  # FFCV's, without its torch.set_num_threads
+        cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+        numba.set_num_threads(cls.num_threads)
+
+    Compiler.set_num_threads = classmethod(set_num_threads)
 
 
 def _immutable_state_types() -> None:
@@ -281,17 +303,21 @@ def _shard_order_class():
 
 
 def build_ffcv_loader(path: str | Path, **kwargs):
-    """`ffcv.loader.Loader(str(path), **kwargs)`, keeping torch's thread count."""
+    """`ffcv.loader.Loader(str(path), **kwargs)`, FFCV patched first (`ffcv_available`) and the file checked
+    (`beton.check_beton`: a clear error for a truncated or foreign file)."""
+    if not ffcv_available():
+        raise RuntimeError("FFCV does not import here; use data.loader=pil")
     from ffcv.loader import Loader
-    with keep_torch_threads():
-        return Loader(str(path), **kwargs)
+
+    from .beton import check_beton
+    check_beton(path)
+    return Loader(str(path), **kwargs)
 
 
 def ffcv_epoch(loader) -> Iterator:
-    """The batches of `loader`'s next epoch, keeping torch's thread count; closing (or exhausting)
-    this generator stops and joins FFCV's decoding thread (see the module docstring)."""
-    with keep_torch_threads():
-        epoch = iter(loader)
+    """The batches of `loader`'s next epoch; closing (or exhausting) this generator stops and joins FFCV's
+    decoding thread (see the module docstring)."""
+    epoch = iter(loader)
     try:
         yield from epoch
     finally:

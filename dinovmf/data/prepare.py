@@ -6,10 +6,18 @@ flat folder gives label -1. Every image is decoded once before writing, so a cor
 file is skipped and reported instead of killing FFCV's writer processes halfway through. The file is
 written beside OUT under a temporary name and renamed into place, so OUT is either absent, the old
 file, or the complete new one.
+
+Very large images. PIL refuses to open an image above twice `Image.MAX_IMAGE_PIXELS` (178956970 pixels:
+its guard against decompression bombs, small files that decode into gigabytes); such an image is
+reported as too large, not as corrupt. With `max_resolution` it is shrunk anyway, up to
+`SHRINK_MAX_PIXELS`: the limit is lifted for that image alone, and every image larger than
+`max_resolution` is shrunk as it is read (`load_rgb`), so a 20000 x 20000 image is never converted to RGB
+at full size.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,6 +32,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 RAW_MAX_PIXELS = 256 * 256
 JPEG_QUALITY = 90
 FIELDS = ("image", "label")
+# The largest image `max_resolution` shrinks (3 GiB as 8-bit RGB); PIL's own limit is twice MAX_IMAGE_PIXELS.
+SHRINK_MAX_PIXELS = 1 << 30
+_PIXEL_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is global: lifted under this lock, for one open()
 
 
 @dataclass
@@ -33,6 +44,7 @@ class PrepareReport:
     num_images: int
     class_names: list[str]
     corrupt: list[Path] = field(default_factory=list)
+    too_large: list[Path] = field(default_factory=list)  # above PIL's decompression-bomb limit
     seconds: float | None = None  # wall time of the check + write
 
     @property
@@ -48,6 +60,11 @@ class PrepareReport:
         if self.corrupt:
             lines.append(f"skipped {len(self.corrupt)} corrupt or unreadable image(s):")
             lines += [f"  {p}" for p in self.corrupt]
+        if self.too_large:
+            lines.append(f"skipped {len(self.too_large)} image(s) too large to decode safely (above PIL's "
+                         f"decompression-bomb limit of {_pil_limit()} pixels); --max-resolution N shrinks such "
+                         f"images while preparing (up to {SHRINK_MAX_PIXELS} pixels):")
+            lines += [f"  {p} ({_size(p)[0]} x {_size(p)[1]})" for p in self.too_large]
         return "\n".join(lines)
 
 
@@ -69,32 +86,66 @@ def list_images(src: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [-1] * len(files), []
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] pixels of an image file (any mode converted to RGB); raises on a bad file."""
+def load_rgb(path: Path, max_resolution: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of an image file (any mode converted to RGB); raises on a bad file, and
+    PIL's DecompressionBombError on an image too large to open. With `max_resolution`, an image whose
+    longer side exceeds it may be up to `SHRINK_MAX_PIXELS` and is shrunk as it is read (PIL's
+    `thumbnail`: a JPEG decodes at 1/2, 1/4 or 1/8 scale first), before any conversion to RGB."""
+    with _open(path, lift_limit=max_resolution is not None) as im:
+        if max_resolution is not None and max(im.size) > max_resolution:
+            im.thumbnail((max_resolution, max_resolution))
+        else:
+            im.load()
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+
+
+def _open(path: Path, lift_limit: bool = False):
+    """`Image.open(path)`; `lift_limit`: PIL's pixel limit raised to SHRINK_MAX_PIXELS for this call."""
     from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    if not lift_limit:
+        return Image.open(path)
+    with _PIXEL_LIMIT:
+        default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, SHRINK_MAX_PIXELS // 2  # PIL raises above 2x
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
 
 
-def _readable(path: Path) -> bool:
+def _pil_limit() -> int:
+    from PIL import Image
+    return 2 * Image.MAX_IMAGE_PIXELS
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header (no decoding)."""
+    with _open(path, lift_limit=True) as im:
+        return im.size
+
+
+def _check(path: Path, max_resolution: int | None = None) -> str | None:
+    """None when `path` decodes, else why not: "too large" (PIL's decompression-bomb limit) or "corrupt"."""
+    from PIL import Image
     try:
-        load_rgb(path)
-        return True
+        load_rgb(path, max_resolution)
+        return None
+    except Image.DecompressionBombError:
+        return "too large"
     except Exception:  # noqa: BLE001 - PIL raises many types for bad files; any of them means skip
-        return False
+        return "corrupt"
 
 
 class _ImageList:
     """The indexable dataset FFCV's writer reads: (uint8 HWC image, label)."""
 
-    def __init__(self, files: list[Path], labels: list[int]):
-        self.files, self.labels = files, labels
+    def __init__(self, files: list[Path], labels: list[int], max_resolution: int | None = None):
+        self.files, self.labels, self.max_resolution = files, labels, max_resolution
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return load_rgb(self.files[i]), int(self.labels[i])
+        return load_rgb(self.files[i], self.max_resolution), int(self.labels[i])
 
 
 def _resolve_src(src: str | os.PathLike) -> Path:
@@ -138,12 +189,15 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, force: bool 
     bar = partial(tqdm, disable=None if progress else True)
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-        ok = list(bar(pool.map(_readable, files), total=len(files), desc="checking images"))
-    corrupt = [f for f, good in zip(files, ok) if not good]
-    files = [f for f, good in zip(files, ok) if good]
-    labels = [lab for lab, good in zip(labels, ok) if good]
+        problems = list(bar(pool.map(partial(_check, max_resolution=max_resolution), files), total=len(files),
+                            desc="checking images"))
+    corrupt = [f for f, why in zip(files, problems) if why == "corrupt"]
+    too_large = [f for f, why in zip(files, problems) if why == "too large"]
+    labels = [lab for lab, why in zip(labels, problems) if why is None]
+    files = [f for f, why in zip(files, problems) if why is None]
     if not files:
-        raise ValueError(f"source {str(src_dir)!r}: all {len(corrupt)} images are corrupt or unreadable")
+        skipped = PrepareReport(out, 0, classes, corrupt, too_large).summary().split("\n", 1)[1]
+        raise ValueError(f"source {str(src_dir)!r}: no image can be written; {skipped}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -156,13 +210,13 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, force: bool 
         # FFCV's writer always draws a tqdm bar (no option): give it ours, quiet off a terminal.
         with _writer_progress(partial(bar, desc="writing")):
             DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-                _ImageList(files, labels), chunksize=64)
+                _ImageList(files, labels, max_resolution), chunksize=64)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     return PrepareReport(out=out, num_images=len(files), class_names=classes, corrupt=corrupt,
-                         seconds=time.perf_counter() - started)
+                         too_large=too_large, seconds=time.perf_counter() - started)
 
 
 @contextmanager
@@ -210,6 +264,6 @@ def resolve_dataset(spec: str | os.PathLike, workdir: str | os.PathLike, split: 
         return folder
     if not target.exists():
         report = prepare_dataset(folder, target, progress=False)
-        if report.corrupt:
+        if report.corrupt or report.too_large:
             print(report.summary())
     return target
