@@ -135,8 +135,8 @@ class ProgressWatchdog:
             v = snapshot.get(r)
             return f"rank {r} (never started)" if v is None else f"rank {r} (at step {v[2]})"
 
-        lines = [f"dinovmf watchdog, rank {self.rank}: no progress for {stalled:.0f} s at step {self._step} "
-                 f"(patience {self.patience_s:.0f} s = {PATIENCE_FRACTION} x dist.timeout_s)."]
+        lines = [f"dinovmf watchdog, rank {self.rank}: no progress for {stalled:.3g} s at step {self._step} "
+                 f"(patience {self.patience_s:.3g} s = {PATIENCE_FRACTION} x dist.timeout_s)."]
         if silent:
             lines.append("Silent (no heartbeat: stopped, hung holding the GIL, or gone): "
                          + ", ".join(where(r) for r in silent) + ".")

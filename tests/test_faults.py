@@ -195,6 +195,44 @@ def test_sigkilled_worker_is_restarted_resumes_and_matches_the_uninterrupted_run
     assert time.monotonic() - killed_at < LAUNCH_TIMEOUT_S
 
 
+def test_attempts_agree_on_their_number_through_a_store_holding_older_attempts_keys():
+    """The handshake behind the restarts, ranks as threads on one in-memory store: a complete attempt, an
+    attempt that broke before rank 2 joined (its rank 1 left a token and a confirmation behind), then an
+    attempt whose ranks start in any order: every rank of it gets the same, new number."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dinovmf.distributed import _join_attempt
+
+    store = dist.HashStore()
+
+    def attempt(ranks, world_size=3, timeout_s=10.0, delays=None):
+        results, errors = {}, {}
+
+        def join(r):
+            time.sleep((delays or {}).get(r, 0.0))
+            try:
+                results[r] = _join_attempt(store, r, world_size, timedelta(seconds=timeout_s))
+            except RuntimeError as e:
+                errors[r] = str(e)
+
+        threads = [threading.Thread(target=join, args=(r,)) for r in ranks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        return results, errors
+
+    assert attempt([0, 1, 2]) == ({0: 1, 1: 1, 2: 1}, {})
+    results, errors = attempt([0, 1], timeout_s=0.5)  # rank 2 died before joining: rank 0 gives up
+    assert results == {1: 2} and "rank(s) [2] did not join attempt 2" in errors[0]
+    for delays in ({0: 0.3}, {1: 0.3, 2: 0.3}):  # rank 0 last (old tokens wait for it), or first
+        results, _ = attempt([0, 1, 2], delays=delays)
+        assert len(set(results.values())) == 1 and set(results) == {0, 1, 2}
+    assert results[0] == 4
+
+
 # ---------------------------------------------------------------------------------- hangs
 
 def test_a_stopped_rank_is_named_and_the_run_exits_within_the_timeout(setup, tmp_path):
@@ -233,7 +271,7 @@ def test_sigusr1_saves_exits_75_and_the_resumed_run_is_exact(setup, tmp_path):
     config, _ = setup
     single = ["train.batch_size=4"]  # 10 steps per epoch in one process
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert main(train_command(config, straight, *single)[2:]) == 0
+    fit(load_config(str(config), RUN + single), straight)  # what `dinovmf train` runs, without its plots
 
     def send_when_logged():
         path = stopped / "metrics.jsonl"
@@ -347,7 +385,7 @@ def test_the_loss_sitting_at_ln_k_warns_before_the_nan_and_the_nan_names_the_log
     log steps (15 steps) of a uniform *teacher*; it now fires from the entropies read with the loss."""
     _, data = setup
     cfg = tiny_config(data, None, ["steps=20", "train.log_every=2", "optim.lr=1e-30", "optim.min_lr=0",
-                                        "optim.warmup_epochs=0"])
+                                   "optim.warmup_epochs=0"])
 
     def nan_in_step_5(i, crops):
         return [c * float("nan") for c in crops] if i == 4 else crops
