@@ -21,11 +21,11 @@ and the load average; the README's reliability table is read from there.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,60 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _train_utils import read_records, tiny_config, write_image_folder  # noqa: E402
+from _launch_utils import free_port, kill_all, launch, logged, torchrun_worker, wait_for_step, wait_until  # noqa: E402
+from _train_utils import tiny_config, write_image_folder  # noqa: E402
 
 from bench.bench_step import git_commit  # noqa: E402
 from bench.harness import record  # noqa: E402
+from dinovmf import checkpoint as ckpt  # noqa: E402
 from dinovmf.config import dump_yaml  # noqa: E402
+from dinovmf.stopping import EXIT_HUNG  # noqa: E402
 
 STEPS = 40
-RUN = [f"steps={STEPS}", "train.ckpt_every=4", "train.keep_last=10"]
-TIMEOUT_S = 600  # every launch
-
-
-def launch(args: list[str], **env: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=ROOT)
-
-
-def kill_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.communicate()
-
-
-def logged(out: Path) -> list[dict]:
-    return read_records(out) if (out / "metrics.jsonl").exists() else []
-
-
-def wait_for(condition, procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            kill_all(procs)
-            raise RuntimeError("the run ended or stalled before the fault")
-        time.sleep(0.01)
-
-
-def worker_pid(root: int, rank: int) -> int:
-    """The torchrun worker with RANK=rank under process `root`."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            env = environ.read_bytes().split(b"\0")
-            stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
-            pid = int(environ.parent.name)
-            while pid > 1:  # a descendant of root?
-                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                if pid == root:
-                    return int(environ.parent.name)
-    raise RuntimeError(f"no worker with RANK={rank} under {root}")
+CKPT_EVERY = 4
+RUN = [f"steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", "train.keep_last=10"]
+TIMEOUT_S = 600  # every launch, every wait
 
 
 def train_args(config: Path, out: Path, *extra: str) -> list[str]:
@@ -98,13 +57,13 @@ def train_args(config: Path, out: Path, *extra: str) -> list[str]:
 def sigkill_restart(config: Path, base: Path, kill_step: int = 10) -> dict:
     out = base / "sigkill"
     proc = launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
-                   *train_args(config, out)])
-    wait_for(lambda: any(r["step"] >= kill_step for r in logged(out)), [proc])
-    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+                   *train_args(config, out)], cwd=ROOT)
+    wait_for_step(out, kill_step, [proc], TIMEOUT_S)
+    os.kill(torchrun_worker([proc.pid], 1), signal.SIGKILL)
     killed, killed_wall = time.monotonic(), time.time()
     records_before = len(logged(out))
     before = max(r["step"] for r in logged(out))
-    wait_for(lambda: len(logged(out)) > records_before, [proc])  # the first step of the new attempt
+    wait_until(lambda: len(logged(out)) > records_before, [proc], TIMEOUT_S, "the restarted attempt's first step")
     trains_again = time.monotonic() - killed
     log = proc.communicate(timeout=TIMEOUT_S)[0]
     resumed = int(log.split("resumed from step ")[1].split()[0])
@@ -116,7 +75,6 @@ def sigkill_restart(config: Path, base: Path, kill_step: int = 10) -> dict:
 
 def agent_noticed(log: str, text: str) -> float:
     """The wall time of torchrun's first log line holding `text` (its lines start `E1206 02:46:21.168000`)."""
-    import datetime
     line = next(line for line in log.splitlines() if text in line)
     stamp = datetime.datetime.strptime(f"{datetime.date.today().year} {line[1:21]}", "%Y %m%d %H:%M:%S.%f")
     return stamp.timestamp()
@@ -124,14 +82,11 @@ def agent_noticed(log: str, text: str) -> float:
 
 def sigstop_hang(config: Path, base: Path, timeout_s: int, stop_step: int = 6) -> dict:
     out = base / f"sigstop{timeout_s}"
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [launch(train_args(config, out, "steps=100000", f"dist.timeout_s={timeout_s}"), RANK=str(rank),
-                    WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-             for rank in (0, 1)]
-    wait_for(lambda: any(r["step"] >= stop_step for r in logged(out)), procs)
+    port = free_port()
+    procs = [launch(train_args(config, out, "steps=100000", f"dist.timeout_s={timeout_s}"), cwd=ROOT,
+                    RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port)) for rank in (0, 1)]
+    wait_for_step(out, stop_step, procs, TIMEOUT_S)
     os.kill(procs[1].pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
@@ -140,8 +95,8 @@ def sigstop_hang(config: Path, base: Path, timeout_s: int, stop_step: int = 6) -
     finally:
         kill_all(procs)
     last = max(r["step"] for r in logged(out))
-    named = "rank 1 (at step" in log and procs[0].returncode == 3
-    return {"fault": "sigstop_hang", "dist_timeout_s": timeout_s, "steps_redone": last - last // 4 * 4,
+    named = "rank 1 (at step" in log and procs[0].returncode == EXIT_HUNG
+    return {"fault": "sigstop_hang", "dist_timeout_s": timeout_s, "steps_redone": last % CKPT_EVERY,
             "seconds_to_detect": round(detected, 1), "seconds_to_train": float("nan"), "finished": False,
             "note": f"exit {procs[0].returncode}, rank 1 named: {named}"}
 
@@ -149,14 +104,13 @@ def sigstop_hang(config: Path, base: Path, timeout_s: int, stop_step: int = 6) -
 def sigusr1_preempt(config: Path, base: Path, signal_step: int = 10) -> dict:
     out = base / "sigusr1"
     proc = launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1,SIGUSR2", *train_args(config, out)])
-    wait_for(lambda: any(r["step"] >= signal_step for r in logged(out)), [proc])
+                   "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1,SIGUSR2", *train_args(config, out)], cwd=ROOT)
+    wait_for_step(out, signal_step, [proc], TIMEOUT_S)
     os.kill(proc.pid, signal.SIGUSR1)
     signalled = time.monotonic()
     log = proc.communicate(timeout=TIMEOUT_S)[0]
     stopped = time.monotonic() - signalled
     last = max(r["step"] for r in logged(out))
-    from dinovmf import checkpoint as ckpt
     saved = ckpt.list_checkpoints(out / "checkpoints")[-1][0]
     return {"fault": "sigusr1_preempt", "dist_timeout_s": 600, "steps_redone": last - saved,
             "seconds_to_detect": round(stopped, 1), "seconds_to_train": float("nan"),  # saved and exited
@@ -167,7 +121,7 @@ def sigusr1_preempt(config: Path, base: Path, signal_step: int = 10) -> dict:
 def lr_collapse(base: Path) -> dict:
     out = base / "lr1e4"
     proc = launch(["-m", "dinovmf.cli", "train", "--config", "demo", "--out", str(out), "data.val=null", "steps=60",
-                   "optim.lr=1e4", "train.log_every=1", "data.loader=pil", "data.num_workers=0"])
+                   "optim.lr=1e4", "train.log_every=1", "data.loader=pil", "data.num_workers=0"], cwd=ROOT)
     proc.communicate(timeout=TIMEOUT_S)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     log_k = math.log(256)

@@ -222,14 +222,18 @@ def barrier() -> None:
 
 def wait_all(poll_s: float = 0.5) -> None:
     """A barrier without a timeout, for waits whose length is the work of one rank and legitimately long
-    (rank 0 preparing a dataset for hours): every rank counts itself in the store, then polls the count.
-    Every rank must call it the same number of times. A no-op in a single process."""
+    (rank 0 preparing a dataset for hours). Every rank must call it the same number of times. A no-op in a
+    single process."""
     global _WAITS
     if _STORE_ADDRESS is None:
         return
     _WAITS += 1
-    store = open_store()
-    key, world_size = f"wait/{_WAITS}", dist.get_world_size()
+    store_barrier(open_store(), f"wait/{_WAITS}", dist.get_world_size(), poll_s)
+
+
+def store_barrier(store, key: str, world_size: int, poll_s: float = 0.5) -> None:
+    """Count this rank in at `key`, then poll the count until all `world_size` ranks are in: `add` never
+    waits, so no store or collective timeout applies."""
     store.add(key, 1)
     while store.add(key, 0) < world_size:
         time.sleep(poll_s)

@@ -77,6 +77,24 @@ def test_alive_and_level_ranks_do_not_fire(store):
     assert r0.exits == r1.exits == []
 
 
+def test_the_store_barrier_outlasts_the_store_timeout(store):
+    """Data preparation on rank 0 may take hours: the others wait in `store_barrier`, which polls and so is
+    bound by no timeout (here 20x the store's own)."""
+    import threading
+    from datetime import timedelta
+
+    from dinovmf.distributed import store_barrier
+
+    store.set_timeout(timedelta(seconds=0.05))
+    late = threading.Thread(target=lambda: (time.sleep(1.0), store_barrier(store, "prep", 2, 0.01)))
+    started = time.monotonic()
+    late.start()
+    store_barrier(store, "prep", 2, 0.01)  # rank 0 arrives 1 s late
+    waited = time.monotonic() - started
+    late.join()
+    assert waited >= 0.95 and int(store.add("prep", 0)) == 2
+
+
 def test_nothing_to_watch_in_one_process():
     from dinovmf.distributed import DistInfo
     assert isinstance(watchdog_for(DistInfo()), NoWatchdog)
