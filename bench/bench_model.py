@@ -1,4 +1,4 @@
-"""Forward+backward throughput and MFU of the multi-crop student, per attention backend and crop mode.
+"""Forward+backward throughput and MFU of the multi-crop student, per attention backend.
 
 One step = the student (backbone + DINO head) on 2 global + N local crops, forward and backward
 (no optimizer, no loss kernels: those have their own benchmarks). Reported per configuration:
@@ -7,8 +7,7 @@ ms per step, images/s, achieved TFLOP/s and MFU, and peak memory.
 FLOPs are counted, not profiled: `VisionTransformer.forward_flops` (patch embedding, qkv, Q K^T,
 attention x V, proj, MLP) and `DINOHead.flops`, times 3 for forward + backward (backward = 2x
 forward, the usual convention; the input-gradient of the patch embedding is not actually computed, so
-this slightly overstates the work). Packed mode is credited with the same useful (block-diagonal)
-FLOPs, so its MFU is comparable: the dense SDPA mask it runs with on CPU does more work than that.
+this slightly overstates the work).
 
 Peak FLOP/s: on GPU the datasheet dense bf16 number when the device is known (H100/H200: 989e12),
 otherwise a measured large bf16 matmul; on CPU a measured large fp32 matmul.
@@ -63,11 +62,10 @@ def step_flops(student: MultiCropWrapper, crops: list[torch.Tensor]) -> int:
     return 3 * forward
 
 
-def bench_config(name: str, attn: str, packed: bool, n_local: int, args, device, peak: float) -> dict:
+def bench_config(name: str, attn: str, n_local: int, args, device, peak: float) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone(name, patch_size=args.patch_size, drop_path_rate=0.1, attn_backend=attn)
-    student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, out_dim=args.out_dim),
-                               packed=packed).to(device).train()
+    student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, out_dim=args.out_dim)).to(device).train()
     crops = make_crops(args.batch, n_local, args.global_size, args.local_size, device)
     # A fixed random direction: z has unit rows, so e.g. ||z||^2 would have a zero gradient.
     probe = torch.randn(len(crops) * args.batch, student.head.bottleneck_dim, device=device)
@@ -84,8 +82,7 @@ def bench_config(name: str, attn: str, packed: bool, n_local: int, args, device,
     mem = peak_memory(step, device)
     achieved = flops / (ms * 1e-3)
     return {
-        "config": f"{name}/{attn}/{'packed' if packed else 'grouped'}",
-        "model": name, "attn": attn, "mode": "packed" if packed else "grouped",
+        "config": f"{name}/{attn}", "model": name, "attn": attn,
         "n_local": n_local, "batch": args.batch, "dtype": args.dtype,
         "cpu_threads": torch.get_num_threads(),
         "ms_per_step": ms, "img_per_s": args.batch / (ms * 1e-3),
@@ -100,7 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+",
                    default=["vit_small", "vit_base", "vit_large"] if on_gpu else ["vit_tiny"])
     p.add_argument("--attn", nargs="+", default=["sdpa", "xformers", "math"])
-    p.add_argument("--modes", nargs="+", default=["grouped", "packed"], choices=["grouped", "packed"])
     p.add_argument("--n-local", nargs="+", type=int, default=[10] if on_gpu else [2, 6, 10])
     p.add_argument("--batch", type=int, default=64 if on_gpu else 2, help="images per step")
     p.add_argument("--patch-size", type=int, default=16)
@@ -126,14 +122,13 @@ def main(argv=None) -> None:
             if attn == "xformers" and not xformers_available():
                 print("skipping attn=xformers: xformers is not importable here")
                 continue
-            for mode in args.modes:
-                for n_local in args.n_local:
-                    row = bench_config(name, attn, mode == "packed", n_local, args, device, peak)
-                    row["peak_tflops"] = peak / 1e12
-                    row["peak_source"] = peak_source
-                    rows.append(row)
-                    print(f"  {row['config']} N={n_local}: {row['img_per_s']:.3g} img/s, "
-                          f"MFU {row['mfu']:.1%}", flush=True)
+            for n_local in args.n_local:
+                row = bench_config(name, attn, n_local, args, device, peak)
+                row["peak_tflops"] = peak / 1e12
+                row["peak_source"] = peak_source
+                rows.append(row)
+                print(f"  {row['config']} N={n_local}: {row['img_per_s']:.3g} img/s, "
+                      f"MFU {row['mfu']:.1%}", flush=True)
     record("model_throughput", rows, x="n_local", y="img_per_s", group="config",
            title=f"multi-crop student fwd+bwd, 2x{args.global_size} + N x{args.local_size}, "
                  f"batch {args.batch}, {args.dtype}", device=device)
