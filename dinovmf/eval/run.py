@@ -1,5 +1,5 @@
-"""Evaluation entry points shared by `dinovmf eval` and the end of `dinovmf train`: a backbone from a
-checkpoint, features over datasets, then kNN or a linear probe."""
+"""Evaluation entry points shared by `dinovmf eval` and the end of `dinovmf train`: features of a backbone
+(`dinovmf.models.load_backbone`) over datasets, then kNN or a linear probe."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,23 +10,6 @@ from torch import nn
 from .features import extract_features
 from .knn import knn_classify
 from .linear import probe_accuracy, train_linear_probe
-
-def load_backbone(checkpoint: str | Path, which: str = "teacher", device="cpu") -> tuple[nn.Module, dict]:
-    """The `which` ("teacher" or "student") backbone of a training checkpoint, and the checkpoint's
-    config dict. Rebuilt from the checkpoint's "model_args" (the `build_backbone` kwargs)."""
-    from dinovmf.checkpoint import load_checkpoint
-    from dinovmf.models import build_backbone
-    from dinovmf.models.export import teacher_backbone_state
-
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    state = load_checkpoint(checkpoint)
-    if "model_args" not in state or which not in state:
-        raise ValueError(f"{checkpoint}: not a training checkpoint with 'model_args' and '{which}' weights")
-    weights = teacher_backbone_state(state[which])  # `backbone.*` keys of either network
-    backbone = build_backbone(**state["model_args"])
-    backbone.load_state_dict(weights)
-    return backbone.to(device).eval(), state.get("config", {})
 
 
 class UnlabelledDataError(ValueError):

@@ -47,7 +47,10 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> st
     return key
 
 
-def _read_checkpoint(ckpt_path: Path) -> dict:
+def _read_checkpoint(ckpt_path: Path, which: str = "teacher") -> dict:
+    """A training checkpoint holding `which` ("teacher" or "student") and "model_args" (ValueError otherwise)."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if not ckpt_path.is_file():
         raise ValueError(f"checkpoint {str(ckpt_path)!r} does not exist")
     try:
@@ -58,7 +61,7 @@ def _read_checkpoint(ckpt_path: Path) -> dict:
         raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be read: {e}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dict (got {type(ckpt).__name__})")
-    missing = [k for k in ("teacher", "model_args") if k not in ckpt]
+    missing = [k for k in (which, "model_args") if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dinovmf training checkpoint: "
                          f"missing {missing}")
@@ -78,14 +81,15 @@ def _architecture_args(model_args: dict) -> dict:
 
 
 def teacher_backbone_state(teacher_state: dict) -> dict[str, torch.Tensor]:
-    """`backbone.*` entries of a MultiCropWrapper state_dict, prefix (and DDP/compile wrappers) removed."""
+    """`backbone.*` entries of a MultiCropWrapper state_dict (the teacher's or the student's), prefix (and
+    DDP/compile wrappers) removed."""
     out = {}
     for key, value in teacher_state.items():
         key = strip_prefixes(key)
         if key.startswith("backbone."):
             out[strip_prefixes(key[len("backbone."):])] = value
     if not out:
-        raise ValueError("the checkpoint's 'teacher' state has no 'backbone.*' entries")
+        raise ValueError("the checkpoint's network state has no 'backbone.*' entries")
     return out
 
 
@@ -129,6 +133,19 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _checkpoint_backbone(ckpt: dict, ckpt_path: Path, which: str,
+                         attn_backend: str = "sdpa") -> tuple[VisionTransformer, dict]:
+    """(the `which` network's backbone of a read training checkpoint, its architecture args)."""
+    arch_args = _architecture_args(ckpt["model_args"])
+    model = _uninitialised_backbone(**arch_args, attn_backend=attn_backend)
+    try:
+        model.load_state_dict(teacher_backbone_state(ckpt[which]), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{which} backbone of {str(ckpt_path)!r} does not match model_args "
+                         f"{arch_args}: {e}") from None
+    return model, arch_args
+
+
 def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Write the teacher backbone of training checkpoint `ckpt_path` to `out_path` (.safetensors)
     and its config to the `.json` beside it; returns the safetensors path.
@@ -142,15 +159,7 @@ def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.Pat
     if out_path.suffix != ".safetensors":
         raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
     ckpt = _read_checkpoint(ckpt_path)
-    arch_args = _architecture_args(ckpt["model_args"])
-    state = teacher_backbone_state(ckpt["teacher"])
-
-    model = _uninitialised_backbone(**arch_args)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"teacher backbone of {str(ckpt_path)!r} does not match model_args "
-                         f"{arch_args}: {e}") from None
+    model, arch_args = _checkpoint_backbone(ckpt, ckpt_path, "teacher")
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if k not in TRAINING_ONLY_KEYS}
@@ -184,11 +193,23 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_backbone(path: str | os.PathLike, attn_backend: str = "sdpa") -> VisionTransformer:
-    """Rebuild a backbone written by `export_teacher_backbone`; returned in eval mode on the CPU."""
+def load_backbone(path: str | os.PathLike, which: str = "teacher", attn_backend: str = "sdpa") -> VisionTransformer:
+    """A backbone, in eval mode on the CPU, from an export written by `export_teacher_backbone` (.safetensors,
+    or its .json: the teacher) or from a training checkpoint (.pt: the `which` network, "teacher" or
+    "student"). The one loader of `dinovmf eval`, `dinovmf attention` and the Python API."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        if which != "teacher":
+            raise ValueError(f"{str(path)!r} is an export, which holds the teacher backbone only; "
+                             f"the {which} needs a training checkpoint (.pt)")
+        return _load_export(path.with_suffix(".safetensors"), attn_backend)
+    model, _ = _checkpoint_backbone(_read_checkpoint(path, which), path, which, attn_backend)
+    return model.eval()
+
+
+def _load_export(path: Path, attn_backend: str) -> VisionTransformer:
     from safetensors.torch import load_file
 
-    path = Path(path)
     if not path.is_file():
         raise ValueError(f"backbone file {str(path)!r} does not exist")
     config = _read_config(path)
