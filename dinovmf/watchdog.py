@@ -3,10 +3,11 @@
 When one rank stops (SIGSTOP, a hung file system, a deadlock in a data thread), the others wait in their
 next collective until its timeout and then fail with a message that names no one; before this module a
 stopped rank left the run waiting for the full 1800 s with no message at all. Here every rank's
-`ProgressWatchdog` thread writes a heartbeat into the store every `poll_s` seconds: a counter (it stops
+`ProgressWatchdog` thread writes a heartbeat into the store when the loop moves (at most every
+`MIN_BEAT_S`, so the step it carries is current) and at least every `poll_s` seconds: a counter (it stops
 when the process is stopped or holds the GIL), the loop's progress (a count of the loop points passed)
 and the step. When this rank has made no progress for `patience_s`, the thread reads every rank's
-heartbeat twice, `3 poll_s` apart:
+heartbeat twice, three beat periods apart:
 
 * ranks whose counter did not move are **silent** (stopped, or gone);
 * ranks whose progress is below the most advanced rank's are **behind** (alive, stuck outside the
@@ -20,8 +21,8 @@ collective's own timeout bounds.
 
 It covers `Trainer.fit`'s loop (checkpoints included) and nothing else: data preparation on rank 0 waits
 in a store barrier without a timeout (`distributed.wait_all`), the final kNN runs on rank 0 alone after
-the loop. Store traffic is one small write per rank every `poll_s`, plus one read of every heartbeat by a
-rank that has stalled. NCCL runs use NCCL's own watchdog and flight recorder instead
+the loop. Store traffic is one small write per rank per step (at most 1 / `MIN_BEAT_S` a second) or per
+`poll_s`, plus one read of every heartbeat by a rank that has stalled. NCCL runs use NCCL's own watchdog and flight recorder instead
 (`distributed.configure_nccl_watchdog`).
 """
 from __future__ import annotations
@@ -34,9 +35,10 @@ import time
 
 from dinovmf.stopping import EXIT_HUNG
 
-# The watchdog fires after this fraction of `dist.timeout_s` without progress, so that its report (at most
-# 4 polls of patience / 20 later) comes before the collective's own timeout error, which names no rank.
+# The watchdog fires after this fraction of `dist.timeout_s` without progress, so that its report (about 4
+# polls of patience / 20 later) comes before the collective's own timeout error, which names no rank.
 PATIENCE_FRACTION = 0.6
+MIN_BEAT_S = 0.1  # the shortest time between two heartbeats of a rank: 10 store writes a second at most
 
 
 def _key(rank: int) -> str:
@@ -61,6 +63,7 @@ class ProgressWatchdog:
         self._last_progress = time.monotonic()
         self._beats = 0
         self._stop = threading.Event()
+        self._moved = threading.Event()  # set by progress(): beat now, with the new step
         self._thread = threading.Thread(target=self._run, name="dinovmf-watchdog", daemon=True)
         self.report: str | None = None  # the text printed when it fired
 
@@ -85,6 +88,7 @@ class ProgressWatchdog:
         self._points += 1
         self._step = step
         self._last_progress = time.monotonic()
+        self._moved.set()
 
     # ------------------------------------------------------------------------------- the thread
 
@@ -94,8 +98,12 @@ class ProgressWatchdog:
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.poll_s):
+            while not self._stop.is_set():
+                self._moved.wait(self.poll_s)
+                self._moved.clear()
                 self._beat()
+                if self._stop.wait(MIN_BEAT_S):  # at most one beat per MIN_BEAT_S
+                    return
                 stalled = time.monotonic() - self._last_progress
                 if stalled < self.patience_s:
                     continue
@@ -116,11 +124,11 @@ class ProgressWatchdog:
         return out
 
     def _diagnose(self):
-        """(silent ranks, behind ranks, {rank: (beats, points, step)}) from two readings `3 poll_s` apart
-        (every live rank beats every `poll_s`; three periods leave a margin for a busy machine)."""
+        """(silent ranks, behind ranks, {rank: (beats, points, step)}) from two readings three beat periods
+        apart (a live rank beats at least every `poll_s + MIN_BEAT_S`; three leave a margin for a busy machine)."""
         first = self._read_all()
         for _ in range(3):
-            time.sleep(self.poll_s)
+            time.sleep(self.poll_s + MIN_BEAT_S)
             self._beat()
         last = self._read_all()
         silent = [r for r in range(self.world_size)

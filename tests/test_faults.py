@@ -181,8 +181,9 @@ def test_a_stopped_rank_is_named_and_the_run_exits_within_the_timeout(setup, tmp
     assert elapsed < timeout_s, f"rank 0 exited {elapsed:.1f} s after rank 1 stopped"
     report = output[output.index("dinovmf watchdog, rank 0"):]
     assert "Silent" in report and "rank 1 (at step " in report, report[:2000]
-    named_step = int(report.split("rank 1 (at step ")[1].split(")")[0])
-    assert abs(named_step - max(r["step"] for r in read_records(out))) <= 1  # rank 0 logs the steps both did
+    named_step, logged_step = int(report.split("rank 1 (at step ")[1].split(")")[0]), read_records(out)[-1]["step"]
+    # rank 0 logs the steps both ranks did; rank 1's heartbeat carries its step at most MIN_BEAT_S late
+    assert logged_step - 2 <= named_step <= logged_step + 1, (named_step, logged_step)
     assert "most recent call first" in report and "in _run" in report  # faulthandler's stacks of rank 0
 
 
