@@ -80,6 +80,7 @@ class ProgressWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        self._moved.set()  # wake the thread now, not at its next poll
         if self._thread.is_alive():
             self._thread.join()
 
@@ -128,7 +129,8 @@ class ProgressWatchdog:
         apart (a live rank beats at least every `poll_s + MIN_BEAT_S`; three leave a margin for a busy machine)."""
         first = self._read_all()
         for _ in range(3):
-            time.sleep(self.poll_s + MIN_BEAT_S)
+            if self._stop.wait(self.poll_s + MIN_BEAT_S):  # the loop ended meanwhile: nothing to report
+                return [], [], {}
             self._beat()
         last = self._read_all()
         silent = [r for r in range(self.world_size)
