@@ -11,19 +11,17 @@ from .features import extract_features
 from .knn import knn_classify
 from .linear import probe_accuracy, train_linear_probe
 
-def load_backbone(checkpoint: str | Path, which: str = "teacher", device="cpu") -> tuple[nn.Module, dict]:
-    """The `which` ("teacher" or "student") backbone of a training checkpoint, and the checkpoint's
-    config dict. Rebuilt from the checkpoint's "model_args" (the `build_backbone` kwargs)."""
-    from dinovmf.checkpoint import load_checkpoint
+def load_backbone(checkpoint: str | Path, which: str = "teacher", device="cpu", *,
+                  trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+    """The `which` ("teacher" or "student") backbone of a training checkpoint (a step_N directory or a
+    single-file .pt), and the checkpoint's config dict. Rebuilt from the checkpoint's "model_args" (the
+    `build_backbone` kwargs). `trust_pickle`: read a .pt file holding more than tensors and plain types."""
+    from dinovmf.checkpoint import network_state
     from dinovmf.models import build_backbone
     from dinovmf.models.export import teacher_backbone_state
 
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    state = load_checkpoint(checkpoint)
-    if "model_args" not in state or which not in state:
-        raise ValueError(f"{checkpoint}: not a training checkpoint with 'model_args' and '{which}' weights")
-    weights = teacher_backbone_state(state[which])  # `backbone.*` keys of either network
+    network, state = network_state(checkpoint, which, trust_pickle=trust_pickle)
+    weights = teacher_backbone_state(network)  # `backbone.*` keys of either network
     backbone = build_backbone(**state["model_args"])
     backbone.load_state_dict(weights)
     return backbone.to(device).eval(), state.get("config", {})

@@ -47,22 +47,12 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> st
     return key
 
 
-def _read_checkpoint(ckpt_path: Path) -> dict:
-    if not ckpt_path.is_file():
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    try:
-        # weights_only=False: training checkpoints hold RNG states (numpy arrays, tuples). Only
-        # export checkpoints you trust; torch.load of a pickle can run code.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - zip/pickle errors: not a torch checkpoint
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be read: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dict (got {type(ckpt).__name__})")
-    missing = [k for k in ("teacher", "model_args") if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dinovmf training checkpoint: "
-                         f"missing {missing}")
-    return ckpt
+def _read_checkpoint(ckpt_path: Path, trust_pickle: bool = False) -> tuple[dict, dict]:
+    """(the teacher's state dict, the trainer state) of a training checkpoint of either format (a
+    step_N directory or a single .pt file), read without running pickled code (dinovmf.serialization)."""
+    from dinovmf.checkpoint import network_state
+
+    return network_state(ckpt_path, "teacher", trust_pickle=trust_pickle)
 
 
 def _architecture_args(model_args: dict) -> dict:
@@ -129,9 +119,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write the teacher backbone of training checkpoint `ckpt_path` to `out_path` (.safetensors)
-    and its config to the `.json` beside it; returns the safetensors path.
+def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                            trust_pickle: bool = False) -> Path:
+    """Write the teacher backbone of training checkpoint `ckpt_path` (a step_N directory or a single-file
+    .pt checkpoint) to `out_path` (.safetensors) and its config to the `.json` beside it; returns the
+    safetensors path. `trust_pickle`: read a .pt file holding more than tensors and plain types.
 
     The state is loaded into a freshly built backbone first, so a checkpoint whose weights do not
     match its `model_args` fails here with a ValueError instead of producing an unloadable file.
@@ -141,9 +133,9 @@ def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.Pat
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
-    ckpt = _read_checkpoint(ckpt_path)
+    teacher, ckpt = _read_checkpoint(ckpt_path, trust_pickle)
     arch_args = _architecture_args(ckpt["model_args"])
-    state = teacher_backbone_state(ckpt["teacher"])
+    state = teacher_backbone_state(teacher)
 
     model = _uninitialised_backbone(**arch_args)
     try:
