@@ -237,7 +237,6 @@ def run_setup(model: str, setup: str, reps: int, root: Path) -> list[dict]:
         order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]
         for method in order:
             writer.asynchronous = method == "sharded_async"
-            writer._executor = writer._executor  # created at construction (asynchronous=True)
             step += 2
             out = measure(trainer, method, root, base_rss, step)
             results[method].append(gather_max(out, info))

@@ -56,8 +56,7 @@ class CheckpointWriter:
         self.last_blocked_s = 0.0                 # how long the newest `save` call held the caller
         self.last_total_s: float | None = None    # from `save` to the checkpoint being on disk (None: in flight)
         self._future: Future | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinovmf-checkpoint") \
-            if asynchronous else None
+        self._executor: ThreadPoolExecutor | None = None  # the background thread, started by the first async save
         self._staging: dict[str, torch.Tensor] | None = None
         if rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -73,15 +72,17 @@ class CheckpointWriter:
         when this save (synchronous) or the previous one (asynchronous) failed."""
         start = time.perf_counter()
         self.wait()
-        share = self._share(tensors)
+        share = this_ranks_share(tensors, self.rank, self.world_size)
         self.last_step, self.last_total_s = step, None
-        if self._executor is None:
+        if not self.asynchronous:
             try:
                 self._write(step, share, trainer_state, start)
             finally:
                 self.last_blocked_s = time.perf_counter() - start
             return
         staged = self._stage(share)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinovmf-checkpoint")
         self.last_blocked_s = time.perf_counter() - start
         self._future = self._executor.submit(self._write, step, staged, trainer_state, start)
 
@@ -97,33 +98,17 @@ class CheckpointWriter:
             future.result()
 
     def close(self) -> None:
-        """Wait for the save in flight (raising its error) and stop the background thread."""
+        """Wait for the save in flight (raising its error), stop the background thread and free the
+        staging buffers."""
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+                self._executor = None
+            self._staging = None
 
     # -------------------------------------------------------------------------------------- staging
-
-    def _share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's part of `tensors`: its DTensor shards and its own RNG entries, plus a share of the
-        replicated tensors, assigned greedily by bytes (the same assignment on every rank: the keys and
-        shapes of replicated tensors are the same everywhere)."""
-        if self.world_size == 1:
-            return tensors
-        from torch.distributed.tensor import DTensor
-
-        load = [0] * self.world_size
-        share = {}
-        replicated = [k for k, v in tensors.items() if not isinstance(v, DTensor) and not k.startswith(_RNG_PREFIX)]
-        for key in sorted(replicated, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k)):
-            owner = min(range(self.world_size), key=lambda r: (load[r], r))
-            load[owner] += tensors[key].numel() * tensors[key].element_size()
-            if owner == self.rank:
-                share[key] = tensors[key]
-        share.update({k: v for k, v in tensors.items() if k not in share and k not in replicated})
-        return share
 
     def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A CPU copy of `tensors` in buffers kept from the last save when the keys and shapes match
@@ -250,6 +235,28 @@ class CheckpointWriter:
             import torch.distributed as dist
 
             dist.barrier(group=self.group)
+
+
+def this_ranks_share(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """What `rank` writes of `tensors`: its DTensor shards and its own `rng/` entries, plus a share of the
+    replicated tensors (DDP, or the plain tensors beside FSDP2's), assigned greedily by bytes, largest
+    first, to the least loaded rank. Every rank computes the same assignment: the keys and shapes of
+    replicated tensors are the same everywhere."""
+    if world_size == 1:
+        return tensors
+    from torch.distributed.tensor import DTensor
+
+    load = [0] * world_size
+    share = {}
+    replicated = [k for k, v in tensors.items() if not isinstance(v, DTensor) and not k.startswith(_RNG_PREFIX)]
+    for key in sorted(replicated, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k)):
+        owner = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner] += tensors[key].numel() * tensors[key].element_size()
+        if owner == rank:
+            share[key] = tensors[key]
+    replicated = set(replicated)
+    share.update({k: v for k, v in tensors.items() if k not in replicated})
+    return share
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

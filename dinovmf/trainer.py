@@ -197,29 +197,22 @@ class Trainer:
                              f"were built for {self.schedules.steps_per_epoch} (did the dataset change?)")
 
     def _epoch_batches(self, loader):
-        """The batches of `self.epoch` still to train on, from sample `self.epoch_position` of its order;
-        moves `self.epoch` on when the epoch is read to its end. A loader whose `set_epoch` takes no
-        `start` skips the batches already trained on instead, with the RNG state kept as it was (the same
-        batches, but only on the world size and batch that trained them)."""
+        """The batches of `self.epoch` still to train on: from sample `self.epoch_position` of its order
+        on (`loader.set_epoch(epoch, start=...)`); moves `self.epoch` on once the epoch is read to its end."""
         sched, start = self.schedules, self.epoch_position
-        skip = 0
-        if start and "start" in inspect.signature(loader.set_epoch).parameters:
+        if not start:
+            loader.set_epoch(self.epoch)
+        elif "start" in inspect.signature(loader.set_epoch).parameters:
             loader.set_epoch(self.epoch, start=start)
         else:
-            skip, rest = divmod(start, self.global_batch)
-            if rest:
-                raise ValueError(f"this loader cannot start epoch {self.epoch} at sample {start}, which is not a "
-                                 f"whole number of global batches of {self.global_batch} (set_epoch takes no "
-                                 "`start`); resume it on the world size and batch that wrote the checkpoint")
-            loader.set_epoch(self.epoch)
+            raise ValueError(f"cannot resume epoch {self.epoch} at its sample {start}: this loader's set_epoch "
+                             "takes no `start` (the samples already trained on; see MultiCropLoader.set_epoch)")
         batches = iter(loader)
         first = ()
         if start:
             # Starting an epoch's reader may draw from the RNG (a DataLoader seeds its workers); the run
             # that wrote the checkpoint drew that at the epoch's start, before the checkpoint's RNG state.
             rng = ckpt.rng_state()
-            for _ in range(skip):
-                next(batches)
             first = tuple(itertools.islice(batches, 1))
             ckpt.set_rng_state(rng)
         for batch in itertools.chain(first, batches):
