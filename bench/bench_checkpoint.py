@@ -18,8 +18,8 @@ to checkpoint it, measured in one process per setup, in rotation, `--reps` times
 
 Per row: `blocked_s` (how long the save call holds the loop, the max over ranks; median over reps),
 `total_s` (until the checkpoint is complete on disk), `peak_extra_mb` (the largest growth of any rank's
-resident memory during the save, over its resident memory before the first save, so kept staging buffers
-count), `disk_mb` (bytes on disk), `verify_s` and `resume_s` (read the checkpoint back into the same
+resident memory during the save over its resident memory before it, freed memory handed back first; for
+the async method from before its first save, so the staging buffers count), `disk_mb` (bytes on disk), `verify_s` and `resume_s` (read the checkpoint back into the same
 models: the checksum check, then the load; `resume_s` includes `verify_s`), `blocked_vs_full` (this
 row's blocked time over the full-gather row's of the same run). Rows that cannot fit the machine's free
 memory (`MemAvailable` less `--margin-gb`) are recorded as skipped with the reason, never run into swap.
@@ -52,10 +52,10 @@ MODELS = {  # name -> (preset, overrides): the presets' real shapes
 SETUPS = {"single": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True)}  # name -> (processes, FSDP2)
 METHODS = ("full_gather", "sharded_sync", "sharded_async")
 # Copies of the full training state (student, teacher, AdamW's two moments: 4 x params x 4 bytes) a setup
-# holds at its peak over all its processes: the state itself (DDP: one per rank), the staging copy
-# (async: one over all ranks) and the full-gather path's gathered copy on rank 0 (FSDP2 only; DDP and one
-# process hand torch.save the tensors they hold).
-STATE_COPIES = {"single": 2.0, "ddp2": 3.0, "fsdp2x2": 3.0}
+# holds at its peak over all its processes: the state itself (DDP: one per rank) plus either the staging
+# copy (async: one over all ranks) or the full-gather path's copy on rank 0 (FSDP2); the staging buffers
+# are freed before every other method's save, so the two never coexist.
+STATE_COPIES = {"single": 2.0, "ddp2": 3.0, "fsdp2x2": 2.0}
 WORKER_TIMEOUT_S = 3 * 3600
 
 
@@ -160,24 +160,36 @@ def build_trainer(model: str, fsdp: bool, out_dir: Path, asynchronous: bool):
     return trainer
 
 
-def measure(trainer, method: str, root: Path, base_rss: int, step: int) -> dict:
+def release_freed_memory() -> None:
+    """Hand memory freed to the allocator back to the system (glibc's malloc_trim), so that resident memory
+    measured next starts from what is in use."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure(trainer, method: str, root: Path, step: int) -> dict:
     """One checkpoint of `trainer` by `method` into `root`: times, memory, bytes, then read back."""
     from dinovmf import checkpoint as ckpt
     from dinovmf import distributed as D
 
     info = trainer.info
     writer = trainer._checkpoint_writer()
+    writer._staging = None  # only the async method keeps a staging copy, and it allocates it again here
+    release_freed_memory()
+    base_rss = rss_bytes()
     trainer.step = step
     out: dict = {}
     if method == "sharded_async":  # the first save allocates the staging buffers; the row is the second
-        writer._staging = None
         with PeakRSS() as first_peak:
             trainer.save()
             out["blocked_first_s"] = writer.last_blocked_s
             writer.wait()
         trainer.step = step = step + 1
     else:
-        writer._staging = None  # only the async method keeps a staging copy; no other row pays for it
         first_peak = None
     D.barrier()
     start = time.perf_counter()
@@ -230,7 +242,6 @@ def run_setup(model: str, setup: str, reps: int, root: Path) -> list[dict]:
     if fsdp and info.is_distributed:
         params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel()
                      for p in trainer.models.student.parameters())
-    base_rss = rss_bytes()
     results = {m: [] for m in METHODS}
     step = 0
     for rep in range(reps):
@@ -238,7 +249,7 @@ def run_setup(model: str, setup: str, reps: int, root: Path) -> list[dict]:
         for method in order:
             writer.asynchronous = method == "sharded_async"
             step += 2
-            out = measure(trainer, method, root, base_rss, step)
+            out = measure(trainer, method, root, step)
             results[method].append(gather_max(out, info))
             if info.is_main:
                 print(f"{model} {setup} rep {rep} {method}: " + ", ".join(f"{k}={v:.3g}" for k, v in
