@@ -19,8 +19,9 @@ to checkpoint it, measured in one process per setup, in rotation, `--reps` times
 Per row: `blocked_s` (how long the save call holds the loop, the max over ranks; median over reps),
 `total_s` (until the checkpoint is complete on disk), `peak_extra_mb` (the largest growth of any rank's
 resident memory during the save over its resident memory before it, freed memory handed back first; for
-the async method from before its first save, so the staging buffers count), `disk_mb` (bytes on disk), `verify_s` and `resume_s` (read the checkpoint back into the same
-models: the checksum check, then the load; `resume_s` includes `verify_s`), `blocked_vs_full` (this
+the async method from before its first save, so the staging buffers count), `disk_mb` (bytes on disk),
+`verify_s` and `resume_s` (read the checkpoint back into the same models: the checksum check, then the
+load; `resume_s` includes `verify_s`), `blocked_vs_full` (this
 row's blocked time over the full-gather row's of the same run). Rows that cannot fit the machine's free
 memory (`MemAvailable` less `--margin-gb`) are recorded as skipped with the reason, never run into swap.
 Results: bench/results/checkpoint.{csv,png} (blocked time against model size; checkpoint_detail.png: total
@@ -148,8 +149,9 @@ def build_trainer(model: str, fsdp: bool, out_dir: Path, asynchronous: bool):
     from dinovmf.trainer import Trainer
 
     preset, extra = MODELS[model]
-    cfg = load_config(preset, extra + [f"dist.fsdp={str(fsdp).lower()}", "train.keep_last=1", "optim.freeze_last_layer=0",
-                                       f"train.ckpt_async={str(asynchronous).lower()}", "data.num_workers=0"])
+    cfg = load_config(preset, extra + [f"dist.fsdp={str(fsdp).lower()}", "train.keep_last=1",
+                                       "optim.freeze_last_layer=0", f"train.ckpt_async={str(asynchronous).lower()}",
+                                       "data.num_workers=0"])
     trainer = Trainer(cfg, out_dir, steps_per_epoch=1000)
     for p in trainer.trainable:  # one lr = 0 step: AdamW's moments exist, the weights do not move
         p.grad = torch.zeros_like(p)

@@ -448,6 +448,24 @@ def restore_training_state(path: str | os.PathLike, student: torch.nn.Module, te
             optimizer.state.pop(param, None)
 
 
+def restore_checkpoint(path: Path, state: dict, student: torch.nn.Module, teacher: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, objective: torch.nn.Module, rank: int,
+                       with_rng: bool) -> dict | None:
+    """Load checkpoint `path` of either version (`state`: its `read_trainer_state`) into the parallelised
+    models, their optimizer and the objective's buffers (the centers); returns rank `rank`'s RNG state
+    (for `set_rng_state`) when `with_rng` (the same world size wrote it), else None."""
+    if path.is_dir():
+        buffers = {f"loss/{k}": v for k, v in objective.state_dict().items()}
+        rng = rng_targets(path, rank) if with_rng else {}
+        restore_training_state(path, student, teacher, optimizer, {**buffers, **rng})
+        objective.load_state_dict({k[len("loss/"):]: v for k, v in buffers.items()})
+        return rng_from_tensors({k.rsplit("/", 1)[1]: v for k, v in rng.items()}) if rng else None
+    restore_full_training_state(state, student, teacher, optimizer)
+    objective.load_state_dict(state["loss"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank that wrote it
+    return rngs[rank] if with_rng else None
+
+
 def rng_targets(path: str | os.PathLike, rank: int) -> dict[str, torch.Tensor]:
     """Empty tensors for rank `rank`'s RNG entries of checkpoint directory `path` (for `restore_training_state`'s
     `extra`; `rng_from_tensors` of them after the load is that rank's RNG state). Empty when it has none."""

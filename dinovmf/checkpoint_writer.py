@@ -77,6 +77,9 @@ class CheckpointWriter:
         if not self.asynchronous:
             try:
                 self._write(step, share, trainer_state, start)
+            except BaseException:
+                self.last_step = None  # not written: a later save of this step must write it
+                raise
             finally:
                 self.last_blocked_s = time.perf_counter() - start
             return
@@ -94,8 +97,9 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Block until no save is in flight; raise its CheckpointError if it failed."""
         future, self._future = self._future, None
-        if future is not None:
-            future.result()
+        if future is not None and future.exception() is not None:
+            self.last_step = None  # not written: a later save of this step must write it
+            raise future.exception()
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error), stop the background thread and free the

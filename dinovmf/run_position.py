@@ -46,6 +46,20 @@ class RunPosition:
                    schedule_global_batch=batch)
 
 
+def continued_schedules(saved: RunPosition, cfg, steps_per_epoch: int | None, global_batch: int):
+    """The schedules of a run resuming at `saved` with `global_batch` images per step and this loader length
+    (None: the checkpointed run's): its own schedules rebuilt in their units, continued by samples
+    (`schedules.continue_schedules`). None when neither the checkpoint nor the caller knows a loader length."""
+    from dinovmf.schedules import build_schedules, continue_schedules
+
+    steps_per_epoch = steps_per_epoch or saved.steps_per_epoch
+    if saved.schedule_steps_per_epoch is None:
+        return None if steps_per_epoch is None else build_schedules(cfg, steps_per_epoch, global_batch=global_batch)
+    base = build_schedules(cfg, saved.schedule_steps_per_epoch, global_batch=saved.schedule_global_batch)
+    return continue_schedules(base, steps_per_epoch or base.steps_per_epoch, global_batch, saved.step,
+                              saved.schedule_position)
+
+
 def describe_change(saved: RunPosition, now: RunPosition, total_steps: int, lr: float) -> str | None:
     """The line a resumed run prints when its world size or global batch differs from the checkpoint's
     (None when neither does)."""

@@ -42,7 +42,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None, trust_pic
         if resume_path is None:
             trainer = Trainer(cfg, out_dir, steps_per_epoch=len(loader))
         else:
-            trainer = Trainer.resume(resume_path, cfg, out_dir, steps_per_epoch=len(loader), trust_pickle=trust_pickle)
+            trainer = Trainer.resume(resume_path, cfg, out_dir, steps_per_epoch=len(loader), trust_pickle=trust_pickle,
+                                     verify=False)  # resolve_resume verified it
         summary = trainer.fit(loader)
         if summary["interrupted"]:
             return summary

@@ -37,8 +37,8 @@ from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient
 from dinovmf.objectives import build_objective
 from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyperparameters
 from dinovmf.parallelize import parallelize
-from dinovmf.run_position import RunPosition, describe_change
-from dinovmf.schedules import Continuation, Schedules, build_schedules, continue_schedules
+from dinovmf.run_position import RunPosition, continued_schedules, describe_change
+from dinovmf.schedules import Continuation, Schedules, build_schedules
 from dinovmf.stopping import NonFiniteLossError, NonFiniteLossGuard, StopSignal, TimeLimit
 
 UTILISATION_EPS = 1e-3  # cosine distance under which two prototypes count as one (unique prototypes)
@@ -172,10 +172,10 @@ class Trainer:
                     monitor.message(f"time limit of {time_limit.minutes} min reached at step {self.step}")
                 if not save_failed:
                     self.save()
-                writer.wait()  # a signal's exit waits for the save in flight; raises a failed save's error
+                writer.close()  # waits for the save in flight (a signal's exit too), frees the staging copy
         except NonFiniteLossError as e:
             try:
-                writer.wait()  # the save in flight holds good weights: the last good checkpoint may be it
+                writer.close()  # the save in flight holds good weights: the last good checkpoint may be it
             except CheckpointError as failed:
                 monitor.message(f"ERROR: {failed}")
             good = ckpt.latest_checkpoint(ckpt.checkpoint_dir(self.out_dir))
@@ -328,47 +328,37 @@ class Trainer:
         checkpoint `path` (`state`: its trainer state) of any version, world size and wrapping."""
         info, models = self.info, self.models
         saved = RunPosition.from_checkpoint(state)
-        same_ranks = saved.world_size == info.world_size
-        if path.is_dir():
-            extra = {f"loss/{k}": v for k, v in self.objective.state_dict().items()}
-            rng = ckpt.rng_targets(path, info.rank) if same_ranks else {}
-            extra.update(rng)
-            ckpt.restore_training_state(path, models.student, models.teacher, self.optimizer, extra)
-            self.objective.load_state_dict({k[len("loss/"):]: v for k, v in extra.items() if k.startswith("loss/")})
-            rng = ckpt.rng_from_tensors({k.rsplit("/", 1)[1]: v for k, v in rng.items()}) if rng else None
-        else:
-            ckpt.restore_full_training_state(state, models.student, models.teacher, self.optimizer)
-            self.objective.load_state_dict(state["loss"])
-            rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-            rng = rngs[info.rank] if same_ranks else None
+        rng = ckpt.restore_checkpoint(path, state, models.student, models.teacher, self.optimizer, self.objective,
+                                      info.rank, with_rng=saved.world_size == info.world_size)
         self.step, self.epoch, self.epoch_position = saved.step, saved.epoch, saved.epoch_position
         if rng is not None:
             ckpt.set_rng_state(rng)
         else:  # written by another world size: fresh per-rank streams, still a function of (seed, rank, step)
             torch.manual_seed(self.cfg.train.seed + 1000 * info.rank + 1 + self.step)
-        steps_per_epoch = steps_per_epoch or saved.steps_per_epoch
-        if saved.schedule_steps_per_epoch is not None:
-            base = build_schedules(self.cfg, saved.schedule_steps_per_epoch, global_batch=saved.schedule_global_batch)
-            self.schedules = continue_schedules(base, steps_per_epoch or base.steps_per_epoch, self.global_batch,
-                                                saved.step, saved.schedule_position)
-        elif steps_per_epoch is not None:
-            self.schedules = build_schedules(self.cfg, steps_per_epoch, info.world_size)
+        self.schedules = continued_schedules(saved, self.cfg, steps_per_epoch, self.global_batch)
         if info.is_main:
             print(f"resumed from step {self.step} ({path})", flush=True)
-            change = None if self.schedules is None else describe_change(
-                saved, self._position(), self.schedules.total_steps, self.schedules.lr)
+            change = self.schedules and describe_change(saved, self._position(), self.schedules.total_steps,
+                                                        self.schedules.lr)
             if change:
                 print(change, flush=True)
 
     @classmethod
     def resume(cls, path: str | Path, cfg: Config | None = None, out_dir: str | Path | None = None,
                device: str | torch.device | None = None, *, steps_per_epoch: int | None = None,
-               trust_pickle: bool = False) -> "Trainer":
+               trust_pickle: bool = False, verify: bool = True) -> "Trainer":
         """A Trainer continuing checkpoint `path` (a step_N directory, or a version-1 step_N.pt file) on
         this process's world size. `cfg` defaults to the checkpoint's own config; `steps_per_epoch` (this
         run's loader length) to the checkpointed run's. `trust_pickle`: load a version-1 file that holds
-        more than tensors and plain types (it runs the file's pickled code: trusted files only)."""
+        more than tensors and plain types (it runs the file's pickled code: trusted files only).
+        `verify`: check the files against the manifest first (`checkpoint.verify_checkpoint`; a
+        ValueError naming what is wrong) - `train` has done it already, on rank 0."""
         path = Path(path)
+        if verify:
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointUnreadable as e:
+                raise ckpt.CheckpointUnreadable(f"checkpoint {str(path)!r} is unreadable: {e}") from None
         state = ckpt.read_trainer_state(path, trust_pickle=trust_pickle)
         if cfg is None:
             cfg = config_from_dict(state["config"], source=str(path))

@@ -104,8 +104,8 @@ def small_disk(tmp_path):
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_a_full_disk_is_one_line_and_the_first_checkpoint_stays_resumable(small_disk, data, capsys, asynchronous):
-    run = small_disk / "run"
-    code = cli_train(run, data, "steps=3", "train.ckpt_every=1", f"train.ckpt_async={str(asynchronous).lower()}")
+    run = small_disk / "run"  # step 1's checkpoint fits, the final one (step 2) does not
+    code = cli_train(run, data, "steps=2", "train.ckpt_every=1", f"train.ckpt_async={str(asynchronous).lower()}")
     out, err = capsys.readouterr()
     assert code == 1
     lines = [line for line in err.splitlines() if line.strip()]
@@ -122,16 +122,16 @@ def test_a_full_disk_is_one_line_and_the_first_checkpoint_stays_resumable(small_
 
 def test_resume_auto_falls_back_past_a_truncated_newest_checkpoint(tmp_path, data, capsys):
     run = tmp_path / "run"
-    assert cli_train(run, data, "steps=3", "train.ckpt_every=1", "train.keep_last=3") == 0
-    shard = run / "checkpoints" / "step_0000003" / "__0_0.distcp"
+    assert cli_train(run, data, "steps=2", "train.ckpt_every=1") == 0
+    shard = run / "checkpoints" / "step_0000002" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "auto", f"data.train={data}", "data.val=null",
-                 "steps=4"]) == 0
+                 "steps=3"]) == 0
     out = capsys.readouterr().out
-    assert f"warning: --resume auto: skipping unreadable checkpoint {run / 'checkpoints' / 'step_0000003'}" in out
-    assert "resumed from step 2" in out
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert f"warning: --resume auto: skipping unreadable checkpoint {run / 'checkpoints' / 'step_0000002'}" in out
+    assert "resumed from step 1" in out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-2:] == [2, 3]
 
 
 # ---------------------------------------------------------------------------------- files run code
