@@ -121,11 +121,9 @@ class CheckpointWriter:
         On the CPU each tensor is copied by one thread: a copy is memory-bound, and hundreds of small
         parallel regions cost more in thread wake-ups than they gain (several times slower on a busy
         machine: bench_checkpoint's blocked time)."""
-        from torch.distributed._state_dict_utils import _create_cpu_state_dict
-
         if self._staging is None or not _same_layout(self._staging, tensors):
             self._staging = None
-            self._staging = _create_cpu_state_dict(tensors, pin_memory=torch.cuda.is_available())
+            self._staging = {key: _staging_buffer(value) for key, value in tensors.items()}
         cuda = any(_local(v).is_cuda for v in tensors.values())
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -277,6 +275,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _staging_buffer(t: torch.Tensor) -> torch.Tensor:
+    """An empty CPU tensor shaped like `t` (pinned when `t` is on CUDA); for a DTensor, a DTensor with
+    `t`'s sharding around it, so DCP writes it as `t`'s shard. (torch's `_create_cpu_state_dict` deep-copies
+    a CPU DTensor first, and ~45% of the copies stayed resident: bench_checkpoint, FSDP2.)"""
+    from torch.distributed.tensor import DTensor
+
+    local = _local(t)
+    buffer = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
+    return DTensor(buffer, t._spec, requires_grad=False) if isinstance(t, DTensor) else buffer
 
 
 def _same_layout(a: dict, b: dict) -> bool:

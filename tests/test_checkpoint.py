@@ -184,3 +184,14 @@ def test_an_async_save_overlapping_training_steps_holds_the_step_it_was_asked_fo
         for field, value in fields.items():
             assert torch.equal(a["optimizer"]["state"][name][field], value), f"optimizer.{name}.{field}"
     assert torch.equal(a["student"]["head.v"], before)
+
+
+def test_checkpoint_config_keys_are_validated():
+    from dinovmf.config import load_config
+
+    assert load_config(None, ["train.ckpt_async=true"]).train.ckpt_async is True
+    assert load_config(None).train.ckpt_async is None  # on for multi-process runs, off for one process
+    with pytest.raises(ValueError, match="train.ckpt_async expects true/false"):
+        load_config(None, ["train.ckpt_async=sometimes"])
+    with pytest.raises(ValueError, match="model.init_trust_pickle need"):
+        load_config(None, ["model.init_trust_pickle=true"])  # nothing to trust without model.init_from
