@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _train_utils import random_crops, tiny_config
+from _train_utils import tiny_config
 
 from dinovmf import checkpoint as ckpt
 from dinovmf.checkpoint_writer import CheckpointWriter, this_ranks_share
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.trainer import Trainer
 
 
@@ -159,7 +160,7 @@ def test_an_async_save_overlapping_training_steps_holds_the_step_it_was_asked_fo
     for trainer in twins:
         torch.manual_seed(0)  # the same drop-path draws for both
         for step in range(3):
-            trainer.train_step(random_crops(cfg, step), step)
+            trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
 
     release, original = threading.Event(), dcp.save
     monkeypatch.setattr(dcp, "save", lambda *a, **k: (release.wait(60), original(*a, **k))[1])
@@ -167,7 +168,7 @@ def test_an_async_save_overlapping_training_steps_holds_the_step_it_was_asked_fo
     before = overlapped.models.student.head.v.detach().clone()
     path = overlapped.save()
     for step in range(3, 5):  # while the write waits
-        overlapped.train_step(random_crops(cfg, step), step)
+        overlapped.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
     assert not torch.equal(overlapped.models.student.head.v, before)  # the weights moved under the save
     release.set()
     overlapped.checkpoints.wait()

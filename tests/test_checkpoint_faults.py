@@ -36,15 +36,15 @@ def cli_train(out: Path, data: Path, *extra: str) -> int:
 KILLED_WRITER = f"""
 import os, sys, time
 sys.path.insert(0, {str(TESTS)!r})
-from _train_utils import random_crops, tiny_config
+from _train_utils import tiny_config
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.trainer import Trainer
 
 cfg = tiny_config("unused", None, ["steps=10", "train.ckpt_async=false"])
 trainer = Trainer(cfg, sys.argv[1], steps_per_epoch=5)
-trainer.train_step(random_crops(cfg, 0), 0)
+trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=0), 0)
 trainer.save()
-trainer.train_step(random_crops(cfg, 1), 1)
-real_fsync = os.fsync
+trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=1), 1)
 def stalled_fsync(fd):  # the shard's bytes are written, not yet synced: where a kill hurts most
     print("WRITING", flush=True)
     time.sleep(120)

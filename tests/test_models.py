@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import requires_cuda
 from dinovmf.models import (DINOHead, MultiCropWrapper, build_backbone, xformers_available)
-from dinovmf.models.attention import BlockDiagonalLayout, attend, math_attention
+from dinovmf.models.attention import attend, math_attention
 from dinovmf.models.vit import DropPath
 
 # timm's parameter counts of the same backbones with num_classes=0 (vit_small/base/large_patch16_224):
@@ -182,29 +182,13 @@ def _qkv(B=2, L=23, H=3, d=16, dtype=torch.float32):
     return [torch.randn(B, L, H, d, generator=g, dtype=dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_sdpa_and_math_agree_with_float64_reference(packed):
+def test_sdpa_and_math_agree_with_float64_reference():
     q, k, v = _qkv()
-    layout = BlockDiagonalLayout([11, 5, 7]) if packed else None
-    mask = None if layout is None else layout.bool_mask("cpu")
-    ref = math_attention(q.double(), k.double(), v.double(), mask)
+    ref = math_attention(q.double(), k.double(), v.double())
     for backend in ("sdpa", "math"):
-        out = attend(q, k, v, backend, layout)
+        out = attend(q, k, v, backend)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
-
-
-def test_block_diagonal_attention_is_per_segment_attention():
-    q, k, v = _qkv(L=16)
-    layout = BlockDiagonalLayout([10, 6])
-    out = attend(q, k, v, "sdpa", layout)
-    for lo, hi in ((0, 10), (10, 16)):
-        alone = attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], "math")
-        torch.testing.assert_close(out[:, lo:hi], alone, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="layout"):
-        attend(q[:, :15], k[:, :15], v[:, :15], "sdpa", layout)
-    with pytest.raises(ValueError, match="segment_lengths"):
-        BlockDiagonalLayout([4, 0])
 
 
 def test_sdpa_and_math_models_agree(seed):
@@ -219,13 +203,10 @@ def test_sdpa_and_math_models_agree(seed):
 
 @requires_cuda
 @pytest.mark.skipif(not xformers_available(), reason="needs xformers")
-@pytest.mark.parametrize("packed", [False, True])
-def test_xformers_matches_math_on_gpu(packed):
+def test_xformers_matches_math_on_gpu():
     q, k, v = (t.cuda() for t in _qkv(L=40, d=32))
-    layout = BlockDiagonalLayout([17, 9, 14]) if packed else None
-    mask = None if layout is None else layout.bool_mask("cuda")
-    ref = math_attention(q.double(), k.double(), v.double(), mask)
-    torch.testing.assert_close(attend(q, k, v, "xformers", layout).double(), ref, atol=1e-5, rtol=1e-4)
+    ref = math_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(attend(q, k, v, "xformers").double(), ref, atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,28 +282,11 @@ def test_multicrop_shapes_2x224_10x96(seed):
             torch.testing.assert_close(out["cls"][v * B:(v + 1) * B], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_packed_matches_grouped(seed, backend):
-    backbone = small_vit(num_register_tokens=2, attn_backend=backend).eval()
-    head, patch_head = small_head(), small_head(out_dim=32)
-    grouped = MultiCropWrapper(backbone, head, patch_head)
-    packed = MultiCropWrapper(backbone, head, patch_head, packed=True)
-    B = 3
-    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(4)]
-    masks = [torch.rand(B, 4) < 0.5 for _ in range(2)]
-    with torch.no_grad():
-        a = grouped(crops, masks=masks, return_patches=True)
-        b = packed(crops, masks=masks, return_patches=True)
-    for key in ("cls", "z", "patch", "patch_z"):
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_gradients_reach_every_trainable_parameter(seed, packed):
+def test_gradients_reach_every_trainable_parameter(seed):
     backbone = small_vit(num_register_tokens=2, drop_path_rate=0.1)
     head = small_head(norm_last_layer=False)
     patch_head = small_head(norm_last_layer=True)
-    model = MultiCropWrapper(backbone, head, patch_head, packed=packed).train()
+    model = MultiCropWrapper(backbone, head, patch_head).train()
     B = 2
     crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(3)]
     masks = torch.zeros(2 * B, 4, dtype=torch.bool)

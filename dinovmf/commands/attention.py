@@ -39,11 +39,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dinovmf.eval.attention import expand_image_paths, load_attention_backbone, write_attention_maps
+    from dinovmf.eval.attention import expand_image_paths, write_attention_maps
+    from dinovmf.models import load_backbone
 
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_attention_backbone(args.model, args.which, device, trust_pickle=args.trust_pickle)
+        backbone = load_backbone(args.model, args.which, trust_pickle=args.trust_pickle).to(device)
         image_size = args.image_size or backbone.img_size
         summaries = write_attention_maps(backbone, expand_image_paths(args.images), args.out, image_size,
                                          args.threshold, device)

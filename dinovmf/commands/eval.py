@@ -37,20 +37,21 @@ def run(args) -> int:
     import torch
 
     from dinovmf.data import resolve_dataset
-    from dinovmf.eval.run import knn_for_backbone, linear_for_backbone, load_backbone
+    from dinovmf.eval.run import knn_for_backbone, linear_for_backbone
+    from dinovmf.models import load_backbone
 
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backbone, config = load_backbone(args.checkpoint, args.which, device, trust_pickle=args.trust_pickle)
+        backbone = load_backbone(args.checkpoint, args.which, trust_pickle=args.trust_pickle).to(device)
         ckpt_path = Path(args.checkpoint)
         workdir = Path(args.workdir) if args.workdir else ckpt_path.resolve().parent.parent / "data"
         train_path, val_path = (Path(spec) if args.loader == "pil" and Path(spec).is_dir()
                                 else resolve_dataset(spec, workdir, split=split)
                                 for spec, split in ((args.train, "train"), (args.val, "val")))
         loading = {"loader_backend": args.loader}
-        image_size = args.image_size or config.get("crops", {}).get("global_size") or backbone.img_size
+        image_size = args.image_size or backbone.img_size  # the training's crops.global_size
         if args.protocol == "knn":
             if args.k < 1 or args.temperature <= 0:
                 raise ValueError(f"need --k >= 1 and --temperature > 0, got {args.k} and {args.temperature}")

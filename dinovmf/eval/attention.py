@@ -120,23 +120,6 @@ def expand_image_paths(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def load_attention_backbone(path: str | os.PathLike, which: str = "teacher",
-                            device: torch.device | str = "cpu", *, trust_pickle: bool = False) -> nn.Module:
-    """A backbone from a training checkpoint (a step_N directory or a .pt file: the `which` network,
-    teacher by default) or an export (.safetensors, or its .json: the teacher), in eval mode on `device`.
-    `trust_pickle`: read a .pt file holding more than tensors and plain types."""
-    from dinovmf.eval.run import load_backbone as load_checkpoint_backbone
-    from dinovmf.models import load_backbone as load_export
-
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        if which != "teacher":
-            raise ValueError(f"{str(path)!r} is an export, which holds the teacher backbone only; "
-                             f"--which {which} needs a training checkpoint (.pt)")
-        return load_export(path.with_suffix(".safetensors")).to(device).eval()
-    return load_checkpoint_backbone(path, which, device, trust_pickle=trust_pickle)[0]
-
-
 # ------------------------------------------------------------------------------------------ outputs
 
 def _display_scale(side: int) -> int:

@@ -1,5 +1,5 @@
-"""Evaluation entry points shared by `dinovmf eval` and the end of `dinovmf train`: a backbone from a
-checkpoint, features over datasets, then kNN or a linear probe."""
+"""Evaluation entry points shared by `dinovmf eval` and the end of `dinovmf train`: features of a backbone
+(`dinovmf.models.load_backbone`) over datasets, then kNN or a linear probe."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,21 +10,6 @@ from torch import nn
 from .features import extract_features
 from .knn import knn_classify
 from .linear import probe_accuracy, train_linear_probe
-
-def load_backbone(checkpoint: str | Path, which: str = "teacher", device="cpu", *,
-                  trust_pickle: bool = False) -> tuple[nn.Module, dict]:
-    """The `which` ("teacher" or "student") backbone of a training checkpoint (a step_N directory or a
-    single-file .pt), and the checkpoint's config dict. Rebuilt from the checkpoint's "model_args" (the
-    `build_backbone` kwargs). `trust_pickle`: read a .pt file holding more than tensors and plain types."""
-    from dinovmf.checkpoint import network_state
-    from dinovmf.models import build_backbone
-    from dinovmf.models.export import teacher_backbone_state
-
-    network, state = network_state(checkpoint, which, trust_pickle=trust_pickle)
-    weights = teacher_backbone_state(network)  # `backbone.*` keys of either network
-    backbone = build_backbone(**state["model_args"])
-    backbone.load_state_dict(weights)
-    return backbone.to(device).eval(), state.get("config", {})
 
 
 class UnlabelledDataError(ValueError):

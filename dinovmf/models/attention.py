@@ -1,4 +1,4 @@
-"""Multi-head self-attention with pluggable kernels, and the block-diagonal layout for packed crops.
+"""Multi-head self-attention with pluggable kernels.
 
 Backends (chosen per model by `attn_backend`):
 - `sdpa`     `torch.nn.functional.scaled_dot_product_attention` (default; flash / memory-efficient
@@ -9,19 +9,12 @@ Backends (chosen per model by `attn_backend`):
 
 Every kernel takes q, k, v as [B, L, H, d] (xformers' "BMHK" layout, which is what the fused qkv
 projection yields without a copy) and returns [B, L, H, d].
-
-Packed mode: all crops of one image are concatenated into one sequence and attention is restricted
-to the diagonal blocks (a token only sees tokens of its own crop), so one kernel call covers every
-resolution. `BlockDiagonalLayout` describes the segments; xformers skips the off-diagonal blocks
-(BlockDiagonalMask), sdpa and math get a boolean [L, L] mask and still pay for the full L x L.
 """
 from __future__ import annotations
 
 import importlib
 import math
 from functools import lru_cache
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,43 +49,6 @@ def check_attention_backend(name: str) -> str:
     return name
 
 
-class BlockDiagonalLayout:
-    """Segments of a packed sequence: tokens attend only within their own segment.
-
-    `segment_lengths` are the token counts of the crops packed into one sequence of length
-    L = sum(segment_lengths); every sequence of the batch has the same layout. The boolean mask
-    and the xformers bias are built once per device / batch size and cached, since all blocks of a
-    forward pass share them.
-    """
-
-    def __init__(self, segment_lengths: Sequence[int]):
-        lengths = [int(n) for n in segment_lengths]
-        if not lengths or any(n < 1 for n in lengths):
-            raise ValueError(f"segment_lengths must be positive ints, got {list(segment_lengths)}")
-        self.segment_lengths = lengths
-        self.total_length = sum(lengths)
-        self._masks: dict[torch.device, torch.Tensor] = {}
-        self._xformers_bias: dict[int, object] = {}
-
-    def bool_mask(self, device: torch.device) -> torch.Tensor:
-        """[L, L] bool, True where query i may attend to key j (same segment)."""
-        device = torch.device(device)
-        if device not in self._masks:
-            segment_id = torch.repeat_interleave(
-                torch.arange(len(self.segment_lengths), device=device),
-                torch.tensor(self.segment_lengths, device=device))
-            self._masks[device] = segment_id[:, None] == segment_id[None, :]
-        return self._masks[device]
-
-    def xformers_bias(self, batch: int):
-        """xformers BlockDiagonalMask over the batch flattened into one sequence of B * L tokens."""
-        if batch not in self._xformers_bias:
-            ops = _xformers_ops()
-            self._xformers_bias[batch] = ops.fmha.BlockDiagonalMask.from_seqlens(
-                self.segment_lengths * batch)
-        return self._xformers_bias[batch]
-
-
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) [B, H, L, L] (rows: queries) of q/k [B, L, H, d], mask [L, L] bool or None."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -116,31 +72,19 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)
 
 
-def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
-    """xformers memory_efficient_attention; packed sequences are flattened to one [1, B*L] sequence
-    so that BlockDiagonalMask skips the off-diagonal blocks entirely."""
-    ops = _xformers_ops()
-    if layout is None:
-        return ops.memory_efficient_attention(q, k, v)
-    B, L, H, d = q.shape
-    flat = [t.reshape(1, B * L, H, d) for t in (q, k, v)]
-    out = ops.memory_efficient_attention(*flat, attn_bias=layout.xformers_bias(B))
-    return out.reshape(B, L, H, d)
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """xformers memory_efficient_attention on q/k/v [B, L, H, d] (its native layout)."""
+    return _xformers_ops().memory_efficient_attention(q, k, v)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-           layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
-    """Dispatch q/k/v [B, L, H, d] to `backend`, block-diagonal when `layout` is given."""
-    if layout is not None and layout.total_length != q.shape[1]:
-        raise ValueError(f"layout covers {layout.total_length} tokens but the sequence has {q.shape[1]}")
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Dispatch q/k/v [B, L, H, d] to `backend`."""
     if backend == "xformers":
-        return xformers_attention(q, k, v, layout)
-    mask = None if layout is None else layout.bool_mask(q.device)
+        return xformers_attention(q, k, v)
     if backend == "sdpa":
-        return sdpa_attention(q, k, v, mask)
+        return sdpa_attention(q, k, v)
     if backend == "math":
-        return math_attention(q, k, v, mask)
+        return math_attention(q, k, v)
     raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
@@ -161,9 +105,9 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
 
-    def forward(self, x: torch.Tensor, layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        out = attend(q, k, v, self.backend, layout)
+        out = attend(q, k, v, self.backend)
         return self.proj(out.reshape(x.shape))
 
     def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,12 +47,14 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> st
     return key
 
 
-def _read_checkpoint(ckpt_path: Path, trust_pickle: bool = False) -> tuple[dict, dict]:
-    """(the teacher's state dict, the trainer state) of a training checkpoint of either format (a
-    step_N directory or a single .pt file), read without running pickled code (dinovmf.serialization)."""
+def _read_checkpoint(ckpt_path: Path, which: str = "teacher", trust_pickle: bool = False) -> dict:
+    """A training checkpoint of either format (a step_N directory or a single .pt file) as a dict holding the
+    `which` ("teacher" or "student") network's state dict and "model_args", read without running pickled
+    code (dinovmf.serialization; `trust_pickle` for a .pt file holding more). ValueError otherwise."""
     from dinovmf.checkpoint import network_state
 
-    return network_state(ckpt_path, "teacher", trust_pickle=trust_pickle)
+    network, state = network_state(ckpt_path, which, trust_pickle=trust_pickle)
+    return {**state, which: network}
 
 
 def _architecture_args(model_args: dict) -> dict:
@@ -68,14 +70,15 @@ def _architecture_args(model_args: dict) -> dict:
 
 
 def teacher_backbone_state(teacher_state: dict) -> dict[str, torch.Tensor]:
-    """`backbone.*` entries of a MultiCropWrapper state_dict, prefix (and DDP/compile wrappers) removed."""
+    """`backbone.*` entries of a MultiCropWrapper state_dict (the teacher's or the student's), prefix (and
+    DDP/compile wrappers) removed."""
     out = {}
     for key, value in teacher_state.items():
         key = strip_prefixes(key)
         if key.startswith("backbone."):
             out[strip_prefixes(key[len("backbone."):])] = value
     if not out:
-        raise ValueError("the checkpoint's 'teacher' state has no 'backbone.*' entries")
+        raise ValueError("the checkpoint's network state has no 'backbone.*' entries")
     return out
 
 
@@ -119,6 +122,19 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _checkpoint_backbone(ckpt: dict, ckpt_path: Path, which: str,
+                         attn_backend: str = "sdpa") -> tuple[VisionTransformer, dict]:
+    """(the `which` network's backbone of a read training checkpoint, its architecture args)."""
+    arch_args = _architecture_args(ckpt["model_args"])
+    model = _uninitialised_backbone(**arch_args, attn_backend=attn_backend)
+    try:
+        model.load_state_dict(teacher_backbone_state(ckpt[which]), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{which} backbone of {str(ckpt_path)!r} does not match model_args "
+                         f"{arch_args}: {e}") from None
+    return model, arch_args
+
+
 def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, *,
                             trust_pickle: bool = False) -> Path:
     """Write the teacher backbone of training checkpoint `ckpt_path` (a step_N directory or a single-file
@@ -133,16 +149,8 @@ def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.Pat
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
-    teacher, ckpt = _read_checkpoint(ckpt_path, trust_pickle)
-    arch_args = _architecture_args(ckpt["model_args"])
-    state = teacher_backbone_state(teacher)
-
-    model = _uninitialised_backbone(**arch_args)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"teacher backbone of {str(ckpt_path)!r} does not match model_args "
-                         f"{arch_args}: {e}") from None
+    ckpt = _read_checkpoint(ckpt_path, trust_pickle=trust_pickle)
+    model, arch_args = _checkpoint_backbone(ckpt, ckpt_path, "teacher")
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if k not in TRAINING_ONLY_KEYS}
@@ -176,11 +184,25 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_backbone(path: str | os.PathLike, attn_backend: str = "sdpa") -> VisionTransformer:
-    """Rebuild a backbone written by `export_teacher_backbone`; returned in eval mode on the CPU."""
+def load_backbone(path: str | os.PathLike, which: str = "teacher", attn_backend: str = "sdpa", *,
+                  trust_pickle: bool = False) -> VisionTransformer:
+    """A backbone, in eval mode on the CPU, from an export written by `export_teacher_backbone` (.safetensors,
+    or its .json: the teacher) or from a training checkpoint (a step_N directory or a single-file .pt: the
+    `which` network, "teacher" or "student"; `trust_pickle` for a .pt holding more than tensors and plain
+    types). The one loader of `dinovmf eval`, `dinovmf attention` and the Python API."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        if which != "teacher":
+            raise ValueError(f"{str(path)!r} is an export, which holds the teacher backbone only; "
+                             f"the {which} needs a training checkpoint")
+        return _load_export(path.with_suffix(".safetensors"), attn_backend)
+    model, _ = _checkpoint_backbone(_read_checkpoint(path, which, trust_pickle), path, which, attn_backend)
+    return model.eval()
+
+
+def _load_export(path: Path, attn_backend: str) -> VisionTransformer:
     from safetensors.torch import load_file
 
-    path = Path(path)
     if not path.is_file():
         raise ValueError(f"backbone file {str(path)!r} does not exist")
     config = _read_config(path)

@@ -1,11 +1,8 @@
 """Multi-crop forward: backbone + head over 2 global and N local crops in as few calls as possible.
 
-Grouped mode (default, as DINO): consecutive crops of the same resolution are concatenated along the
+As DINO does, consecutive crops of the same resolution are concatenated along the
 batch and run through the backbone in one call, so 2 x 224 + 10 x 96 costs two backbone calls; the
 CLS features of all crops then go through the head in one call.
-
-Packed mode (`packed=True`, an option to benchmark, not the default): every crop of an image goes
-into one sequence with block-diagonal attention, so each block runs once for all resolutions.
 
 Outputs are view-major (row v * B + b is view v of image b), the order the loss expects.
 """
@@ -40,7 +37,7 @@ class MultiCropWrapper(nn.Module):
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead,
-                 patch_head: DINOHead | None = None, packed: bool = False):
+                 patch_head: DINOHead | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -49,7 +46,6 @@ class MultiCropWrapper(nn.Module):
         if patch_head is head:
             patch_head = None
         self.patch_head = patch_head
-        self.packed = packed
 
     def forward(self, crops: torch.Tensor | Sequence[torch.Tensor],
                 masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -73,20 +69,14 @@ class MultiCropWrapper(nn.Module):
         n_global = groups[0][1]
         global_masks = self._split_masks(masks, n_global, B)
 
-        if self.packed:
-            per_crop_masks = global_masks + [None] * (len(crops) - n_global)
-            feats = self.backbone.forward_features_packed(crops, per_crop_masks)
-            cls = torch.cat([f["cls"] for f in feats])
-            patch = torch.cat([f["patch"] for f in feats[:n_global]]) if return_patches else None
-        else:
-            cls_parts, patch = [], None
-            for gi, (start, end) in enumerate(groups):
-                group_masks = torch.cat(global_masks) if gi == 0 and global_masks[0] is not None else None
-                f = self.backbone.forward_features(torch.cat(crops[start:end]), group_masks)
-                cls_parts.append(f["cls"])
-                if gi == 0 and return_patches:
-                    patch = f["patch"]
-            cls = torch.cat(cls_parts)
+        cls_parts, patch = [], None
+        for gi, (start, end) in enumerate(groups):
+            group_masks = torch.cat(global_masks) if gi == 0 and global_masks[0] is not None else None
+            f = self.backbone.forward_features(torch.cat(crops[start:end]), group_masks)
+            cls_parts.append(f["cls"])
+            if gi == 0 and return_patches:
+                patch = f["patch"]
+        cls = torch.cat(cls_parts)
 
         out = {"cls": cls, "z": self.head(cls)}
         if return_patches:
@@ -111,3 +101,13 @@ class MultiCropWrapper(nn.Module):
         if any(not isinstance(m, torch.Tensor) for m in masks):
             raise ValueError("masks must be all tensors (or masks=None for no masking)")
         return masks
+
+    def forward_flops(self, crop_sizes: Sequence[int]) -> int:
+        """Matmul FLOPs of one image's forward through this network at square crops of `crop_sizes` px: the
+        backbone per crop, the head MLP on every CLS token and the prototype logits (2 p K per crop, computed
+        by the loss). The one FLOP count of the training log's MFU and of the benchmarks
+        (`objectives.flops_per_image` adds iBOT's patch head; backward is counted as 2x forward there)."""
+        head = self.head
+        logits = 2 * head.bottleneck_dim * head.out_dim
+        return (sum(self.backbone.forward_flops(size) for size in crop_sizes)
+                + head.flops(len(crop_sizes)) + logits * len(crop_sizes))

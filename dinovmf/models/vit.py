@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, BlockDiagonalLayout
+from .attention import Attention
 
 LAYER_NORM_EPS = 1e-6  # DINO and timm use 1e-6, not PyTorch's 1e-5
 
@@ -103,8 +103,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, layout: BlockDiagonalLayout | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), layout))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,32 +247,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self._split(self.norm(tokens))
-
-    def forward_features_packed(self, crops: list[torch.Tensor],
-                                masks: list[torch.Tensor | None] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Run crops of different sizes (same batch size) as ONE sequence per image.
-
-        Tokens of all crops are concatenated along the sequence and attention is block-diagonal
-        (a token sees only its own crop), so the result equals `forward_features` per crop up to
-        kernel rounding, with one attention call per block instead of one per resolution. Drop-path
-        then drops a whole image (all its crops) together rather than each crop independently.
-        Returns one `forward_features`-style dict per crop.
-        """
-        if not crops:
-            raise ValueError("crops must be a non-empty list of [B,3,H,W] tensors")
-        if masks is not None and len(masks) != len(crops):
-            raise ValueError(f"masks must have one entry (or None) per crop: {len(masks)} != {len(crops)}")
-        B = crops[0].shape[0]
-        if any(c.shape[0] != B for c in crops):
-            raise ValueError(f"all crops must have the same batch size, got {[c.shape[0] for c in crops]}")
-        parts = [self.prepare_tokens(c, None if masks is None else masks[i]) for i, c in enumerate(crops)]
-        lengths = [p.shape[1] for p in parts]
-        layout = BlockDiagonalLayout(lengths)
-        tokens = torch.cat(parts, dim=1)
-        for block in self.blocks:
-            tokens = block(tokens, layout)
-        tokens = self.norm(tokens)
-        return [self._split(t) for t in tokens.split(lengths, dim=1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLS features [B, D]."""
