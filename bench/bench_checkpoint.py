@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -173,8 +174,8 @@ def release_freed_memory() -> None:
         pass
 
 
-def measure(trainer, method: str, root: Path, step: int) -> dict:
-    """One checkpoint of `trainer` by `method` into `root`: times, memory, bytes, then read back."""
+def measure(trainer, method: str, root: Path, step: int, resume: bool = True) -> dict:
+    """One checkpoint of `trainer` by `method` into `root`: times, memory, bytes, then (`resume`) read back."""
     from dinovmf import checkpoint as ckpt
     from dinovmf import distributed as D
 
@@ -218,55 +219,93 @@ def measure(trainer, method: str, root: Path, step: int) -> dict:
     out["verify_s"] = time.perf_counter() - start
     D.barrier()
     models = trainer.models
-    if method == "full_gather":
+    if not resume:
+        out["resume_s"] = float("nan")
+    elif method == "full_gather":
         state = ckpt.load_checkpoint(path)
         ckpt.restore_full_training_state(state, models.student, models.teacher, trainer.optimizer)
         del state
     else:
         ckpt.restore_training_state(path, models.student, models.teacher, trainer.optimizer, {})
-    D.barrier()
-    out["resume_s"] = time.perf_counter() - start
+    if resume:
+        D.barrier()
+        out["resume_s"] = time.perf_counter() - start
     if info.is_main:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return out
 
 
-def run_setup(model: str, setup: str, reps: int, root: Path) -> list[dict]:
-    """This process's share of one (model, setup): `reps` rounds of every method, rotated; on rank 0 the
-    rows (medians over reps; times and memory are the max over ranks)."""
+def extra_needed(method: str, setup: str, state_bytes: int) -> tuple[int, int]:
+    """(bytes a save by `method` adds over all processes, bytes reading it back adds): the full-gather path
+    gathers the state onto rank 0 under FSDP2 and reads the whole file on every rank; the async path
+    stages one copy of the state over all ranks; the sharded reads and the sync save add little."""
+    processes, fsdp = SETUPS[setup]
+    if method == "full_gather":
+        return (state_bytes if fsdp else 0), processes * state_bytes
+    return (state_bytes if method == "sharded_async" else 0), 0
+
+
+def fits(extra: int, margin: int, info) -> bool:
+    """Whether this machine has `extra` bytes free beyond `margin` (rank 0's reading, on every rank)."""
+    verdict = [mem_available_bytes() - margin >= extra]
+    if info.is_distributed:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def run_setup(model: str, setup: str, reps: int, root: Path, margin: int) -> None:
+    """This process's share of one (model, setup): `reps` rounds of every method, rotated; rank 0 rewrites
+    `root/rows.json` after every round (medians over the rounds so far; times and memory are the max over
+    ranks), so a launch that dies keeps the rounds it finished. A save (or a read-back) that would leave
+    less than `margin` bytes of memory free is not run, and the row says so."""
     from dinovmf import distributed as D
 
     _, fsdp = SETUPS[setup]
     trainer = build_trainer(model, fsdp, root / "run", asynchronous=True)
     info = trainer.info
     writer = trainer._checkpoint_writer()
-    params = sum(p.numel() for p in trainer.models.student.parameters())
-    if fsdp and info.is_distributed:
-        params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel()
-                     for p in trainer.models.student.parameters())
-    results = {m: [] for m in METHODS}
+    params = sum(p.numel() for p in trainer.models.student.parameters())  # a DTensor's numel is global
+    state_bytes = 4 * params * 4  # student, teacher, AdamW's two moments in fp32
+    results, notes = {m: [] for m in METHODS}, []
     step = 0
     for rep in range(reps):
         order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]
         for method in order:
+            save_extra, read_extra = extra_needed(method, setup, state_bytes)
+            if not fits(save_extra, margin, info):
+                notes.append(f"stopped before rep {rep} {method}: not enough free memory")
+                break
+            resume = fits(read_extra, margin, info)
+            if not resume and rep == 0:
+                notes.append(f"{method}: read-back not measured (needs {read_extra / 2**30:.1f} GB more memory)")
             writer.asynchronous = method == "sharded_async"
             step += 2
-            out = measure(trainer, method, root, step)
+            out = measure(trainer, method, root, step, resume)
             results[method].append(gather_max(out, info))
             if info.is_main:
                 print(f"{model} {setup} rep {rep} {method}: " + ", ".join(f"{k}={v:.3g}" for k, v in
                                                                        results[method][-1].items()), flush=True)
+        if info.is_main and all(results.values()):
+            (root / "rows.json").write_text(json.dumps(summary_rows(model, setup, info, params, results, notes)))
+        if notes and notes[-1].startswith("stopped"):
+            if info.is_main and not all(results.values()):
+                (root / "rows.json").write_text(json.dumps([{"model": model, "setup": setup, "method": "all",
+                                                             "note": notes[-1]}]))
+            break
     writer.close()
     D.barrier()
-    if not info.is_main:
-        return []
+
+
+def summary_rows(model: str, setup: str, info, params: int, results: dict, notes: list[str]) -> list[dict]:
+    """One row per method: medians over the rounds measured (NaN values left out)."""
     rows = []
     for method in METHODS:
-        runs = results[method]
+        runs = results[method][: min(len(r) for r in results.values())]
         row = {"model": model, "setup": setup, "processes": info.world_size, "method": method,
-               "params_m": round(params / 1e6, 1), "reps": reps}
+               "params_m": round(params / 1e6, 1), "reps": len(runs), "note": "; ".join(notes)}
         for key in runs[0]:
-            row[key] = statistics.median(r[key] for r in runs)
+            values = [r[key] for r in runs if math.isfinite(r[key])]
+            row[key] = statistics.median(values) if values else float("nan")
         rows.append(row)
     full = rows[0]["blocked_s"]
     for row in rows:
@@ -299,18 +338,29 @@ def needed_bytes(model: str, setup: str) -> int:
     return int(STATE_COPIES[setup] * 4 * params * 4) + processes * (1 << 30)
 
 
-def launch(model: str, setup: str, reps: int, root: Path) -> list[dict]:
-    """Run one (model, setup) in its own process(es) (torchrun for 2 ranks) and return its rows."""
+def launch(model: str, setup: str, reps: int, root: Path, margin_gb: float) -> list[dict]:
+    """Run one (model, setup) in its own process(es) (torchrun for 2 ranks) and return its rows: those of
+    the rounds it finished, with a note when it did not finish them all."""
     processes, _ = SETUPS[setup]
     rows_file = root / "rows.json"
     worker = [sys.executable, "-m", "bench.bench_checkpoint", "--worker", "--models", model, "--setups", setup,
-              "--reps", str(reps), "--root", str(root)]
+              "--reps", str(reps), "--root", str(root), "--margin-gb", str(margin_gb)]
     if processes > 1:
         worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                   str(processes), "-m", "bench.bench_checkpoint"] + worker[3:]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
-    subprocess.run(worker, check=True, timeout=WORKER_TIMEOUT_S, env=env, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(rows_file.read_text())
+    try:
+        subprocess.run(worker, check=True, timeout=WORKER_TIMEOUT_S, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+        failure = ""
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        failure = f"the launch failed ({type(e).__name__}) after the rounds recorded"
+    if not rows_file.exists():
+        return [{"model": model, "setup": setup, "method": "all", "note": failure or "no round finished"}]
+    rows = json.loads(rows_file.read_text())
+    for row in rows:
+        row["note"] = "; ".join(n for n in (row.get("note", ""), failure) if n)
+    return rows
 
 
 def plot_detail(rows: list[dict], path: Path) -> None:
@@ -355,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         from dinovmf import distributed as D
 
-        root = Path(args.root)
-        rows = run_setup(args.models[0], args.setups[0], args.reps, root)
-        if rows:
-            (root / "rows.json").write_text(json.dumps(rows))
+        run_setup(args.models[0], args.setups[0], args.reps, Path(args.root), int(args.margin_gb * 2**30))
         D.cleanup()
         return 0
 
@@ -381,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 root = scratch / f"{model}-{setup}"
                 root.mkdir(parents=True, exist_ok=True)
                 try:
-                    all_rows += launch(model, setup, args.reps, root)
+                    all_rows += launch(model, setup, args.reps, root, args.margin_gb)
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
     finally:
