@@ -58,6 +58,9 @@ class ModelConfig:
     # With init_strict=false: backbone key patterns (fnmatch, e.g. [reg_token, blocks.*.ls1.gamma]) that may
     # be missing from the file (kept fresh) or extra in it (dropped); any other difference is still an error.
     init_ignore: list[str] = field(default_factory=list)
+    # A .pt / .pth init_from file that holds more than tensors and plain types is refused (unpickling it
+    # could run code); true loads it anyway. Only for files you trust.
+    init_trust_pickle: bool = False
 
 
 @dataclass
@@ -143,6 +146,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_last: int = 3
+    ckpt_async: bool | None = None   # write checkpoints in the background; None: on for multi-process runs
     compile: bool = False
     amp: str = "auto"                # auto (bf16 on CUDA, off on CPU), bf16, none
     seed: int = 0
@@ -487,9 +491,9 @@ def _validate_proto_norms(cfg: Config) -> None:
 def _validate_init_from(model: ModelConfig) -> None:
     """Lenient loading must name what may differ, and only applies when there is a file to load."""
     if model.init_from is None:
-        if not model.init_strict or model.init_ignore:
-            raise ValueError("config: model.init_strict / model.init_ignore need model.init_from "
-                             "(the weights to start from)")
+        if not model.init_strict or model.init_ignore or model.init_trust_pickle:
+            raise ValueError("config: model.init_strict / model.init_ignore / model.init_trust_pickle need "
+                             "model.init_from (the weights to start from)")
     elif model.init_ignore and model.init_strict:
         raise ValueError(f"config: model.init_ignore={model.init_ignore} needs model.init_strict=false "
                          "(strict loading accepts no difference between the file and the model)")

@@ -2,6 +2,12 @@
 
 Pure functions rather than precomputed arrays (DINO's `cosine_scheduler`) so that a resumed run needs no
 schedule state: the value at step `s` depends only on the config and `s`.
+
+A run resumed on another world size (or per-rank batch) takes steps of another size. It keeps the
+schedules of the run it continues and moves along them by samples (`Continuation`): a step of G images
+advances the position by G / (the schedules' global batch), the lr follows the linear scaling rule for
+the new global batch (the lr per 256 images is where it was), and the run ends when the samples the
+original run would have seen are seen.
 """
 from __future__ import annotations
 
@@ -59,8 +65,13 @@ class Schedules:
     warmup_teacher_temp: float
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    global_batch: int = 256        # images per step, over all ranks (what `lr` was scaled for)
 
-    def at(self, step: int) -> dict:
+    def position(self, step: int) -> float:
+        """Where optimisation step `step` sits on these schedules' axis (itself: see `Continuation`)."""
+        return float(step)
+
+    def at(self, step: float) -> dict:
         return {
             "lr": cosine_schedule(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps),
             "wd": cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end),
@@ -71,12 +82,58 @@ class Schedules:
         }
 
 
-def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+@dataclass(frozen=True)
+class Continuation:
+    """The schedules of a run resumed with another global batch (module docstring): the same interface as
+    `Schedules` (`at(step)`, `total_steps`, `steps_per_epoch`, `position(step)`), in this run's steps."""
+
+    base: Schedules                # the schedules as the run started them (its global batch, its steps)
+    steps_per_epoch: int           # this run's loader: batches per epoch per rank
+    global_batch: int              # images per step now, over all ranks
+    start_step: int                # the step the run resumed at
+    start_position: float          # where that step sits on `base`'s axis
+
+    @property
+    def scale(self) -> float:
+        """Positions on `base`'s axis per step of this run."""
+        return self.global_batch / self.base.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        """The step at which the samples of the original run's `total_steps` are seen."""
+        remaining = (self.base.total_steps - self.start_position) / self.scale
+        return self.start_step + max(0, math.ceil(remaining - 1e-9))
+
+    @property
+    def lr(self) -> float:
+        return self.base.lr * self.scale
+
+    def position(self, step: int) -> float:
+        return self.start_position + (step - self.start_step) * self.scale
+
+    def at(self, step: int) -> dict:
+        values = self.base.at(self.position(step))
+        values["lr"] *= self.scale  # the linear scaling rule, for this run's global batch
+        return values
+
+
+def continue_schedules(base: Schedules, steps_per_epoch: int, global_batch: int, step: int,
+                       position: float) -> Schedules | Continuation:
+    """The schedules for a run resuming at optimisation step `step`, which sits at `position` on `base`'s
+    axis, with `global_batch` images per step: `base` itself when nothing changed, else a Continuation."""
+    if global_batch == base.global_batch and position == step and steps_per_epoch == base.steps_per_epoch:
+        return base
+    return Continuation(base, steps_per_epoch, global_batch, step, position)
+
+
+def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1, *, global_batch: int | None = None
+                    ) -> Schedules:
     """The schedules of a run of `cfg` (a `dinovmf.config.Config`) with this loader length and world size.
 
     The run lasts `cfg.steps` steps, or `cfg.epochs` epochs when `steps` is unset; every schedule spans
     the run. Epoch-valued settings (warm-ups, last-layer freeze) convert at `steps_per_epoch` and are
-    capped at the run length, so a short test run still ends its warm-ups.
+    capped at the run length, so a short test run still ends its warm-ups. `global_batch`: images per
+    step over all ranks (default `train.batch_size` x `world_size`), which scales the lr.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1 (is the dataset smaller than one batch?), "
@@ -86,7 +143,7 @@ def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1) -> Schedules
     def epochs_to_steps(epochs: float) -> int:
         return min(total, int(round(epochs * steps_per_epoch)))
 
-    global_batch = cfg.train.batch_size * world_size
+    global_batch = cfg.train.batch_size * world_size if global_batch is None else global_batch
     return Schedules(
         total_steps=total,
         steps_per_epoch=steps_per_epoch,
@@ -101,4 +158,5 @@ def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1) -> Schedules
         warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
         teacher_temp_warmup_steps=epochs_to_steps(cfg.loss.warmup_teacher_temp_epochs),
         freeze_last_layer_steps=epochs_to_steps(cfg.optim.freeze_last_layer),
+        global_batch=global_batch,
     )

@@ -22,25 +22,28 @@ from dinovmf.trainer import UTILISATION_EPS, Trainer
 __all__ = ["NonFiniteLossError", "UTILISATION_EPS", "Trainer", "train"]
 
 
-def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
+def train(cfg: Config, out_dir: str | Path, resume: str | None = None, trust_pickle: bool = False) -> dict:
     """Train `cfg` into `out_dir`; returns the final metrics (loss, step, knn_top1 when evaluated...).
 
-    `resume`: None, "auto" (newest checkpoint in out_dir/checkpoints, or a fresh start) or a path.
-    Raises `NonFiniteLossError` when the loss becomes NaN/inf (last good checkpoint kept) and
-    ValueError for unusable input (missing data, bad checkpoint).
+    `resume`: None, "auto" (the newest readable checkpoint in out_dir/checkpoints, or a fresh start) or a
+    path. `trust_pickle`: resume from a version-1 file that holds more than tensors and plain types.
+    Raises `NonFiniteLossError` when the loss becomes NaN/inf (last good checkpoint kept), `CheckpointError`
+    when a checkpoint cannot be written (earlier ones kept) and ValueError for unusable input (missing
+    data, bad checkpoint).
     """
     out_dir = Path(out_dir)
     info = D.init_distributed(cfg.dist.backend, cfg.dist.timeout_s, trace_dir=out_dir / "nccl_traces")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resume_path = ckpt.resolve_resume(resume, out_dir)
+        resume_path = resolve_resume(resume, out_dir, info)
         if resume_path is None and cfg.model.init_from is not None:
             require_file(cfg.model.init_from)  # before the data, whose preparation can take hours
         loader = build_train_loader(cfg, out_dir, info)  # data first: a missing dataset fails in seconds
         if resume_path is None:
             trainer = Trainer(cfg, out_dir, steps_per_epoch=len(loader))
         else:
-            trainer = Trainer.resume(resume_path, cfg, out_dir, steps_per_epoch=len(loader))
+            trainer = Trainer.resume(resume_path, cfg, out_dir, steps_per_epoch=len(loader), trust_pickle=trust_pickle,
+                                     verify=False)  # resolve_resume verified it
         summary = trainer.fit(loader)
         if summary["interrupted"]:
             return summary
@@ -56,6 +59,24 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
         return summary
     finally:
         D.cleanup()
+
+
+def resolve_resume(resume: str | None, out_dir: Path, info: D.DistInfo) -> Path | None:
+    """`checkpoint.resolve_resume` on rank 0 (it reads every file to verify it), its answer (or error)
+    sent to the other ranks."""
+    answer = None
+    if info.is_main:
+        try:
+            answer = ckpt.resolve_resume(resume, out_dir)
+        except ValueError as e:
+            answer = e
+    if info.is_distributed:
+        box = [answer]
+        torch.distributed.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if isinstance(answer, ValueError):
+        raise answer
+    return answer
 
 
 def build_train_loader(cfg: Config, out_dir: Path, info: D.DistInfo):
@@ -106,7 +127,8 @@ def step0_backbone(cfg: Config) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the same draw as the student's initialisation
     backbone = build_backbone(drop_path_rate=0.0, attn_backend=cfg.model.attn_backend, **model_args(cfg))
     if cfg.model.init_from is not None:
-        load_init_weights(backbone, cfg.model.init_from, strict=cfg.model.init_strict, ignore=cfg.model.init_ignore)
+        load_init_weights(backbone, cfg.model.init_from, strict=cfg.model.init_strict, ignore=cfg.model.init_ignore,
+                          trust_pickle=cfg.model.init_trust_pickle)
     return backbone
 
 

@@ -14,17 +14,22 @@ hold all of it, so `Trainer.resume` continues a run step for step.
 
 Reproducibility. Model initialisation uses `train.seed` on every rank; then each rank seeds its own
 stream (drop-path, iBOT masks). Crops and augmentations are pure functions of (seed, epoch, rank, batch),
-so `fit` on a resumed trainer re-creates the epoch's loader and skips the batches already trained on,
-with the RNG state left where the checkpoint had it.
+so `fit` on a resumed trainer re-creates the epoch's loader from the first sample not yet trained on,
+with the RNG state left where the checkpoint had it. On another world size the run continues by samples
+(`dinovmf.run_position`): the rest of the epoch is sharded over the new ranks and the schedules move on
+from where they were.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 from pathlib import Path
 
 import torch
 
 from dinovmf import checkpoint as ckpt
 from dinovmf import distributed as D
+from dinovmf.checkpoint_writer import CheckpointError, CheckpointWriter
 from dinovmf.config import Config, config_from_dict, dump_yaml
 from dinovmf.models import build_ssl_model, init_student, model_args
 from dinovmf.models.init_from import load_init_weights
@@ -32,7 +37,8 @@ from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient
 from dinovmf.objectives import build_objective
 from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyperparameters
 from dinovmf.parallelize import parallelize
-from dinovmf.schedules import Schedules, build_schedules
+from dinovmf.run_position import RunPosition, continued_schedules, describe_change
+from dinovmf.schedules import Continuation, Schedules, build_schedules
 from dinovmf.stopping import NonFiniteLossError, NonFiniteLossGuard, StopSignal, TimeLimit
 from dinovmf.watchdog import watchdog_for
 
@@ -64,7 +70,7 @@ class Trainer:
             # Into the student before the teacher copies it and before DDP / FSDP2 wrap or shard it; every
             # rank reads the file, so all start equal. `resume` skips it: the checkpoint's weights win.
             report = load_init_weights(student.backbone, cfg.model.init_from, strict=cfg.model.init_strict,
-                                       ignore=cfg.model.init_ignore)
+                                       ignore=cfg.model.init_ignore, trust_pickle=cfg.model.init_trust_pickle)
             if self.info.is_main:
                 print(report, flush=True)
         student = student.to(self.device)
@@ -81,7 +87,10 @@ class Trainer:
         self.objective = build_objective(cfg).to(self.device)
 
         self.step = 0  # optimisation steps done
-        self.schedules: Schedules | None = None
+        self.epoch, self.epoch_position = 0, 0  # the data epoch, and its samples trained on (all ranks)
+        self.global_batch = cfg.train.batch_size * self.info.world_size
+        self.schedules: Schedules | Continuation | None = None
+        self.checkpoints: CheckpointWriter | None = None  # created by the first fit / save
         if steps_per_epoch is not None:
             self.schedules = build_schedules(cfg, steps_per_epoch, self.info.world_size)
         self.loss_guard = NonFiniteLossGuard(self.device)
@@ -148,28 +157,37 @@ class Trainer:
         monitor = self._monitor(sched)
         collapse = CollapseDetector(cfg.model.out_dim)
         time_limit = TimeLimit(cfg.train.time_limit_min)
-        last, interrupted, out_of_time = {}, False, False
+        writer = self._checkpoint_writer()
+        last, interrupted, out_of_time, save_failed = {}, False, False, False
         try:
             with StopSignal() as signal, watchdog_for(info) as watchdog:
-                while self.step < sched.total_steps and not (interrupted or out_of_time):
-                    epoch = self.step // sched.steps_per_epoch
-                    for crops, _labels in self._epoch_batches(loader, epoch):
+                while self.step < sched.total_steps and not (interrupted or out_of_time or save_failed):
+                    epoch = self.epoch
+                    for crops, _labels in self._epoch_batches(loader):
                         watchdog.progress(self.step)
                         metrics = self.train_step(crops, self.step)
                         watchdog.progress(self.step)
+                        self.epoch_position += self.global_batch
                         monitor.advance()
                         self._check_collapse(monitor, collapse)
                         if self.step % cfg.train.log_every == 0 or self.step == sched.total_steps:
                             last = self._log(monitor, metrics, epoch)
                         if self.step % cfg.train.ckpt_every == 0 and self.step < sched.total_steps:
                             self.save()
-                        interrupted, out_of_time = D.any_rank(signal.received_locally, time_limit.expired_locally())
-                        if interrupted or out_of_time:
+                        interrupted, out_of_time, save_failed = D.any_rank(
+                            signal.received_locally, time_limit.expired_locally(), writer.failed())
+                        if interrupted or out_of_time or save_failed:
                             break
                 if out_of_time:
                     monitor.message(f"time limit of {time_limit.minutes} min reached at step {self.step}")
-                self.save()
+                if not save_failed:
+                    self.save()
+                writer.close()  # waits for the save in flight (a signal's exit too), frees the staging copy
         except NonFiniteLossError as e:
+            try:
+                writer.close()  # the save in flight holds good weights: the last good checkpoint may be it
+            except CheckpointError as failed:
+                monitor.message(f"ERROR: {failed}")
             good = ckpt.latest_checkpoint(ckpt.checkpoint_dir(self.out_dir))
             monitor.message(f"ERROR: {e}. Last good checkpoint: {good or 'none (no checkpoint was written)'}")
             monitor.log(e.step, {"message": str(e)}, kind="error")
@@ -190,22 +208,30 @@ class Trainer:
             raise ValueError(f"the loader has {steps_per_epoch} batches per epoch, but this trainer's schedules "
                              f"were built for {self.schedules.steps_per_epoch} (did the dataset change?)")
 
-    def _epoch_batches(self, loader, epoch: int):
-        """The batches of `epoch` still to train on: a resumed run skips the ones it already trained on,
-        with the RNG state kept as the checkpoint left it."""
-        sched = self.schedules
-        loader.set_epoch(epoch)
+    def _epoch_batches(self, loader):
+        """The batches of `self.epoch` still to train on: from sample `self.epoch_position` of its order
+        on (`loader.set_epoch(epoch, start=...)`); moves `self.epoch` on once the epoch is read to its end."""
+        sched, start = self.schedules, self.epoch_position
+        if not start:
+            loader.set_epoch(self.epoch)
+        elif "start" in inspect.signature(loader.set_epoch).parameters:
+            loader.set_epoch(self.epoch, start=start)
+        else:
+            raise ValueError(f"cannot resume epoch {self.epoch} at its sample {start}: this loader's set_epoch "
+                             "takes no `start` (the samples already trained on; see MultiCropLoader.set_epoch)")
         batches = iter(loader)
-        done = self.step - epoch * sched.steps_per_epoch
-        if done:
+        first = ()
+        if start:
+            # Starting an epoch's reader may draw from the RNG (a DataLoader seeds its workers); the run
+            # that wrote the checkpoint drew that at the epoch's start, before the checkpoint's RNG state.
             rng = ckpt.rng_state()
-            for _ in range(done):
-                next(batches)
+            first = tuple(itertools.islice(batches, 1))
             ckpt.set_rng_state(rng)
-        for batch in batches:
+        for batch in itertools.chain(first, batches):
             if self.step >= sched.total_steps:
                 return
             yield batch
+        self.epoch, self.epoch_position = self.epoch + 1, 0
 
     def _monitor(self, sched: Schedules) -> Monitor:
         cfg, info = self.cfg, self.info
@@ -274,52 +300,90 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path | None:
-        """Checkpoint this step to out_dir/checkpoints (atomic; the last `train.keep_last` kept). Every rank
-        calls it (FSDP2 gathers the shards, the RNG states are per rank); returns the path on rank 0."""
+        """Checkpoint this step to out_dir/checkpoints/step_N/ (dinovmf.checkpoint; the last
+        `train.keep_last` kept). Every rank calls it: each writes its own shard. With `train.ckpt_async`
+        the write continues in the background (`self.checkpoints.wait()` waits for it). Returns the
+        checkpoint's path on rank 0 (None elsewhere); a second call at the same step writes nothing."""
         if self.out_dir is None:
             raise ValueError("Trainer.save needs an out_dir")
         self.loss_guard.flush()  # never checkpoint weights updated by a step whose loss was not finite
-        models, info = self.models, self.info
-        state = ckpt.gather_training_state(models.student, models.teacher, self.optimizer)
-        rng = ckpt.rng_state()
-        if info.is_distributed:
-            gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rng = gathered
-        path = None
-        if info.is_main:
-            state.update(step=self.step, config=self.cfg.to_dict(), model_args=model_args(self.cfg),
-                         loss=self.objective.state_dict(), rng=rng,
-                         steps_per_epoch=None if self.schedules is None else self.schedules.steps_per_epoch)
-            path = ckpt.save_checkpoint(state, self.out_dir, self.cfg.train.keep_last)
-        D.barrier()
-        return path
+        writer, models, info = self._checkpoint_writer(), self.models, self.info
+        if writer.last_step != self.step:
+            tensors, param_groups = ckpt.training_state(models.student, models.teacher, self.optimizer)
+            tensors.update({f"loss/{k}": v for k, v in self.objective.state_dict().items()})
+            tensors.update({f"rng/{info.rank}/{k}": v for k, v in ckpt.rng_tensors().items()})
+            writer.save(self.step, tensors, self._trainer_state(param_groups) if info.is_main else None)
+        return ckpt.checkpoint_path(self.out_dir, self.step) if info.is_main else None
 
-    def _restore(self, state: dict, path: str | Path) -> None:
-        """Weights, optimizer, centers, step and this rank's RNG state from a checkpoint of any world size
-        and wrapping (one process, DDP, FSDP2)."""
-        ckpt.restore_training_state(state, self.models.student, self.models.teacher, self.optimizer)
-        self.objective.load_state_dict(state["loss"])
-        self.step = int(state["step"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank that wrote it
-        if len(rngs) == self.info.world_size:
-            ckpt.set_rng_state(rngs[self.info.rank])
+    def _checkpoint_writer(self) -> CheckpointWriter:
+        """The run's CheckpointWriter (created on first use, on every rank: it removes what interrupted
+        writes left and, distributed, creates the process group its background writes use)."""
+        if self.checkpoints is None:
+            asynchronous = self.cfg.train.ckpt_async
+            if asynchronous is None:
+                asynchronous = self.info.is_distributed
+            self.checkpoints = CheckpointWriter(self.out_dir, self.cfg.train.keep_last, asynchronous=asynchronous,
+                                                rank=self.info.rank, world_size=self.info.world_size)
+        return self.checkpoints
+
+    def _position(self) -> RunPosition:
+        sched = self.schedules
+        base = sched.base if isinstance(sched, Continuation) else sched
+        return RunPosition(step=self.step, epoch=self.epoch, epoch_position=self.epoch_position,
+                           schedule_position=float(self.step) if sched is None else sched.position(self.step),
+                           world_size=self.info.world_size, global_batch=self.global_batch,
+                           steps_per_epoch=None if sched is None else sched.steps_per_epoch,
+                           schedule_steps_per_epoch=None if base is None else base.steps_per_epoch,
+                           schedule_global_batch=self.global_batch if base is None else base.global_batch)
+
+    def _trainer_state(self, optimizer_param_groups: list[dict]) -> dict:
+        """What a checkpoint holds besides tensors (trainer.json): plain JSON types only."""
+        position = self._position()
+        return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": self.step, "config": self.cfg.to_dict(),
+                "model_args": model_args(self.cfg), "steps_per_epoch": position.steps_per_epoch,
+                "position": position.to_json(), "optimizer_param_groups": optimizer_param_groups}
+
+    def _restore(self, path: Path, state: dict, steps_per_epoch: int | None) -> None:
+        """Weights, optimizer, centers, step, data position, schedules and this rank's RNG state from
+        checkpoint `path` (`state`: its trainer state) of any version, world size and wrapping."""
+        info, models = self.info, self.models
+        saved = RunPosition.from_checkpoint(state)
+        rng = ckpt.restore_checkpoint(path, state, models.student, models.teacher, self.optimizer, self.objective,
+                                      info.rank, with_rng=saved.world_size == info.world_size)
+        self.step, self.epoch, self.epoch_position = saved.step, saved.epoch, saved.epoch_position
+        if rng is not None:
+            ckpt.set_rng_state(rng)
         else:  # written by another world size: fresh per-rank streams, still a function of (seed, rank, step)
-            torch.manual_seed(self.cfg.train.seed + 1000 * self.info.rank + 1 + self.step)
-        if self.info.is_main:
+            torch.manual_seed(self.cfg.train.seed + 1000 * info.rank + 1 + self.step)
+        self.schedules = continued_schedules(saved, self.cfg, steps_per_epoch, self.global_batch)
+        if info.is_main:
             print(f"resumed from step {self.step} ({path})", flush=True)
+            change = self.schedules and describe_change(saved, self._position(), self.schedules.total_steps,
+                                                        self.schedules.lr)
+            if change:
+                print(change, flush=True)
 
     @classmethod
     def resume(cls, path: str | Path, cfg: Config | None = None, out_dir: str | Path | None = None,
-               device: str | torch.device | None = None, *, steps_per_epoch: int | None = None) -> "Trainer":
-        """A Trainer continuing checkpoint `path`; `cfg` defaults to the checkpoint's own config and
-        `steps_per_epoch` to the one the checkpointed run used."""
-        state = ckpt.load_checkpoint(path, map_location="cpu")
+               device: str | torch.device | None = None, *, steps_per_epoch: int | None = None,
+               trust_pickle: bool = False, verify: bool = True) -> "Trainer":
+        """A Trainer continuing checkpoint `path` (a step_N directory, or a version-1 step_N.pt file) on
+        this process's world size. `cfg` defaults to the checkpoint's own config; `steps_per_epoch` (this
+        run's loader length) to the checkpointed run's. `trust_pickle`: load a version-1 file that holds
+        more than tensors and plain types (it runs the file's pickled code: trusted files only).
+        `verify`: check the files against the manifest first (`checkpoint.verify_checkpoint`; a
+        ValueError naming what is wrong) - `train` has done it already, on rank 0."""
+        path = Path(path)
+        if verify:
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointUnreadable as e:
+                raise ckpt.CheckpointUnreadable(f"checkpoint {str(path)!r} is unreadable: {e}") from None
+        state = ckpt.read_trainer_state(path, trust_pickle=trust_pickle)
         if cfg is None:
             cfg = config_from_dict(state["config"], source=str(path))
-        trainer = cls(cfg, out_dir, device, steps_per_epoch=steps_per_epoch or state.get("steps_per_epoch"),
-                      load_init_from=False)
-        trainer._restore(state, path)
+        trainer = cls(cfg, out_dir, device, load_init_from=False)
+        trainer._restore(path, state, steps_per_epoch)
         if cfg.model.init_from is not None and trainer.info.is_main:
             print(f"model.init_from={cfg.model.init_from} not loaded: resuming from {path}, whose weights win",
                   flush=True)

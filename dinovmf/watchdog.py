@@ -16,7 +16,7 @@ heartbeat twice, three beat periods apart:
 and when there is either it prints which ranks, at which step, and this rank's Python stacks
 (faulthandler), then exits with `EXIT_HUNG` so that torchrun's `--max-restarts` or a requeue takes over.
 When every rank is alive and level it does not fire: that is long work every rank is doing (the first
-step's compilation, a checkpoint that rank 0 writes while the others wait at the barrier), which the
+step's compilation, a checkpoint every rank is writing), which the
 collective's own timeout bounds.
 
 It covers `Trainer.fit`'s loop (checkpoints included) and nothing else: data preparation on rank 0 waits

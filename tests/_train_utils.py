@@ -85,8 +85,8 @@ class HookedLoader:
     def __len__(self):
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.loader.set_epoch(epoch, start)
 
     def __iter__(self):
         for crops, labels in self.loader:

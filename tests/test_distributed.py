@@ -60,7 +60,7 @@ for name in sys.argv[3:]:
             (out / name / f"rank{{info.rank}}.err").write_text(str(e))
         continue
     if name.endswith("_resumed"):
-        start = out / name.replace("_resumed", "") / "checkpoints" / "step_0000002.pt"
+        start = out / name.replace("_resumed", "") / "checkpoints" / "step_0000002"
         trainer = Trainer.resume(start, cfg, out / name, steps_per_epoch=len(loader))
     else:
         trainer = Trainer(cfg, out / name, steps_per_epoch=len(loader))

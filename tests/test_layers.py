@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"kernels", "_ext"},
     {"config"},
+    {"serialization", "checkpoint"},
     {"models", "data"},
     {"eval"},
     {"head_loss", "loss_reference", "centering", "vmf", "backends", "cpu_memory"},
     {"loss", "ibot", "masking", "prototypes"},
     {"objectives"},
-    {"trainer", "parallelize", "optim", "schedules", "stopping", "checkpoint", "monitor", "distributed"},
+    {"trainer", "parallelize", "optim", "schedules", "stopping", "monitor", "distributed",
+     "watchdog", "checkpoint_writer", "run_position"},
     {"train", "plots"},
     {"cli", "commands"},
 ]

@@ -46,7 +46,7 @@ def test_grid_runs_records_resumes_and_reports(tmp_path, monkeypatch):
             assert 1 <= r[f"{prefix}used_prototypes"] <= 256
         assert 0 <= r["knn_top1"] <= 100
         run_dir = out / r["run_id"]
-        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_0000002.pt"]  # pruned to the last
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_0000002"]  # pruned to the last
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert trained["model"]["proto_norm_init_spread"] == 0.5 and trained["loss"]["centering"] == "prob"
     # Within the frozen-prototype warm-up the norms are the initial ones in both runs (same seed); the

@@ -53,7 +53,7 @@ def test_few_steps_end_to_end(data, tmp_path, capsys):
     assert not torch.equal(state["teacher"][key], state["student"][key])
     assert not torch.equal(state["teacher"][key], init[key])
     # Prototypes are frozen for the first 0.4 epoch = 2 steps: still at init in the step-2 checkpoint.
-    step2 = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_0000002.pt")
+    step2 = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_0000002")
     assert torch.equal(step2["student"]["head.v"], init["head.v"])
     assert not torch.equal(state["student"]["head.v"], init["head.v"])
 

@@ -48,8 +48,8 @@ def test_ibot_vmf_shared_head_trains_masked_patches_and_resumes_exactly(data, tm
 
     # Resumed from the step-2 checkpoint, step 3 draws the same masks (the CPU RNG is checkpointed) and
     # uses the same patch center: the same losses, exactly.
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "straight" / "checkpoints" / "step_0000002.pt", tmp_path / "resumed" / "checkpoints")
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_0000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_0000002")
     train(cfg, tmp_path / "resumed", resume="auto")
     resumed = read_records(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [3]

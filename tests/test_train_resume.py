@@ -1,13 +1,15 @@
-"""A run stopped at step 2 and resumed follows the uninterrupted run's loss trajectory step for step.
+"""A run stopped at step 2 and resumed follows the uninterrupted run's loss trajectory step for step, from
+a checkpoint directory and from a single-file checkpoint of earlier versions.
 
-Step 2 is mid-epoch (3 steps per epoch), and drop-path is on, so this checks the data order (skipping
-the trained batches of the epoch), the augmentation, the RNG state, optimizer and EMA state, and the
-center all come back exactly.
+Step 2 is mid-epoch (3 steps per epoch), and drop-path is on, so this checks the data order (the epoch
+read on from its first untrained sample), the augmentation, the RNG state, optimizer and EMA state, and
+the center all come back exactly.
 """
 import pytest
 import torch
 from _train_utils import fit, read_records, signal_before_batch, tiny_config, write_image_folder
 
+from bench.bench_checkpoint import full_gather_save
 from dinovmf import checkpoint as ckpt
 from dinovmf.cli import main
 from dinovmf.data.synthetic import synthetic_crops
@@ -32,12 +34,24 @@ def test_resume_matches_uninterrupted_run(tmp_path, capsys):
     assert main(["train", "--out", str(resumed), "--resume", "auto", *overrides]) == 0  # reuses config.yaml
     assert "resumed from step 2" in capsys.readouterr().out
 
+    # Its step-2 checkpoint again, in the single-file format of earlier versions (written as they wrote it),
+    # resumed by the CLI into a third run.
+    state_at_2 = Trainer.resume(ckpt.checkpoint_path(resumed, 2))
+    legacy = full_gather_save(state_at_2, tmp_path / "old" / "step_0000002.pt")
+    assert main(["train", "--config", str(resumed / "config.yaml"), "--out", str(tmp_path / "from_old"),
+                 "--resume", str(legacy), *overrides]) == 0
+    assert f"resumed from step 2 ({legacy})" in capsys.readouterr().out
+
     a, b = read_records(straight), read_records(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-6), f"step {ra['step']}"
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5)
-    # The losses differ from step to step, so the comparison above can fail.
+    from_old = read_records(tmp_path / "from_old")
+    assert [r["step"] for r in from_old] == list(range(3, STEPS + 1))
+    for ra, rc in zip(a[2:], from_old):
+        assert rc["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-6), f"step {ra['step']} (single file)"
+    # The losses differ from step to step, so the comparisons above can fail.
     assert len({round(r["loss"], 6) for r in a}) > 1
 
     end_a = ckpt.load_checkpoint(ckpt.latest_checkpoint(straight / "checkpoints"))

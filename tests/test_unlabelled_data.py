@@ -36,7 +36,7 @@ def test_training_on_unlabelled_images_skips_knn_with_a_message(flat, tmp_path, 
     out = capsys.readouterr().out
     assert summary["step"] == 2 and "knn_top1" not in summary
     assert "kNN skipped" in out and "need class labels" in out and str(flat) in out
-    assert (tmp_path / "checkpoints" / "step_0000002.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000002").is_dir()
 
 
 def test_training_without_data_val_says_there_is_no_knn(flat, tmp_path, capsys):

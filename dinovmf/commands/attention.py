@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                     "attention_overview.png. Maps are renormalised over the patches; the share of the CLS "
                     "attention on the CLS token and on register tokens is printed.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a training checkpoint (.pt) or an export (.safetensors with its .json)")
+    p.add_argument("model", help="a training checkpoint (a checkpoints/step_N directory, or a .pt file) or an "
+                                 "export (.safetensors with its .json)")
     p.add_argument("images", nargs="+", help="image files, or folders of images")
     p.add_argument("--out", required=True, help="folder for the PNGs (created)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
@@ -29,6 +30,9 @@ def register(subparsers) -> None:
                         "mass (DINO's figure: 0.6)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="checkpoints only: which network's backbone (default: teacher)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a .pt checkpoint even if it holds pickled objects beyond tensors and plain types; "
+                        "unpickling can run code: only for files you trust")
     p.set_defaults(func=run)
 
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_backbone(args.model, args.which).to(device)
+        backbone = load_backbone(args.model, args.which, trust_pickle=args.trust_pickle).to(device)
         image_size = args.image_size or backbone.img_size
         summaries = write_attention_maps(backbone, expand_image_paths(args.images), args.out, image_size,
                                          args.threshold, device)

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     linear = sub.add_parser("linear", help="linear probe (L2-regularised logistic regression, L-BFGS)")
     linear.add_argument("--weight-decay", type=float, default=1e-4, help="L2 strength (default 1e-4)")
     for q in (knn, linear):
-        q.add_argument("checkpoint", help="a training checkpoint (out/checkpoints/step_*.pt)")
+        q.add_argument("checkpoint", help="a training checkpoint (out/checkpoints/step_N, or a step_N.pt file)")
         q.add_argument("--train", required=True, help="labelled train set: embedded, an image folder or a .beton")
         q.add_argument("--val", required=True, help="labelled validation set (same forms)")
         q.add_argument("--which", choices=("teacher", "student"), default="teacher",
@@ -25,6 +25,9 @@ def register(subparsers) -> None:
         q.add_argument("--batch-size", type=int, default=128)
         q.add_argument("--loader", choices=("auto", "ffcv", "pil"), default="auto",
                        help="image loader; pil reads image folders directly, without preparing a .beton")
+        q.add_argument("--trust-pickle", action="store_true",
+                       help="read a .pt checkpoint even if it holds pickled objects beyond tensors and plain "
+                            "types; unpickling can run code: only for files you trust")
         q.add_argument("--workdir", default=None,
                        help="where image folders are prepared (default: the run folder's data/)")
         q.set_defaults(func=run)
@@ -41,7 +44,7 @@ def run(args) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_backbone(args.checkpoint, args.which).to(device)
+        backbone = load_backbone(args.checkpoint, args.which, trust_pickle=args.trust_pickle).to(device)
         ckpt_path = Path(args.checkpoint)
         workdir = Path(args.workdir) if args.workdir else ckpt_path.resolve().parent.parent / "data"
         train_path, val_path = (Path(spec) if args.loader == "pil" and Path(spec).is_dir()

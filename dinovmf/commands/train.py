@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics, plots); default runs/<config>")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': the newest checkpoint in OUT/checkpoints (fresh start if none); or a file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="resume from a single-file (.pt) checkpoint even if it holds pickled objects beyond "
+                        "tensors and plain types; unpickling can run code: only for files you trust")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. steps=100 optim.lr=1e-3 data.val=embedded")
     p.set_defaults(func=run)
@@ -43,17 +46,18 @@ def _config_source(args) -> tuple[str, Path]:
 
 def run(args) -> int:
     from dinovmf.backends import BackendUnavailable
+    from dinovmf.checkpoint_writer import CheckpointError
     from dinovmf.config import load_config
     from dinovmf.train import NonFiniteLossError, train
 
     try:
         name, out = _config_source(args)
         cfg = load_config(name, args.overrides)
-        summary = train(cfg, out, resume=args.resume)
+        summary = train(cfg, out, resume=args.resume, trust_pickle=args.trust_pickle)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         print(f"dinovmf train: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"dinovmf train: stopped: {e}", file=sys.stderr)
         return 1
     if summary.get("interrupted"):

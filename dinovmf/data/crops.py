@@ -87,12 +87,16 @@ def random_crop_box(height: int, width: int, scale_lo: float, scale_hi: float,
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                shuffle: bool = True) -> np.ndarray:
+                shuffle: bool = True, start: int = 0) -> np.ndarray:
     """Sample indices rank `rank` reads in epoch `epoch`: a disjoint, equal-sized shard per rank.
 
     All ranks draw the same permutation (seeded by (seed, epoch)) and take every `world_size`-th
     entry from `rank`; the tail that does not divide evenly is dropped, so every rank runs the same
-    number of steps (a rank with an extra batch would hang the others in all-reduce).
+    number of steps (a rank with an extra batch would hang the others in all-reduce). So global batch b
+    (b-th batch of every rank) is entries [b G, (b + 1) G) of the permutation, G the global batch, and
+    `start` (entries already trained on: a resumed epoch) shards only what follows: resuming at
+    `start = b G` on the same world size gives the same batches as reading on from batch b, and on
+    another world size reads each remaining entry exactly once.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -100,9 +104,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_si
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if num_samples < world_size:
         raise ValueError(f"num_samples={num_samples} is smaller than world_size={world_size}")
+    if not 0 <= start <= num_samples:
+        raise ValueError(f"start must be in [0, num_samples={num_samples}], got {start}")
     if shuffle:
         order = np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
     else:
         order = np.arange(num_samples)
-    per_rank = num_samples // world_size
+    order = order[start:]
+    per_rank = len(order) // world_size
     return order[rank::world_size][:per_rank].astype(np.int64)

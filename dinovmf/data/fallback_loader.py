@@ -138,8 +138,8 @@ class PILMultiCropSource:
         self.num_workers, self.drop_last, self.shuffle = num_workers, drop_last, shuffle
         self.augment_in_workers = augment_in_workers
 
-    def _batch_items(self, epoch: int) -> list[list[tuple[int, int, int]]]:
-        order = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world_size, self.shuffle)
+    def _batch_items(self, epoch: int, start: int = 0) -> list[list[tuple[int, int, int]]]:
+        order = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world_size, self.shuffle, start)
         batches = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
@@ -152,11 +152,12 @@ class PILMultiCropSource:
         n = len(self.images) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def batches(self, epoch: int, device: torch.device | str | None = None
+    def batches(self, epoch: int, device: torch.device | str | None = None, start: int = 0
                 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
-        """Batches of epoch `epoch` on the CPU (pinned when `device` is a GPU, for an async copy)."""
+        """Batches of epoch `epoch` from entry `start` of its order (`crops.epoch_order`) on the CPU
+        (pinned when `device` is a GPU, for an async copy)."""
         pin = device is not None and torch.device(device).type == "cuda"
-        loader = DataLoader(self.dataset, batch_sampler=self._batch_items(epoch),
+        loader = DataLoader(self.dataset, batch_sampler=self._batch_items(epoch, start),
                             num_workers=self.num_workers, persistent_workers=False, pin_memory=pin)
         for out in loader:
             if self.augment_in_workers:

@@ -289,6 +289,7 @@ def _shard_order_class():
 
         def __init__(self, seed: int, rank: int, world_size: int, shuffle: bool):
             self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+            self.start = 0  # entries of the epoch's permutation already trained on (a resumed epoch)
 
         def __call__(self, loader):
             self.loader, self.indices, self.distributed = loader, loader.indices, False
@@ -296,7 +297,7 @@ def _shard_order_class():
 
         def sample_order(self, epoch: int):
             picks = epoch_order(len(self.indices), self.seed, epoch, self.rank, self.world_size,
-                                self.shuffle)
+                                self.shuffle, self.start)
             return self.indices[picks]
 
     return ShardOrder
@@ -383,22 +384,24 @@ class FFCVMultiCropSource:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def batches(self, epoch: int, device: torch.device | str | None = None
+    def batches(self, epoch: int, device: torch.device | str | None = None, start: int = 0
                 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
-        """Batches of epoch `epoch`; with a CUDA `device`, the packed (pinned, contiguous) rows are
-        copied there in one transfer and the crops and parameters are views of that copy.
+        """Batches of epoch `epoch` from entry `start` of its order (`crops.epoch_order`); with a CUDA
+        `device`, the packed (pinned, contiguous) rows are copied there in one transfer and the crops and
+        parameters are views of that copy.
 
         FFCV reuses its output buffers a few batches later: the crops (and parameters) of a batch are
         valid until the next batch is drawn; the labels are copies."""
         live = self._live() if self._live is not None else None
         if live is not None:
             live.close()  # the buffers are shared between epochs
-        batches = self._batches(epoch, device)
+        batches = self._batches(epoch, device, start)
         self._live = weakref.ref(batches)
         return batches
 
-    def _batches(self, epoch, device):
+    def _batches(self, epoch, device, start):
         self.loader.next_epoch = epoch
+        self.loader.traversal_order.start = start  # read when the epoch's iterator is created, below
         to_gpu = device is not None and torch.device(device).type == "cuda"
         if to_gpu:  # the last epoch's asynchronous copies out of the shared buffers must be done
             torch.cuda.current_stream(device).synchronize()

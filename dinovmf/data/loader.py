@@ -82,7 +82,7 @@ class MultiCropLoader:
             raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
         self.path, self.batch_size, self.crops, self.augment = path, batch_size, crops, augment
         self.device = torch.device(device)
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.start = seed, rank, world_size, 0, 0
         self.backend = pick_backend(backend, path)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         if self.backend == "ffcv":
@@ -115,11 +115,15 @@ class MultiCropLoader:
             line += f"; augmentation on {self.device}"
         return line + f"; training: {torch.get_num_threads()} torch threads"
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration reads (order, crops and augmentation depend on it)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch the next iteration reads (order, crops and augmentation depend on it), from
+        entry `start` of its permutation on (the samples all ranks have trained on: a resumed epoch; see
+        `crops.epoch_order`). `len()` stays the length of a whole epoch."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -130,7 +134,7 @@ class MultiCropLoader:
         alone). On a CPU device this decodes through a second, un-augmented source."""
         if self._decoded_source is None:
             self._decoded_source = self._build_source(False)
-        return self._decoded_source.batches(self.epoch)
+        return self._decoded_source.batches(self.epoch, start=self.start)
 
     def close(self) -> None:
         """Stop the epoch being read, if any (FFCV: its decoding thread). Dropping the iterator does
@@ -147,7 +151,7 @@ class MultiCropLoader:
         return batches
 
     def _batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        batches = self.source.batches(self.epoch, self.device)
+        batches = self.source.batches(self.epoch, self.device, self.start)
         try:
             for crops, params, labels in batches:
                 if not self.augment_in_workers:

@@ -47,25 +47,14 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> st
     return key
 
 
-def _read_checkpoint(ckpt_path: Path, which: str = "teacher") -> dict:
-    """A training checkpoint holding `which` ("teacher" or "student") and "model_args" (ValueError otherwise)."""
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    if not ckpt_path.is_file():
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    try:
-        # weights_only=False: training checkpoints hold RNG states (numpy arrays, tuples). Only
-        # export checkpoints you trust; torch.load of a pickle can run code.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - zip/pickle errors: not a torch checkpoint
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be read: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dict (got {type(ckpt).__name__})")
-    missing = [k for k in (which, "model_args") if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a dinovmf training checkpoint: "
-                         f"missing {missing}")
-    return ckpt
+def _read_checkpoint(ckpt_path: Path, which: str = "teacher", trust_pickle: bool = False) -> dict:
+    """A training checkpoint of either format (a step_N directory or a single .pt file) as a dict holding the
+    `which` ("teacher" or "student") network's state dict and "model_args", read without running pickled
+    code (dinovmf.serialization; `trust_pickle` for a .pt file holding more). ValueError otherwise."""
+    from dinovmf.checkpoint import network_state
+
+    network, state = network_state(ckpt_path, which, trust_pickle=trust_pickle)
+    return {**state, which: network}
 
 
 def _architecture_args(model_args: dict) -> dict:
@@ -146,9 +135,11 @@ def _checkpoint_backbone(ckpt: dict, ckpt_path: Path, which: str,
     return model, arch_args
 
 
-def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write the teacher backbone of training checkpoint `ckpt_path` to `out_path` (.safetensors)
-    and its config to the `.json` beside it; returns the safetensors path.
+def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                            trust_pickle: bool = False) -> Path:
+    """Write the teacher backbone of training checkpoint `ckpt_path` (a step_N directory or a single-file
+    .pt checkpoint) to `out_path` (.safetensors) and its config to the `.json` beside it; returns the
+    safetensors path. `trust_pickle`: read a .pt file holding more than tensors and plain types.
 
     The state is loaded into a freshly built backbone first, so a checkpoint whose weights do not
     match its `model_args` fails here with a ValueError instead of producing an unloadable file.
@@ -158,7 +149,7 @@ def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.Pat
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
-    ckpt = _read_checkpoint(ckpt_path)
+    ckpt = _read_checkpoint(ckpt_path, trust_pickle=trust_pickle)
     model, arch_args = _checkpoint_backbone(ckpt, ckpt_path, "teacher")
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
@@ -193,17 +184,19 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_backbone(path: str | os.PathLike, which: str = "teacher", attn_backend: str = "sdpa") -> VisionTransformer:
+def load_backbone(path: str | os.PathLike, which: str = "teacher", attn_backend: str = "sdpa", *,
+                  trust_pickle: bool = False) -> VisionTransformer:
     """A backbone, in eval mode on the CPU, from an export written by `export_teacher_backbone` (.safetensors,
-    or its .json: the teacher) or from a training checkpoint (.pt: the `which` network, "teacher" or
-    "student"). The one loader of `dinovmf eval`, `dinovmf attention` and the Python API."""
+    or its .json: the teacher) or from a training checkpoint (a step_N directory or a single-file .pt: the
+    `which` network, "teacher" or "student"; `trust_pickle` for a .pt holding more than tensors and plain
+    types). The one loader of `dinovmf eval`, `dinovmf attention` and the Python API."""
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         if which != "teacher":
             raise ValueError(f"{str(path)!r} is an export, which holds the teacher backbone only; "
-                             f"the {which} needs a training checkpoint (.pt)")
+                             f"the {which} needs a training checkpoint")
         return _load_export(path.with_suffix(".safetensors"), attn_backend)
-    model, _ = _checkpoint_backbone(_read_checkpoint(path, which), path, which, attn_backend)
+    model, _ = _checkpoint_backbone(_read_checkpoint(path, which, trust_pickle), path, which, attn_backend)
     return model.eval()
 
 

@@ -1,8 +1,8 @@
 """`model.init_from`: start a run's backbone from weights the user already has (continue pretraining).
 
 `load_init_weights(backbone, path)` copies into a freshly built backbone the weights of
-- a dinovmf training checkpoint (`checkpoints/step_XXXXXXX.pt`): its teacher backbone, the EMA network
-  that DINO evaluates and releases;
+- a dinovmf training checkpoint (`checkpoints/step_XXXXXXX/`, or a single-file `step_XXXXXXX.pt` of
+  earlier versions): its teacher backbone, the EMA network that DINO evaluates and releases;
 - a dinovmf export (`dinovmf export`: `.safetensors` + `.json`, recognised by its safetensors metadata);
 - a timm-layout ViT state dict, `.safetensors` or `.pth` / `.pt`: timm's `VisionTransformer`, the
   original DINO's backbone release (`dino_deitsmall16_pretrain.pth`) or the `teacher` of a DINO training
@@ -83,16 +83,18 @@ class InitShapeError(InitFromError):
 
 
 def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, strict: bool = True,
-                      ignore: Sequence[str] = ()) -> str:
+                      ignore: Sequence[str] = (), trust_pickle: bool = False) -> str:
     """Copy the backbone weights of `path` into `backbone` (in place); returns a one-line report.
 
     `strict=False` with `ignore` (fnmatch patterns of our key names, e.g. `reg_token`, `blocks.*.ls1.*`)
     accepts differences on the matching keys only (module docstring); `mask_token`, which only iBOT
     training uses and exports leave out, keeps its fresh value when the file has none.
-    Raises `InitFromError` (a ValueError): `InitKeysError`, `InitShapeError`, or a file problem.
+    `trust_pickle` (model.init_trust_pickle): read a .pt / .pth file that holds more than tensors and plain
+    types (unpickling it can run code). Raises `InitFromError` (a ValueError): `InitKeysError`,
+    `InitShapeError`, or a file problem.
     """
     path = require_file(path)
-    raw, kind = read_weights(path)
+    raw, kind = read_weights(path, trust_pickle=trust_pickle)
     where = f"model.init_from {str(path)!r} ({kind})"
     state, dropped = backbone_state(raw, where)
     target = backbone.state_dict()
@@ -137,22 +139,39 @@ def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, s
 # ------------------------------------------------------------------------------------------- reading
 
 def require_file(path: str | os.PathLike) -> Path:
-    """`path` (user-expanded) if it is a file of a kind `read_weights` reads, else an `InitFromError`.
-    `train` calls it before preparing the data, which can take hours, so a typo fails at once."""
+    """`path` (user-expanded) if it is a file of a kind `read_weights` reads (or a dinovmf checkpoint
+    directory), else an `InitFromError`. `train` calls it before preparing the data, which can take hours,
+    so a typo fails at once."""
     path = Path(path).expanduser()
+    if path.is_dir() and (path / "trainer.json").is_file():
+        return path
     if not path.is_file():
-        raise InitFromError(f"model.init_from: {str(path)!r} does not exist")
+        raise InitFromError(f"model.init_from: {str(path)!r} does not exist"
+                            + (" as a file or a dinovmf checkpoint directory" if path.is_dir() else ""))
     if path.suffix not in (".safetensors", ".pt", ".pth"):
         raise InitFromError(f"model.init_from: {str(path)!r} is neither a .safetensors nor a torch .pt / .pth file")
     return path
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """(the tensors of `path`, what kind of file it is) for a .safetensors or a torch .pt / .pth file."""
+def read_weights(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors of `path`, what kind of file it is) for a .safetensors or a torch .pt / .pth file, or a
+    dinovmf checkpoint directory (its teacher). `trust_pickle`: see `load_init_weights`."""
     path = require_file(path)
+    if path.is_dir():
+        return _read_checkpoint_dir(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    return _read_torch(path)
+    return _read_torch(path, trust_pickle)
+
+
+def _read_checkpoint_dir(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from dinovmf.checkpoint import network_state
+
+    try:
+        teacher, state = network_state(path, "teacher")
+    except ValueError as e:
+        raise InitFromError(f"model.init_from: {e}") from None
+    return teacher, f"dinovmf checkpoint, teacher at step {state.get('step')}"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -171,13 +190,16 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return tensors, "dinovmf export" + ("" if step is None else f", step {step}")
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_torch(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    from dinovmf.serialization import load_torch_file
+
     try:
-        # weights_only=False: dinovmf and DINO training checkpoints hold more than tensors (RNG states,
-        # DINO's argparse arguments). Unpickling can run code: start only from files you trust.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - pickle / zip errors: not a torch file
-        raise InitFromError(f"model.init_from: {str(path)!r} cannot be read by torch.load: {e}") from None
+        # Tensors and plain types only (DINO's argparse arguments and dinovmf's numpy RNG states allowed):
+        # unpickling anything else could run code, unless the user vouches for the file.
+        obj = load_torch_file(path, trust_pickle=trust_pickle, what="model.init_from",
+                              opt_in="model.init_trust_pickle=true")
+    except ValueError as e:
+        raise InitFromError(str(e)) from None
     if _is_state_dict(obj):
         return obj, "state dict"
     if isinstance(obj, dict):
