@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _launch_utils import finish, free_port, kill_all, launch, torchrun_worker, wait_for_step
+from _launch_utils import finish, free_port, kill_all, launch, torchrun_worker, wait_for_step, wait_until
 from _train_utils import HookedLoader, fit, read_records, signal_before_batch, tiny_config, write_image_folder
 from conftest import require_ffcv
 
@@ -101,7 +101,11 @@ def test_sigkilled_worker_is_restarted_resumes_and_matches_the_uninterrupted_run
         args = torchrun("--nnodes", "2", "--max-restarts", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                         f"127.0.0.1:{port}", "--rdzv_id", f"faults{port}", nproc_per_node=1)
         procs = [launch(args + command), launch(args + command)]
-    reached = wait_for_step(out, 3, procs)
+    wait_for_step(out, 3, procs)
+    # Multi-process saves are asynchronous: kill once a checkpoint is complete (renamed into place), so that
+    # the restart has one to resume from.
+    wait_until(lambda: ckpt.list_checkpoints(ckpt.checkpoint_dir(out)), procs, 300, "a checkpoint was complete")
+    reached = max(r["step"] for r in read_records(out))
     os.kill(torchrun_worker([p.pid for p in procs], 1), signal.SIGKILL)
     killed_at = time.monotonic()
     logs = finish(procs, LAUNCH_TIMEOUT_S)
