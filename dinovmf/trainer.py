@@ -205,7 +205,7 @@ class Trainer:
         monitor = Monitor(self.out_dir, sched.total_steps, self.step, cfg.train.batch_size * info.world_size,
                           flops, peak, enabled=info.is_main)
         depth = "" if cfg.model.depth is None else f" ({cfg.model.depth} blocks)"
-        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.model.patch_size}{depth} "
+        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.backbone.patch_size}{depth} "
                         f"K={cfg.model.out_dim} | {info.world_size} process(es) on {self.device.type}"
                         f"{' (FSDP2)' if self.models.fsdp else ''} | {sched.steps_per_epoch} steps/epoch, "
                         f"{sched.total_steps} steps | {flops / 1e9:.1f} GFLOP/img, MFU vs {peak / 1e12:.2f} "
