@@ -83,6 +83,11 @@ class OptimConfig:
     freeze_last_layer: float = 1.0   # epochs during which the prototypes get no update
     betas: tuple[float, float] = (0.9, 0.999)
     proto_norm_lr_mult: float = 1.0  # lr of the prototype norms g = this x lr (free norms only; 0 freezes g)
+    # Continued pretraining (README "Continue pretraining"; the `continue` preset): for this many steps the
+    # backbone and its EMA copy stay fixed while the fresh head and prototypes learn; then the backbone's lr
+    # warms up from 0 over optim.warmup_epochs. Needs model.init_from.
+    freeze_backbone_steps: int = 0
+    layer_decay: float = 1.0         # layer-wise lr decay (BEiT / DINOv2): block i of L gets lr x decay^(L - i)
 
 
 @dataclass
@@ -435,6 +440,7 @@ def validate(cfg: Config) -> None:
     _validate_init_from(cfg.model)
     validate_augment(cfg.augment)
     _validate_proto_norms(cfg)
+    _validate_continue(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
@@ -464,6 +470,10 @@ def _validate_backbone(cfg: Config) -> None:
             raise ValueError(f"config: model.{key} must be one of {kinds} (or null for the architecture's), "
                              f"got {getattr(m, key)!r}")
     options = cfg.backbone
+    for key in ("global_size", "local_size"):
+        if getattr(cfg.crops, key) % options.patch_size:
+            raise ValueError(f"config: crops.{key} ({getattr(cfg.crops, key)}) must be a multiple of the patch size "
+                             f"({options.patch_size}, model.patch_size or {m.arch}'s)")
     grid = options.img_size or cfg.crops.global_size
     if options.pos_encoding == "learned" and grid % options.patch_size:
         source = "model.img_size" if options.img_size else "crops.global_size"
@@ -486,6 +496,18 @@ def _validate_proto_norms(cfg: Config) -> None:
                 raise ValueError(f"config: {key}={value} needs free prototype norms, but this run has unit "
                                  f"norms (method={cfg.method}, model.norm_last_layer={cfg.model.norm_last_layer});"
                                  " set model.norm_last_layer=false")
+
+
+def _validate_continue(cfg: Config) -> None:
+    """The continued-pretraining knobs: a backbone freeze needs weights worth keeping; decay in (0, 1]."""
+    steps, decay = cfg.optim.freeze_backbone_steps, cfg.optim.layer_decay
+    if steps < 0:
+        raise ValueError(f"config: optim.freeze_backbone_steps must be >= 0, got {steps}")
+    if steps and cfg.model.init_from is None:
+        raise ValueError("config: optim.freeze_backbone_steps needs model.init_from (the weights to keep while the "
+                         "fresh head learns); a random backbone has nothing to keep")
+    if not (math.isfinite(decay) and 0 < decay <= 1):
+        raise ValueError(f"config: optim.layer_decay must be in (0, 1] (1: off), got {decay}")
 
 
 def _validate_init_from(model: ModelConfig) -> None:

@@ -197,7 +197,7 @@ def from_dinovmf(state: dict[str, torch.Tensor], layout: str, model) -> dict[str
                     gate, value = state.pop(key).chunk(2)
                     state[f"{match.group(1)}w1.{match.group(2)}"] = gate.contiguous()
                     state[f"{match.group(1)}w2.{match.group(2)}"] = value.contiguous()
-        _rename_blocks(state, {"mlp.fc2": "mlp.w3"})
+            _rename_blocks(state, {"mlp.fc2": "mlp.w3"})
     return state
 
 

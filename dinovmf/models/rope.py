@@ -41,8 +41,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """q or k [B, L, H, d] rotated by tables [L, d] (float32 arithmetic, result in x's dtype)."""
-    xf = x.float()
+    """q or k [B, L, H, d] rotated by tables [L, d], in float32 at least (as DINOv3), returned in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
 
 
@@ -62,10 +62,11 @@ class RotaryEmbedding2d(nn.Module):
             self.periods.copy_(rope_periods(self.head_dim, self.base))
 
     def coordinates(self, rows: int, cols: int) -> torch.Tensor:
-        """[rows * cols, 2] (row, column) patch-centre coordinates in [-1, 1], row-major, float32."""
-        device = self.periods.device
-        r = torch.arange(0.5, rows, device=device, dtype=torch.float32) / rows
-        c = torch.arange(0.5, cols, device=device, dtype=torch.float32) / cols
+        """[rows * cols, 2] (row, column) patch-centre coordinates in [-1, 1], row-major, in float32 (float64 in a
+        float64 model, whose `periods` are float64)."""
+        device, dtype = self.periods.device, torch.promote_types(self.periods.dtype, torch.float32)
+        r = torch.arange(0.5, rows, device=device, dtype=dtype) / rows
+        c = torch.arange(0.5, cols, device=device, dtype=dtype) / cols
         coords = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).flatten(0, 1)
         return 2.0 * coords - 1.0
 
@@ -75,8 +76,8 @@ class RotaryEmbedding2d(nn.Module):
         coords = self.coordinates(rows, cols)
         if self.training and self.rescale is not None:
             bound = math.log(self.rescale)
-            coords = coords * torch.empty(1, device=coords.device).uniform_(-bound, bound).exp()
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]  # [n, 2, d/4]
+            coords = coords * torch.empty(1, device=coords.device, dtype=coords.dtype).uniform_(-bound, bound).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(coords.dtype)[None, None, :]  # [n, 2, d/4]
         angles = angles.flatten(1, 2).tile(2)                                          # [n, d]
         sin, cos = angles.sin(), angles.cos()
         if prefix:
