@@ -213,13 +213,14 @@ def main(argv=None) -> None:
     export = pretrain_source(out, args.set)
     data = (load_eval_images("train", None, 32), load_eval_images("val", None, 32))
     done = {(r["arm"], str(r["seed"])) for r in read_rows(csv_path)}
+    code = commit()  # the code these runs use: read at the start, while later commits may land during the study
     for seed in map(int, args.seeds.split(",")):  # seeds outside: a study cut short still has whole seeds
         for arm in args.arms.split(","):
             if (arm, str(seed)) in done:
                 print(f"{arm} seed {seed}: in {csv_path}, skipped", flush=True)
                 continue
             rows = continue_run(arm, seed, export, out, data, args.eval_every, args.set)
-            stamp = {"commit": commit(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            stamp = {"commit": code, "load_avg_1m": round(os.getloadavg()[0], 2),
                      "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             record(NAME, [{**r, **stamp} for r in rows], x="step", y="knn_top1", group="arm",
                    title=f"{arm} seed {seed}", results_dir=args.results_dir)
