@@ -9,7 +9,10 @@ architecture's value; one that is set overrides it (`model.arch=dinov2_vits14 mo
 Sources of the preset values (the hub entry points that build the released models):
 - DINOv2, facebookresearch/dinov2 `hubconf` / `dinov2/hub/backbones.py`: patch 14, `img_size=518` (a learned
   37 x 37 position grid), `init_values=1e-5` (layer scale), MLP FFN (SwiGLU only for ViT-g), qkv bias,
-  LayerNorm eps 1e-6, `num_register_tokens=4` for the `_reg` models.
+  LayerNorm eps 1e-6, `num_register_tokens=4` for the `_reg` models. Other crop sizes resample the position
+  grid bicubically with antialiasing, as DINOv2's `_reg` hub models (`interpolate_antialias=True`,
+  `interpolate_offset=0`) and timm's ports do (DINOv2's hub models without registers use a `scale_factor`
+  with a +0.1 offset instead, which is not reproduced).
 - DINOv3, facebookresearch/dinov3 `dinov3/hub/backbones.py` (`dinov3_vits16` .. `dinov3_vitl16`): patch 16,
   RoPE (base 100, coordinates normalised per axis, rescaled by a log-uniform factor in [1/2, 2] while
   training), `layerscale_init=1e-5`, MLP FFN, qkv bias with the key bias masked (`mask_k_bias=True`),
@@ -53,6 +56,7 @@ class BackboneOptions:
     pos_encoding: str = "learned"          # learned (added, interpolated per crop) | rope (DINOv3's 2-D RoPE)
     qkv_bias: bool = True                  # with rope the key bias is masked (always zero), as DINOv3 and timm
     layer_norm_eps: float = LAYER_NORM_EPS
+    pos_embed_antialias: bool = False      # resample learned position embeddings with antialiasing (DINOv2, timm)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class BackbonePreset:
     options: BackboneOptions
 
 
-_DINOV2 = BackboneOptions(patch_size=14, img_size=518, layerscale_init=1e-5)
+_DINOV2 = BackboneOptions(patch_size=14, img_size=518, layerscale_init=1e-5, pos_embed_antialias=True)
 _DINOV2_REG4 = dataclasses.replace(_DINOV2, num_register_tokens=4)
 _DINOV3 = BackboneOptions(patch_size=16, num_register_tokens=4, layerscale_init=1e-5, pos_encoding="rope",
                           layer_norm_eps=1e-5)

@@ -50,8 +50,10 @@ ARMS = {
     "freeze_decay": ["optim.freeze_backbone_steps=93", "optim.layer_decay=0.75"],
 }
 # Every run: the demo recipe as `make demo` trains it, without its wall-clock cap (the box is shared: a slow
-# minute must not shorten a run) and without the end-of-run kNN (evaluated here, in memory, at every interval).
-COMMON = ["train.time_limit_min=null", "data.val=null", "eval.baseline=false"]
+# minute must not shorten a run), without the end-of-run kNN (evaluated here, in memory, at every interval),
+# with one loader thread (the crops are a function of the seed, not of the thread count; on a shared box fewer
+# threads wait less for each other; --threads sets torch's).
+COMMON = ["train.time_limit_min=null", "data.val=null", "eval.baseline=false", "data.num_workers=1"]
 SOURCE_SEED = 0
 GOAL_DROP = 1.0  # points of kNN the recipe may lose at most, below the start
 # The head is fresh in the first steps, when a backbone is damaged if at all: kNN every 16 steps there.
@@ -202,7 +204,9 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the source and every run (e.g. steps=10 for a smoke run)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     csv_path = Path(args.results_dir) / f"{NAME}.csv"
     if args.report_only:
         return report(csv_path)
@@ -228,5 +232,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     main()

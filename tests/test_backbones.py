@@ -249,6 +249,19 @@ def test_attention_maps_include_rope_and_leave_registers_out():
     assert maps.register_mass.min() > 0
 
 
+def test_dinov2_presets_resample_their_37x37_grid_with_antialiasing_as_timm():
+    from dinovmf.architectures import resolve_arch
+
+    assert all(resolve_arch(name)[1].pos_embed_antialias == name.startswith("dinov2") for name in BACKBONE_PRESETS)
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=518, patch_size=14, embed_dim=32, depth=1, num_heads=2, pos_embed_antialias=True)
+    grid = model.pos_embed[:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(16, 7), mode="bicubic", align_corners=False, antialias=True)
+    got = model.interpolate_pos_encoding(16, 7)
+    assert torch.equal(got[:, 0], model.pos_embed[:, 0])
+    torch.testing.assert_close(got[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 16 * 7, 32), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------ config and training
 
 @pytest.mark.parametrize("override, message", [

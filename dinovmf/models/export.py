@@ -116,6 +116,7 @@ def backbone_config(model: VisionTransformer, arch_args: dict) -> dict:
         "qkv_bias": model.qkv_bias,
         "class_token": True,
         "pos_embed_covers": "cls+patches" if model.pos_embed is not None else None,  # registers have none
+        "pos_embed_antialias": model.pos_embed_antialias,
         "num_classes": 0,
     }
 

@@ -255,7 +255,7 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: VisionTransformer) 
     if side < 1 or side * side != pos.shape[1] - 1:
         return ""
     grid = backbone.patch_embed.grid_size
-    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid))
+    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid), backbone.pos_embed_antialias)
     return f"pos_embed resized from a {side}x{side} to a {grid}x{grid} patch grid"
 
 

@@ -11,7 +11,8 @@ Parameters carry timm's names (`cls_token`, `pos_embed`, `patch_embed.proj`, `bl
 - a SwiGLU FFN (`ffn="swiglu"`: DINOv2's `SwiGLUFFNFused` sizing, packed `mlp.fc1` = DINOv2's `w12`);
 - DINOv3's 2-D RoPE (`pos_encoding="rope"`: no `pos_embed`; q and k of the patch tokens rotated in every
   block, `dinovmf/models/rope.py`), with the key bias masked when `qkv_bias` (see `Attention`);
-- `qkv_bias` on/off and the LayerNorm epsilon (DINOv3: 1e-5).
+- `qkv_bias` on/off, the LayerNorm epsilon (DINOv3: 1e-5) and antialiased resampling of the learned position
+  embeddings (DINOv2's presets, as its register models and timm).
 
 Initialisation follows DINO: trunc-normal(0.02) for Linear weights, `cls_token`, `reg_token` and
 `pos_embed`, zero biases, LayerNorm (1, 0), LayerScale at its init value; the patch-embedding convolution
@@ -34,17 +35,19 @@ __all__ = ["ARCHITECTURES", "LAYER_NORM_EPS", "ViTArch", "VisionTransformer", "b
 DEFAULT_IMG_SIZE = 224
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
+                     antialias: bool = False) -> torch.Tensor:
     """Position embeddings [1, 1 + g_r*g_c, D] learned for a `grid` of patches -> [1, 1 + rows*cols, D]
     for a patch grid of `size` = (rows, cols): the CLS embedding is kept, the patch embeddings are
-    resampled bicubically in fp32 (the result is added to every token) and returned in the input's dtype.
-    The forward pass (every crop size) and `model.init_from` (weights learned at another resolution) share it.
+    resampled bicubically in fp32 (the result is added to every token), with antialiasing when asked for
+    (DINOv2's presets, as timm), and returned in the input's dtype. The forward pass (every crop size) and
+    `model.init_from` (weights learned at another resolution) share it.
     """
     (g_rows, g_cols), (rows, cols) = grid, size
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     D = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, g_rows, g_cols, D).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=antialias)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, D).to(cls_pos.dtype)
     return torch.cat((cls_pos, patch_pos), dim=1)
 
@@ -174,7 +177,7 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, num_register_tokens: int = 0,
                  attn_backend: str = "sdpa", *, layerscale_init: float | None = None, ffn: str = "mlp",
                  pos_encoding: str = "learned", qkv_bias: bool = True,
-                 layer_norm_eps: float = LAYER_NORM_EPS):
+                 layer_norm_eps: float = LAYER_NORM_EPS, pos_embed_antialias: bool = False):
         super().__init__()
         if patch_size < 1 or img_size < patch_size or img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a positive multiple of patch_size ({patch_size})")
@@ -202,6 +205,7 @@ class VisionTransformer(nn.Module):
         self.pos_encoding = pos_encoding
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
+        self.pos_embed_antialias = pos_embed_antialias
 
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -264,7 +268,7 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.grid_size
         if rows == grid and cols == grid:
             return self.pos_embed
-        return resize_pos_embed(self.pos_embed, (grid, grid), (rows, cols))
+        return resize_pos_embed(self.pos_embed, (grid, grid), (rows, cols), self.pos_embed_antialias)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B,3,H,W] -> tokens [B, 1 + R + n, D]: CLS, registers, patches (+ learned position).
@@ -382,4 +386,4 @@ def build_backbone(name: str, patch_size: int | None = None, img_size: int | Non
                              num_register_tokens=options.num_register_tokens, attn_backend=attn_backend,
                              layerscale_init=options.layerscale_init, ffn=options.ffn,
                              pos_encoding=options.pos_encoding, qkv_bias=options.qkv_bias,
-                             layer_norm_eps=options.layer_norm_eps)
+                             layer_norm_eps=options.layer_norm_eps, pos_embed_antialias=options.pos_embed_antialias)
