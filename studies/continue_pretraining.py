@@ -79,7 +79,8 @@ def pretrain_source(out: Path, extra: list[str]) -> Path:
     if export.is_file():
         return export
     cfg = load_config("demo", [*COMMON, *extra, f"train.seed={SOURCE_SEED}"])
-    train(cfg, out / "source" / "run")
+    if train(cfg, out / "source" / "run").get("interrupted"):  # SIGTERM / SIGINT: a clean stop, not a source
+        raise SystemExit("study stopped by a signal while pretraining the source")
     return export_teacher_backbone(latest_checkpoint(checkpoint_dir(out / "source" / "run")), export)
 
 
