@@ -33,12 +33,12 @@ import csv
 import datetime as dt
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from bench.bench_step import git_commit
 from bench.harness import record
 from bench.study_methods import KNN_K, KNN_TEMPERATURE, knn_top1, load_eval_images
 
@@ -58,14 +58,6 @@ SOURCE_SEED = 0
 GOAL_DROP = 1.0  # points of kNN the recipe may lose at most, below the start
 # The head is fresh in the first steps, when a backbone is damaged if at all: kNN every 16 steps there.
 EARLY_STEPS, EARLY_EVERY = 128, 16
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=30, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def pretrain_source(out: Path, extra: list[str]) -> Path:
@@ -218,7 +210,7 @@ def main(argv=None) -> None:
     export = pretrain_source(out, args.set)
     data = (load_eval_images("train", None, 32), load_eval_images("val", None, 32))
     done = {(r["arm"], str(r["seed"])) for r in read_rows(csv_path)}
-    code = commit()  # the code these runs use: read at the start, while later commits may land during the study
+    code = git_commit()  # the code these runs use: read at the start, while later commits may land during the study
     for seed in map(int, args.seeds.split(",")):  # seeds outside: a study cut short still has whole seeds
         for arm in args.arms.split(","):
             if (arm, str(seed)) in done:
