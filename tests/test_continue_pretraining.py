@@ -99,3 +99,21 @@ def test_the_continue_preset_turns_both_on():
     cfg = load_config("continue", ["model.init_from=w.pth"])
     assert cfg.optim.freeze_backbone_steps > 0 and cfg.optim.layer_decay == 0.9
     assert cfg.backbone.patch_size == 14 and cfg.crops.local_size % 14 == 0
+
+
+def test_a_continued_run_resumes_exactly_across_the_end_of_the_freeze(tmp_path, export):
+    """Checkpointed inside the freeze (the backbone has no AdamW state yet) and resumed: the per-layer groups,
+    the lr scale and the moments come back, and the weights match a straight run bitwise after it ends."""
+    extra = ["optim.freeze_backbone_steps=2", "optim.layer_decay=0.5"]
+    cfg, straight = continued(tmp_path, export, *extra)
+    for step in range(3):
+        straight.train_step(random_crops(cfg, step), step)
+    _, stopped = continued(tmp_path, export, *extra)
+    stopped.out_dir = tmp_path / "stopped"
+    stopped.train_step(random_crops(cfg, 0), 0)
+    resumed = Trainer.resume(stopped.save(), cfg, tmp_path / "stopped")
+    for step in (1, 2):
+        resumed.train_step(random_crops(cfg, step), step)
+    assert [g["name"] for g in resumed.optimizer.param_groups] == [g["name"] for g in straight.optimizer.param_groups]
+    for key, value in straight.models.student.state_dict().items():
+        assert torch.equal(resumed.models.student.state_dict()[key], value), key
