@@ -43,8 +43,10 @@ CONFIGS = {
     "dinov3_s16": ["model.arch=dinov3_vits16"],
 }
 REFERENCE = "vit_s16"
+# No drop-path: per-block compilation guards on each block's drop rate, and 12 different rates x 2 crop sizes
+# pass torch._dynamo's recompile limit (8), after which the remaining blocks silently run eager.
 COMMON = ["method=dino", "model.out_dim=4096", "model.hidden_dim=512", "model.bottleneck_dim=128",
-          "model.drop_path=0.1", "crops.global_size=224", "crops.local_size=112", "train.batch_size=2",
+          "model.drop_path=0", "crops.global_size=224", "crops.local_size=112", "train.batch_size=2",
           "optim.warmup_epochs=0", "optim.freeze_last_layer=0", "data.num_workers=0"]
 
 
@@ -99,13 +101,14 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for mode in args.modes:
+    for mode in args.modes:  # each mode recorded as soon as it is measured
         chosen = args.configs if mode == "eager" else args.compile_configs
         names = [REFERENCE] + [n for n in chosen if n != REFERENCE]
-        rows += run_mode(mode, names, args.n_local, args.rounds, args.warmup)
-    path = record(args.name, rows, x="tokens_per_image", y="step_ms", group="mode",
-                  title="ViT-S training step against the tokens per image (CPU)")
-    plot_ratios(rows, path.with_suffix(".png"))  # the figure that answers the question replaces record's
+        mode_rows = run_mode(mode, names, args.n_local, args.rounds, args.warmup)
+        path = record(args.name, mode_rows, x="tokens_per_image", y="step_ms", group="mode",
+                      title="ViT-S training step against the tokens per image (CPU)")
+        rows += mode_rows
+        plot_ratios(rows, path.with_suffix(".png"))  # the figure that answers the question replaces record's
     return rows
 
 

@@ -74,11 +74,16 @@ def detect_layout(state: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
             found += ["reg_token", "pos_embed (no CLS slot)"]
         if found:
             return layout, found[:LISTED]
-    tried = "; ".join(f"{layout}: {' / '.join(p.replace(chr(92), '') for p in patterns)}"
-                      for layout, patterns in MARKERS.items())
+    tried = "; ".join(f"{layout}: {' / '.join(_readable(p) for p in patterns)}" for layout, patterns in MARKERS.items())
     shown = ", ".join(keys[:LISTED]) + (f", ... ({len(keys) - LISTED} more)" if len(keys) > LISTED else "")
     raise UnknownLayoutError(f"not a ViT backbone in any known layout; tried {tried} (timm also: reg_token with "
                              f"a pos_embed without CLS slot); the file's keys: {shown or 'none'}")
+
+
+def _readable(pattern: str) -> str:
+    r"""A marker regex as a user reads key names: `blocks\.\d+\.gamma_1` -> `blocks.N.gamma_1`."""
+    return pattern.replace(r"\d+", "N").replace(r"[12]", "1").replace(r"[qv]", "q").replace(r"[gx]", "g") \
+        .replace("\\", "")
 
 
 # ------------------------------------------------------------------------------------------ to ours
