@@ -31,6 +31,7 @@ import torch
 from bench.bench_step import dinovmf_training, git_commit, time_alternating
 from bench.harness import record
 from dinovmf.config import load_config
+from dinovmf.data.synthetic import synthetic_crops
 
 VIT_S16 = ["model.arch=vit_small"]
 CONFIGS = {
@@ -50,12 +51,6 @@ COMMON = ["method=dino", "model.out_dim=4096", "model.hidden_dim=512", "model.bo
           "optim.warmup_epochs=0", "optim.freeze_last_layer=0", "data.num_workers=0"]
 
 
-def crops_for(cfg, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, sizes = cfg.train.batch_size, [cfg.crops.global_size] * 2 + [cfg.crops.local_size] * cfg.crops.n_local
-    return [torch.randn(b, 3, s, s, generator=g) for s in sizes]
-
-
 def tokens(cfg) -> int:
     """Tokens the student sees per image: CLS, registers and patches of every crop."""
     opts = cfg.backbone
@@ -67,7 +62,7 @@ def run_mode(mode: str, names: list[str], n_local: int, rounds: int, warmup: int
     extra = [f"crops.n_local={n_local}", f"train.compile={'true' if mode == 'compile' else 'false'}"]
     configs = {name: load_config(None, COMMON + CONFIGS[name] + extra) for name in names}
     trainings = {name: dinovmf_training(cfg, torch.device("cpu")) for name, cfg in configs.items()}
-    crops = {name: crops_for(cfg) for name, cfg in configs.items()}
+    crops = {name: synthetic_crops(cfg.crops, cfg.train.batch_size) for name, cfg in configs.items()}
     steps = {name: (lambda _crops, i, t=trainings[name], c=crops[name]: t.step(c, i)) for name in names}
     load_before = os.getloadavg()[0]
     wall, cpu, _ = time_alternating(steps, crops[names[0]], rounds, warmup)

@@ -1,16 +1,14 @@
 """Forward+backward throughput and MFU of the multi-crop student, per attention backend.
 
-One step = the student (backbone + DINO head) on 2 global + N local crops, forward and backward
-(no optimizer, no loss kernels: those have their own benchmarks). Reported per configuration:
+One step = the student (backbone, DINO head, fp32 prototype logits) on 2 global + N local crops, forward
+and backward against a fixed random direction over the logits (no optimizer, no loss kernels: those
+have their own benchmarks). Reported per configuration:
 ms per step, images/s, achieved TFLOP/s and MFU, and peak memory.
 
-FLOPs are counted, not profiled: `VisionTransformer.forward_flops` (patch embedding, qkv, Q K^T,
-attention x V, proj, MLP) and `DINOHead.flops`, times 3 for forward + backward (backward = 2x
-forward, the usual convention; the input-gradient of the patch embedding is not actually computed, so
-this slightly overstates the work).
-
-Peak FLOP/s: on GPU the datasheet dense bf16 number when the device is known (H100/H200: 989e12),
-otherwise a measured large bf16 matmul; on CPU a measured large fp32 matmul.
+FLOPs are counted, not profiled, with the training log's counter (`MultiCropWrapper.forward_flops`:
+backbone, head MLP and the prototype logits, which this step computes too) times 3 for forward +
+backward; peak FLOP/s is the training log's too (`dinovmf.monitor.peak_flops`), so an MFU here and one in
+a training log are the same measure.
 
     python -m bench.bench_model                      # CPU here: vit_tiny, batch 2, N in {2, 6, 10}
     OMP_NUM_THREADS=1 python -m bench.bench_model    # on a shared, oversubscribed CPU box
@@ -23,59 +21,33 @@ import argparse
 import torch
 
 from bench.harness import device_name, peak_memory, record, timeit
+from dinovmf.config import CropsConfig
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import DINOHead, MultiCropWrapper, build_backbone, xformers_available
-
-# Dense bf16 tensor-core peaks (no sparsity) by device-name substring.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of an n x n x n matmul: the practical peak where no datasheet number applies."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = timeit(lambda: a @ b, warmup=2, iters=5)
-    return 2 * n ** 3 / (ms * 1e-3)
-
-
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value, f"datasheet {key} dense bf16"
-        return measured_matmul_flops(device, torch.bfloat16, 8192), "measured bf16 matmul 8192^3"
-    return measured_matmul_flops(device, torch.float32, 2048), "measured fp32 matmul 2048^3"
-
-
-def make_crops(batch: int, n_local: int, global_size: int, local_size: int,
-               device: torch.device) -> list[torch.Tensor]:
-    sizes = [global_size] * 2 + [local_size] * n_local
-    return [torch.randn(batch, 3, s, s, device=device) for s in sizes]
+from dinovmf.monitor import mfu, peak_flops
 
 
 def step_flops(student: MultiCropWrapper, crops: list[torch.Tensor]) -> int:
-    """Counted forward+backward matmul FLOPs of one student step."""
-    backbone = student.backbone
-    forward = sum(c.shape[0] * backbone.forward_flops(c.shape[-2], c.shape[-1]) for c in crops)
-    forward += student.head.flops(sum(c.shape[0] for c in crops))
-    return 3 * forward
+    """Counted forward+backward matmul FLOPs of one student step on `crops` (square, one batch)."""
+    return 3 * crops[0].shape[0] * student.forward_flops([c.shape[-1] for c in crops])
 
 
 def bench_config(name: str, attn: str, n_local: int, args, device, peak: float) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone(name, patch_size=args.patch_size, drop_path_rate=0.1, attn_backend=attn)
     student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, out_dim=args.out_dim)).to(device).train()
-    crops = make_crops(args.batch, n_local, args.global_size, args.local_size, device)
-    # A fixed random direction: z has unit rows, so e.g. ||z||^2 would have a zero gradient.
-    probe = torch.randn(len(crops) * args.batch, student.head.bottleneck_dim, device=device)
+    crops = synthetic_crops(CropsConfig(global_size=args.global_size, local_size=args.local_size, n_local=n_local),
+                            args.batch, device)
+    # A fixed random direction over the logits (a sum of softmax-like terms would have a near-zero gradient).
+    probe = torch.randn(len(crops) * args.batch, student.head.out_dim, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def step():
         student.zero_grad(set_to_none=True)
         with autocast:
             z = student(crops)["z"]
-        (z.float() * probe).sum().backward()
+        logits = z.float() @ student.head.prototypes().t()  # in fp32, as the loss computes them
+        (logits * probe).sum().backward()
 
     ms = timeit(step, warmup=args.warmup, iters=args.iters)
     flops = step_flops(student, crops)
@@ -86,7 +58,8 @@ def bench_config(name: str, attn: str, n_local: int, args, device, peak: float) 
         "n_local": n_local, "batch": args.batch, "dtype": args.dtype,
         "cpu_threads": torch.get_num_threads(),
         "ms_per_step": ms, "img_per_s": args.batch / (ms * 1e-3),
-        "gflop_per_step": flops / 1e9, "achieved_tflops": achieved / 1e12, "mfu": achieved / peak,
+        "gflop_per_step": flops / 1e9, "achieved_tflops": achieved / 1e12,
+        "mfu": mfu(args.batch / (ms * 1e-3), flops / args.batch, peak),
         "peak_mem_mb": mem / 2 ** 20,
     }
 
@@ -102,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--out-dim", type=int, default=65536, help="prototypes K (not used by fwd/bwd here)")
+    p.add_argument("--out-dim", type=int, default=65536, help="prototypes K")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32",
                    help="bf16 = autocast")
     p.add_argument("--warmup", type=int, default=2)

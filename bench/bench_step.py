@@ -59,8 +59,8 @@ from bench.bench_head_loss import Inputs, floor_fn
 from bench.dino_original import OriginalDINOStep
 from bench.harness import record
 from dinovmf.config import load_config
-from dinovmf.models import build_backbone
-from dinovmf.models import model_args
+from dinovmf.data.synthetic import synthetic_crops
+from dinovmf.models import build_backbone, model_args
 from dinovmf.schedules import build_schedules
 from dinovmf.trainer import Trainer
 
@@ -176,14 +176,6 @@ def original_training(cfg, device: torch.device, norm_last_layer: bool,
     return original, lambda crops, i: original.step(crops, sched.at(i))
 
 
-def make_crops(cfg, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
-    """2 global + n_local local crops of random normalised pixels, global first (the loader's order)."""
-    g = torch.Generator().manual_seed(seed)
-    B, c = cfg.train.batch_size, cfg.crops
-    sizes = [c.global_size] * 2 + [c.local_size] * c.n_local
-    return [torch.randn(B, 3, s, s, generator=g).to(device) for s in sizes]
-
-
 def build_implementations(config: str, names: list[str], device: torch.device,
                           extra: list[str] = ()) -> dict[str, Callable]:
     """name -> step(crops, i) for the requested implementations (originals copy the weights of the
@@ -273,7 +265,7 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
     steps = build_implementations(config, names, device, extra)
     if any(IMPLEMENTATIONS[n][0] == "dinovmf" for n in names):
         steps[OP_FLOOR] = op_floor_step(cfg, device)
-    crops = make_crops(cfg, device)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size, device)
     load_before = os.getloadavg()[0]
     wall, cpu, losses = time_alternating(steps, crops, n_steps, warmup)
     median = {n: statistics.median(t) for n, t in wall.items()}

@@ -8,8 +8,8 @@ One step is exactly the trainer's (`Trainer.train_step`): teacher forward on the
 student forward + backward on all crops, the DINO-vMF loss through the selected backend, gradient
 clipping, fused AdamW, EMA update, under bf16 autocast on GPU. The crops are random tensors already on
 the device, so the number is the model + loss + optimizer ceiling, not the data path's (see
-bench_data.py). MFU counts matmul FLOPs with the models' counters (`training_flops_per_image`)
-against the device's dense bf16 peak (on CPU: a measured fp32 matmul rate, labelled as such).
+bench_data.py). MFU is the training log's: the objective's FLOP count (`flops_per_image`) against
+`dinovmf.monitor.peak_flops` (a GPU's dense bf16 data-sheet peak; on CPU a measured fp32 matmul rate).
 
 Goal on one H100 SXM: 900 images/s for ViT-B/16 (about 45% MFU). Results are written with the device
 name; CPU rows are CPU rows and say nothing about a GPU.
@@ -21,10 +21,11 @@ import time
 
 import torch
 
-from bench.bench_step import STEPS_PER_EPOCH, dinovmf_training, make_crops
+from bench.bench_step import STEPS_PER_EPOCH, dinovmf_training
 from bench.harness import record
 from dinovmf.config import load_config
-from dinovmf.monitor import peak_flops
+from dinovmf.data.synthetic import synthetic_crops
+from dinovmf.monitor import mfu, peak_flops
 
 
 def bench_config(arch: str, batch: int, args):
@@ -38,7 +39,7 @@ def bench_config(arch: str, batch: int, args):
 def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
     training = dinovmf_training(cfg, device)
     B = cfg.train.batch_size
-    crops = make_crops(cfg, device)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size, device)
 
     def step(i):
         return training.step(crops, STEPS_PER_EPOCH + i)
@@ -62,7 +63,7 @@ def run_one(cfg, steps: int, warmup: int, device: torch.device) -> dict:
     row = {"arch": cfg.model.arch, "batch": B, "crops": f"2x{cfg.crops.global_size}+{cfg.crops.n_local}x"
            f"{cfg.crops.local_size}", "K": cfg.model.out_dim, "compile": cfg.train.compile, "steps": steps,
            "warmup_s": round(warm_s, 2), "step_ms": 1000 * dt / steps, "images_per_s": img_s,
-           "gflop_per_image": flops / 1e9, "mfu": img_s * flops / peak, "peak": peak_source,
+           "gflop_per_image": flops / 1e9, "mfu": mfu(img_s, flops, peak), "peak": peak_source,
            "loss": float(loss)}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--n-local", type=int, default=10)
     p.add_argument("--out-dim", type=int, default=65536)
-    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cpp, cuda")
+    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cpp")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--name", default="train_throughput", help="results file stem in bench/results/")
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from dinovmf.architectures import FFN_KINDS, OPTION_KEYS, POS_ENCODINGS, BackboneOptions, arch_names, resolve_arch
-from dinovmf.centering import CENTERING_MODES
+from dinovmf.kernels.common import CENTERING_MODES
 
 METHODS = ("dino", "dino_vmf", "ibot_vmf")
 # DINO's two global crops: the views the teacher sees and every student view is paired with. The crop

@@ -5,6 +5,7 @@ the loop calls it unconditionally.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -14,34 +15,55 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; MFU is relative to these.
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                  "4090": 165e12, "V100": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, by device-name substring
+# (checked in this order, so "A100" is found before "A10"); MFU is relative to these.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "4090": 165e12, "V100": 125e12}
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for MFU on `device`.
-
-    GPUs: the data-sheet dense bf16 peak by model name. CPUs have no such number we can trust, so we
-    measure fp32 matmul throughput (the best a ViT step could reach here) for a fraction of a second.
-    """
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device: str) -> tuple[float, str]:
+    device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_PEAK_BF16.items():
+        for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"{name} bf16 data sheet"
-        return float("nan"), f"{name}: unknown peak"
-    n = 512
+        return matmul_rate(device, torch.bfloat16, 8192), f"{name}: measured bf16 matmul (no data-sheet peak known)"
+    return matmul_rate(device, torch.float32, 1024), "measured fp32 matmul on this CPU"
+
+
+def peak_flops(device: torch.device | str) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for MFU on `device`: the one definition the training log and the
+    benchmarks share.
+
+    GPUs: the data-sheet dense bf16 peak by model name (a measured bf16 matmul rate for an unknown GPU).
+    CPUs have no such number we can trust, so the fp32 matmul rate is measured (the best a ViT step could
+    reach here). Measured once per device and process, so every MFU a process prints uses the same peak.
+    """
+    return _peak_flops(str(torch.device(device)))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an n x n x n matmul: the best of a few short windows (other processes only ever slow it)."""
     g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b  # warm-up (thread pool, allocator)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up (thread pool, allocator, kernel selection)
+    sync()
     best = 0.0
-    for _ in range(5):  # the best of a few short windows: other processes only ever slow us down
+    for _ in range(5):
         start = time.perf_counter()
         a @ b
         a @ b
+        sync()
         best = max(best, 4 * n ** 3 / (time.perf_counter() - start))
-    return best, "measured fp32 matmul on this CPU"
+    return best
+
+
+def mfu(images_per_s: float, flops_per_image: float, peak: float) -> float:
+    """Model FLOP utilisation: achieved matmul FLOP/s over the peak (NaN when the peak is unknown)."""
+    return images_per_s * flops_per_image / peak if peak and math.isfinite(peak) else float("nan")
 
 
 class CollapseDetector:
@@ -184,7 +206,7 @@ class Monitor:
             return {}
         out = {"img_per_s": steps * self.images_per_step / elapsed, "step_time_s": elapsed / steps}
         if self.flops_per_image and self.peak and math.isfinite(self.peak):
-            out["mfu"] = out["img_per_s"] * self.flops_per_image / self.peak
+            out["mfu"] = mfu(out["img_per_s"], self.flops_per_image, self.peak)
         return out
 
     def eta_s(self, step: int) -> float | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from dinovmf.config import N_GLOBAL_CROPS
 from dinovmf.loss import DINOLoss
-from dinovmf.loss_reference import effective_prototypes
+from dinovmf.models.head import effective_prototypes
 from dinovmf.prototypes import koleo_proto_loss
 
 
@@ -92,14 +92,10 @@ class DINOObjective(nn.Module):
         return float(3 * student + teacher)
 
     def _flops(self, model: nn.Module) -> tuple[int, int]:
-        backbone, head = model.backbone, model.head
-        logits = 2 * head.bottleneck_dim * head.out_dim
-        n_crops = N_GLOBAL_CROPS + self.n_local
-        student = (N_GLOBAL_CROPS * backbone.forward_flops(self.global_size)
-                   + self.n_local * backbone.forward_flops(self.local_size) + head.flops(n_crops) + logits * n_crops)
-        teacher = N_GLOBAL_CROPS * backbone.forward_flops(self.global_size) + head.flops(N_GLOBAL_CROPS) \
-            + logits * N_GLOBAL_CROPS
-        return student, teacher
+        """(student, teacher) forward FLOPs per image (`MultiCropWrapper.forward_flops`)."""
+        global_crops = [self.global_size] * N_GLOBAL_CROPS
+        return (model.forward_flops(global_crops + [self.local_size] * self.n_local),
+                model.forward_flops(global_crops))
 
 
 class IBOTObjective(DINOObjective):

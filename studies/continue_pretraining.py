@@ -40,7 +40,7 @@ import torch
 
 from bench.bench_step import git_commit
 from bench.harness import record
-from bench.study_methods import KNN_K, KNN_TEMPERATURE, knn_top1, load_eval_images
+from studies.methods import KNN_K, KNN_TEMPERATURE, knn_top1, load_eval_images
 
 NAME = "continue_pretraining"
 RESULTS = Path(__file__).resolve().parent / "results"

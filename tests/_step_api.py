@@ -22,14 +22,6 @@ def build_step_state(cfg, device: torch.device, seed: int = 0) -> Trainer:
     return Trainer(cfg, device=device, steps_per_epoch=STEPS_PER_EPOCH)
 
 
-def random_crops(cfg, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
-    """2 global + n_local crops of normalised-looking noise, already on the device."""
-    g = torch.Generator().manual_seed(seed)
-    B = cfg.train.batch_size
-    sizes = [cfg.crops.global_size] * cfg.crops.n_global + [cfg.crops.local_size] * cfg.crops.n_local
-    return [torch.randn(B, 3, s, s, generator=g).to(device) for s in sizes]
-
-
 def train_step(trainer: Trainer, step: int, crops: list[torch.Tensor]) -> dict:
     """One optimizer step on `crops` (schedules past the warm-ups); the metrics dict (device tensors)."""
     return trainer.train_step(crops, FIRST_STEP + step)

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from dinovmf.config import load_config
+from dinovmf.data.synthetic import synthetic_crops
 
 # A 2-block ViT-Tiny on 32 px images (patch 8: 16 patches), 2 x 32 px + 2 x 16 px crops, K = 64: a step
 # takes a fraction of a second on one CPU core and still runs every part of the real loop.
@@ -21,16 +22,6 @@ TINY_OVERRIDES = [
 ]
 
 
-def random_crops(cfg, seed: int = 0) -> list:
-    """A batch of random crops shaped as cfg's loader would deliver them (global crops first)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    b, gs, ls = cfg.train.batch_size, cfg.crops.global_size, cfg.crops.local_size
-    return ([torch.randn(b, 3, gs, gs, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, ls, ls, generator=g) for _ in range(cfg.crops.n_local)])
-
-
 def check_prototypes_frozen_then_train(trainer, cfg, frozen_steps: int = 2) -> None:
     """Run `frozen_steps` + 1 steps of `trainer` (its optim.freeze_last_layer covering `frozen_steps`):
     the prototypes v and g are bitwise unchanged through the frozen steps while the backbone trains,
@@ -41,10 +32,10 @@ def check_prototypes_frozen_then_train(trainer, cfg, frozen_steps: int = 2) -> N
     v0, g0 = head.v.detach().clone(), head.g.detach().clone()
     qkv0 = backbone.blocks[0].attn.qkv.weight.detach().clone()
     for step in range(frozen_steps):
-        trainer.train_step(random_crops(cfg, step), step)
+        trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
         assert torch.equal(head.v, v0) and torch.equal(head.g, g0), f"prototypes moved at step {step}"
     assert not torch.equal(backbone.blocks[0].attn.qkv.weight, qkv0)
-    trainer.train_step(random_crops(cfg, frozen_steps), frozen_steps)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=frozen_steps), frozen_steps)
     assert not torch.equal(head.v, v0) and not torch.equal(head.g, g0)
 
 

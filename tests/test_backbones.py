@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _train_utils import random_crops, tiny_config, write_image_folder
+from _train_utils import tiny_config, write_image_folder
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinovmf.architectures import BACKBONE_PRESETS, swiglu_hidden_dim
 from dinovmf.config import load_config
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import VisionTransformer, build_backbone
 from dinovmf.models.rope import RotaryEmbedding2d, apply_rope
 from dinovmf.trainer import Trainer
@@ -301,11 +302,11 @@ def test_ibot_training_resume_and_knn_run_on_a_dinov3_style_backbone(tmp_path):
     cfg = tiny_config(tmp_path / "unused", None, ["method=ibot_vmf", "steps=2", *DINOV3_OVERRIDES])
     straight = Trainer(cfg, tmp_path / "a", steps_per_epoch=5)
     for step in range(2):
-        straight.train_step(random_crops(cfg, step), step)
+        straight.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
     stopped = Trainer(cfg, tmp_path / "b", steps_per_epoch=5)
-    stopped.train_step(random_crops(cfg, 0), 0)
+    stopped.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=0), 0)
     resumed = Trainer.resume(stopped.save(), cfg, tmp_path / "b")
-    resumed.train_step(random_crops(cfg, 1), 1)
+    resumed.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=1), 1)
     for key, value in straight.models.student.state_dict().items():
         assert torch.equal(resumed.models.student.state_dict()[key], value), key
     assert not torch.equal(straight.models.student.backbone.blocks[0].ls1.gamma, torch.full((192,), 0.1))

@@ -19,6 +19,7 @@ import torch
 from bench import bench_step
 from bench.dino_original import (G_NAME, V_NAME, OriginalDINOHead, clip_gradients_per_parameter,
                                  state_from_dinovmf)
+from dinovmf.data.synthetic import synthetic_crops
 
 TINY = ["model.drop_path=0.0", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0"]
 
@@ -39,7 +40,7 @@ def _original_name(name: str) -> str:
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_original_loss_head_gradients_and_center_equal_dinovmf_dino(norm_last_layer):
     ours, original, _, cfg = _pair(norm_last_layer)
-    crops = bench_step.make_crops(cfg, torch.device("cpu"), seed=1)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size, seed=1)
     temp = 0.05
     # Twice: the second loss is centred by the center the first one updated (not zero any more).
     for _ in range(2):
@@ -69,7 +70,7 @@ def test_original_loss_head_gradients_and_center_equal_dinovmf_dino(norm_last_la
 def test_original_full_steps_equal_dinovmf_steps_without_clipping():
     # Step 0 has the last layer frozen (1 step of freeze); clipping off on both sides.
     ours, original, original_step, cfg = _pair(True, ["optim.clip_grad=0", "optim.freeze_last_layer=0.001"])
-    crops = bench_step.make_crops(cfg, torch.device("cpu"), seed=2)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size, seed=2)
     v_before = original.student.state_dict()[V_NAME].clone()
     for i in range(3):
         loss, loss_o = float(ours.step(crops, i)), original_step(crops, i)

@@ -2,9 +2,10 @@
 learns, then a backbone lr warm-up) and `optim.layer_decay` (DINOv2 / DINOv3's layer-wise lr decay)."""
 import pytest
 import torch
-from _train_utils import random_crops, tiny_config
+from _train_utils import tiny_config
 
 from dinovmf.config import load_config
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import export_teacher_backbone
 from dinovmf.optim import param_groups
 from dinovmf.schedules import build_schedules
@@ -17,7 +18,7 @@ def export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("source")
     cfg = tiny_config(tmp / "unused", None, ["steps=10"])
     trainer = Trainer(cfg, tmp / "run", steps_per_epoch=5)
-    trainer.train_step(random_crops(cfg), 0)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     return export_teacher_backbone(trainer.save(), tmp / "teacher.safetensors")
 
 
@@ -36,7 +37,7 @@ def test_the_backbone_and_its_ema_copy_stay_fixed_while_the_head_learns(tmp_path
     student, teacher = trainer.models.student, trainer.models.teacher
     backbone0, head0, teacher_head0 = snapshot(student.backbone), snapshot(student.head), snapshot(teacher.head)
     for step in range(2):
-        metrics = trainer.train_step(random_crops(cfg, step), step)
+        metrics = trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
         for net in (student, teacher):
             for key, value in net.backbone.state_dict().items():
                 assert torch.equal(value, backbone0[key]), f"{key} moved at step {step}"
@@ -45,7 +46,7 @@ def test_the_backbone_and_its_ema_copy_stay_fixed_while_the_head_learns(tmp_path
     assert trainer.schedules.at(2)["backbone_lr_scale"] == pytest.approx(1 / 2)  # warm-up over 2 steps (0.4 epoch)
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["decay/head"] > 0 and lrs["decay/backbone.layer1"] == 0.0  # step 1: frozen, lr scale 0
-    trainer.train_step(random_crops(cfg, 2), 2)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=2), 2)
     moved = [k for k, v in student.backbone.state_dict().items() if not torch.equal(v, backbone0[k])]
     assert "blocks.0.attn.qkv.weight" in moved and "pos_embed" in moved
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
@@ -75,7 +76,7 @@ def test_layer_decay_gives_each_layer_dinov2s_lr_multiplier(tmp_path, export):
                            "head.mlp.0.weight": 1.0, "head.v": 1.0}.items():
         assert mult[name] == expected, name
     assert len(mult) == len([p for p in trainer.models.student.parameters() if p.requires_grad])
-    trainer.train_step(random_crops(cfg), 0)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     lr = trainer.schedules.at(0)["lr"]
     for group in trainer.optimizer.param_groups:
         assert group["lr"] == pytest.approx(lr * group["lr_mult"])
@@ -107,13 +108,13 @@ def test_a_continued_run_resumes_exactly_across_the_end_of_the_freeze(tmp_path, 
     extra = ["optim.freeze_backbone_steps=2", "optim.layer_decay=0.5"]
     cfg, straight = continued(tmp_path, export, *extra)
     for step in range(3):
-        straight.train_step(random_crops(cfg, step), step)
+        straight.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
     _, stopped = continued(tmp_path, export, *extra)
     stopped.out_dir = tmp_path / "stopped"
-    stopped.train_step(random_crops(cfg, 0), 0)
+    stopped.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=0), 0)
     resumed = Trainer.resume(stopped.save(), cfg, tmp_path / "stopped")
     for step in (1, 2):
-        resumed.train_step(random_crops(cfg, step), step)
+        resumed.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size, seed=step), step)
     assert [g["name"] for g in resumed.optimizer.param_groups] == [g["name"] for g in straight.optimizer.param_groups]
     for key, value in straight.models.student.state_dict().items():
         assert torch.equal(resumed.models.student.state_dict()[key], value), key

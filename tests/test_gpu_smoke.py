@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _step_api import build_step_state, config, random_crops, train_step
+from _step_api import build_step_state, config, train_step
+
+from dinovmf.data.synthetic import synthetic_crops
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                   reason="GPU smoke test: needs a CUDA device (`make gpu-check` runs it on one)")
@@ -23,7 +25,8 @@ SMALL = ["method=dino_vmf", "model.arch=vit_tiny", "model.patch_size=16", "model
 
 def _losses(overrides: list[str], device: torch.device, steps: int = 2) -> list[float]:
     state = build_step_state(config(SMALL + overrides), device)
-    return [float(train_step(state, i, random_crops(state.cfg, device, seed=i))["loss"]) for i in range(steps)]
+    crops = (synthetic_crops(state.cfg.crops, state.cfg.train.batch_size, device, seed=i) for i in range(steps))
+    return [float(train_step(state, i, c)["loss"]) for i, c in enumerate(crops)]
 
 
 def test_step_helper_trains_on_cpu():
@@ -33,7 +36,7 @@ def test_step_helper_trains_on_cpu():
             "crops.global_size=32", "crops.local_size=16", "crops.n_local=2", "train.batch_size=4"]
     state = build_step_state(config(SMALL + tiny), cpu)
     before = [p.detach().clone() for p in state.models.student.parameters()]
-    metrics = train_step(state, 0, random_crops(state.cfg, cpu))
+    metrics = train_step(state, 0, synthetic_crops(state.cfg.crops, state.cfg.train.batch_size, cpu))
     assert math.isfinite(metrics["loss"])
     assert any(not torch.equal(b, p) for b, p in zip(before, state.models.student.parameters()))
 
@@ -47,7 +50,7 @@ def test_bf16_autocast_step_computes_in_bf16_and_stays_finite():
     handle = block.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     before = [p.detach().clone() for p in state.models.student.parameters()]
     try:
-        metrics = train_step(state, 0, random_crops(state.cfg, device))
+        metrics = train_step(state, 0, synthetic_crops(state.cfg.crops, state.cfg.train.batch_size, device))
     finally:
         handle.remove()
     assert seen and all(d == torch.bfloat16 for d in seen), f"qkv ran in {seen}, not bf16"
@@ -150,7 +153,7 @@ def test_vit_b_step_peak_memory_is_recorded():
     cfg = config(["method=dino_vmf", "model.arch=vit_base", "model.patch_size=16", "crops.global_size=224",
                   "crops.local_size=96", "crops.n_local=10", "train.batch_size=64", "model.out_dim=65536"])
     state = build_step_state(cfg, device)
-    crops = random_crops(cfg, device)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size, device)
     train_step(state, 0, crops)  # first step: optimizer state, allocator warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)

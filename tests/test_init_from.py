@@ -7,11 +7,12 @@ import argparse
 
 import pytest
 import torch
-from _train_utils import (TINY_OVERRIDES, check_prototypes_frozen_then_train, random_crops, tiny_config,
+from _train_utils import (TINY_OVERRIDES, check_prototypes_frozen_then_train, tiny_config,
                           write_image_folder)
 from safetensors.torch import save_file
 
 from dinovmf.cli import main
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import build_backbone, export_teacher_backbone
 from dinovmf.models.init_from import InitKeysError, InitShapeError, load_init_weights
 from dinovmf.trainer import Trainer
@@ -36,7 +37,7 @@ def trained_run(tmp_path):
     """A tiny run after one step (so its teacher is not a fresh init): (trainer, checkpoint, export)."""
     cfg = config(tmp_path)
     trainer = Trainer(cfg, tmp_path / "source", steps_per_epoch=5)
-    trainer.train_step(random_crops(cfg), 0)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     path = trainer.save()
     return trainer, path, export_teacher_backbone(path, tmp_path / "export" / "teacher.safetensors")
 
@@ -223,7 +224,7 @@ def test_resume_takes_precedence_over_init_from(tmp_path, capsys):
     weights = save_weights(tmp_path / "w.safetensors", source_backbone().state_dict())
     cfg = config(tmp_path, f"model.init_from={weights}")
     trainer = Trainer(cfg, tmp_path / "run", steps_per_epoch=5)
-    trainer.train_step(random_crops(cfg), 0)
+    trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     path = trainer.save()
     weights.unlink()
     capsys.readouterr()

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from _train_utils import random_crops, tiny_config, write_image_folder
+from _train_utils import tiny_config, write_image_folder
 
 from dinovmf import checkpoint as ckpt
 from dinovmf.config import load_config
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import DINOHead, build_ssl_model, init_student
 from dinovmf.optim import param_groups
 from dinovmf.train import train
@@ -101,7 +102,7 @@ def test_lr_multiplier_group_holds_only_the_trainable_norms(tmp_path):
 def test_lr_multiplier_scales_the_scheduled_lr_every_step(tmp_path):
     cfg = tiny_config(tmp_path, None, ["optim.proto_norm_lr_mult=10"])
     trainer = Trainer(cfg, steps_per_epoch=5)
-    crops = random_crops(cfg)
+    crops = synthetic_crops(cfg.crops, cfg.train.batch_size)
     seen = []
     for step in range(4):
         trainer.train_step(crops, step)

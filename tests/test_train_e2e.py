@@ -4,14 +4,16 @@ import math
 
 import pytest
 import torch
-from _train_utils import (check_prototypes_frozen_then_train, fit, random_crops, read_records, signal_before_batch,
+from _train_utils import (check_prototypes_frozen_then_train, fit, read_records, signal_before_batch,
                           tiny_config, tiny_data)
 
 from dinovmf import checkpoint as ckpt
 from dinovmf.cli import main
+from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import build_ssl_model
 from dinovmf.monitor import CollapseDetector
 from dinovmf.optim import ema_update, param_groups
+from dinovmf.prototypes import koleo_proto_loss
 from dinovmf.train import NonFiniteLossError, train
 from dinovmf.trainer import Trainer, to_floats
 
@@ -101,21 +103,22 @@ def test_train_step_without_a_loader_sums_named_terms_and_keeps_metrics_on_the_d
     Each weighted term is reported as loss_<name>, and the loss is their sum."""
     cfg = tiny_config("unused", None, ["steps=10", "loss.koleo_weight=0.1"])
     trainer = Trainer(cfg, steps_per_epoch=5)
-    metrics = trainer.train_step(random_crops(cfg), 0)
+    koleo = 0.1 * koleo_proto_loss(trainer.models.student.head.prototypes().detach()).item()  # before the update
+    metrics = trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     assert trainer.step == 1
     # What the trainer computes stays on the device (turned into floats on log steps only).
     assert all(torch.is_tensor(metrics[k]) for k in ("loss", "loss_dino", "loss_koleo", "grad_norm"))
     values = to_floats(metrics)
-    assert values["loss_koleo"] != 0 and values["loss_dino"] > 0
+    assert values["loss_koleo"] == pytest.approx(koleo, rel=1e-5) and values["loss_dino"] > 0
     assert values["loss"] == pytest.approx(values["loss_dino"] + values["loss_koleo"], rel=1e-6)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        Trainer(cfg).train_step(random_crops(cfg), 0)
+        Trainer(cfg).train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
 
 
 def test_stability_probes_report_per_block_activations_and_gradient_norms():
     cfg = tiny_config("unused", None, ["steps=10", "train.probes=true"])
     trainer = Trainer(cfg, steps_per_epoch=5)
-    values = to_floats(trainer.train_step(random_crops(cfg), 1))
+    values = to_floats(trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 1))
     assert {f"probe/act_rms_block{i}" for i in range(2)} <= set(values)  # model.depth=2
     assert values["probe/grad_norm_backbone"] > 0 and values["probe/grad_norm_prototypes"] > 0
     assert values["probe/grad_nonfinite"] == 0

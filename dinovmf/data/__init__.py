@@ -12,6 +12,7 @@ from .ffcv_loader import ffcv_available
 from .fused import MultiCropAugmentation, fused_augment
 from .loader import MultiCropLoader
 from .prepare import PrepareReport, prepare_dataset, resolve_dataset
+from .synthetic import synthetic_crops
 
 __all__ = ["EvalLoader", "MultiCropAugmentation", "MultiCropLoader", "PrepareReport", "epoch_order",
-           "ensure_embedded", "ffcv_available", "fused_augment", "prepare_dataset", "resolve_dataset"]
+           "ensure_embedded", "ffcv_available", "fused_augment", "prepare_dataset", "resolve_dataset", "synthetic_crops"]

@@ -101,3 +101,13 @@ class MultiCropWrapper(nn.Module):
         if any(not isinstance(m, torch.Tensor) for m in masks):
             raise ValueError("masks must be all tensors (or masks=None for no masking)")
         return masks
+
+    def forward_flops(self, crop_sizes: Sequence[int]) -> int:
+        """Matmul FLOPs of one image's forward through this network at square crops of `crop_sizes` px: the
+        backbone per crop, the head MLP on every CLS token and the prototype logits (2 p K per crop, computed
+        by the loss). The one FLOP count of the training log's MFU and of the benchmarks
+        (`objectives.flops_per_image` adds iBOT's patch head; backward is counted as 2x forward there)."""
+        head = self.head
+        logits = 2 * head.bottleneck_dim * head.out_dim
+        return (sum(self.backbone.forward_flops(size) for size in crop_sizes)
+                + head.flops(len(crop_sizes)) + logits * len(crop_sizes))
