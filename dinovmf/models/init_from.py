@@ -101,7 +101,7 @@ def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, s
     raw, kind = read_weights(path)
     where = f"model.init_from {str(path)!r} ({kind})"
     state, dropped, layout = backbone_state(raw, where)
-    if kind in ("state dict", "safetensors state dict") or kind.startswith("checkpoint["):
+    if not kind.startswith("dinovmf"):  # a file from elsewhere: say which layout it was read as
         where = f"model.init_from {str(path)!r} ({kind}, {layout} layout)"
     target = backbone.state_dict()
     resized = _fit_pos_embed(state, backbone)
