@@ -58,7 +58,7 @@ def tokens(cfg) -> int:
     return sum(1 + opts.num_register_tokens + (s // opts.patch_size) ** 2 for s in sizes)
 
 
-def run_mode(mode: str, names: list[str], n_local: int, rounds: int, warmup: int) -> list[dict]:
+def run_mode(mode: str, names: list[str], n_local: int, rounds: int, warmup: int, commit: str) -> list[dict]:
     extra = [f"crops.n_local={n_local}", f"train.compile={'true' if mode == 'compile' else 'false'}"]
     configs = {name: load_config(None, COMMON + CONFIGS[name] + extra) for name in names}
     trainings = {name: dinovmf_training(cfg, torch.device("cpu")) for name, cfg in configs.items()}
@@ -77,7 +77,7 @@ def run_mode(mode: str, names: list[str], n_local: int, rounds: int, warmup: int
                      "backbone_params": sum(p.numel() for p in student.backbone.parameters()),
                      "batch": configs[name].train.batch_size, "crops": f"2x224+{n_local}x112", "rounds": rounds,
                      "threads": torch.get_num_threads(), "load_avg_1m": round((load_before + os.getloadavg()[0]) / 2, 2),
-                     "commit": git_commit()})
+                     "commit": commit})
     return rows
 
 
@@ -95,11 +95,11 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, commit = [], git_commit()  # the code measured: read at the start, commits may land while it runs
     for mode in args.modes:  # each mode recorded as soon as it is measured
         chosen = args.configs if mode == "eager" else args.compile_configs
         names = [REFERENCE] + [n for n in chosen if n != REFERENCE]
-        mode_rows = run_mode(mode, names, args.n_local, args.rounds, args.warmup)
+        mode_rows = run_mode(mode, names, args.n_local, args.rounds, args.warmup, commit)
         path = record(args.name, mode_rows, x="tokens_per_image", y="step_ms", group="mode",
                       title="ViT-S training step against the tokens per image (CPU)")
         rows += mode_rows
