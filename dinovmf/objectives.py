@@ -117,11 +117,11 @@ class IBOTObjective(DINOObjective):
         from dinovmf.masking import BlockMaskGenerator
 
         self.patch_weight = cfg.ibot.loss_weight
-        self.patch_size = cfg.model.patch_size
+        self.patch_size = cfg.backbone.patch_size
         self.ibot_patch = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
                                         student_temp=cfg.loss.student_temp, centering=cfg.centering,
                                         center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
-        self.masks = BlockMaskGenerator(cfg.crops.global_size // cfg.model.patch_size,
+        self.masks = BlockMaskGenerator(cfg.crops.global_size // self.patch_size,
                                         min_ratio=cfg.ibot.mask_min_ratio, max_ratio=cfg.ibot.mask_max_ratio,
                                         mask_probability=cfg.ibot.mask_probability)
 

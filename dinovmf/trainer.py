@@ -77,6 +77,7 @@ class Trainer:
         teacher = build_ssl_model(cfg, 0.0).to(self.device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
+        teacher.eval()  # the EMA network never trains: no drop-path, no RoPE coordinate augmentation (as DINOv3)
         self.models = parallelize(student, teacher, self.info, self.device, fsdp=cfg.dist.fsdp,
                                   compile=cfg.train.compile,
                                   mixed_precision=self.device.type == "cuda" and cfg.train.amp != "none")
@@ -84,6 +85,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.models.student, cfg)
         self.trainable = [p for p in self.models.student.parameters() if p.requires_grad]
         self.frozen_prototypes = self.models.student.prototype_parameters()
+        self.backbone_parameters = [p for p in self.models.student.backbone.parameters() if p.requires_grad]
         self.objective = build_objective(cfg).to(self.device)
 
         self.step = 0  # optimisation steps done
@@ -107,7 +109,7 @@ class Trainer:
         `grad_norm` (before clipping), lr, wd, momentum, teacher_temp. Raises `NonFiniteLossError`.
         """
         cfg, models, values = self.cfg, self.models, self._schedules().at(step)
-        set_hyperparameters(self.optimizer, values["lr"], values["wd"])
+        set_hyperparameters(self.optimizer, values["lr"], values["wd"], values["backbone_lr_scale"])
         # Before the forward: the fused loss computes the prototype gradient there, and the last step's
         # .grad freed first lets it reuse that memory (dinovmf.cpu_memory) and lowers the forward's peak.
         self.optimizer.zero_grad(set_to_none=True)
@@ -119,6 +121,9 @@ class Trainer:
         loss.backward()
         if self.probe is not None:  # stability probes (train.probes): the raw gradients, before clipping
             metrics.update({**gradient_probes(models.student.named_parameters()), **self.probe.read()})
+        if values["freeze_backbone"]:  # continued pretraining: only the head learns; before clipping, which
+            for p in self.backbone_parameters:  # then measures the head's gradient alone. The backbone stays
+                p.grad = None                   # fixed, so its EMA copy does too (lerp of equal tensors).
         if cfg.optim.clip_grad > 0:
             metrics["grad_norm"] = clip_gradients(self.trainable, cfg.optim.clip_grad)
         if values["freeze_last_layer"]:  # DINO's cancel_gradients_last_layer; AdamW skips a None gradient
@@ -243,7 +248,7 @@ class Trainer:
         monitor = Monitor(self.out_dir, sched.total_steps, self.step, cfg.train.batch_size * info.world_size,
                           flops, peak, enabled=info.is_main)
         depth = "" if cfg.model.depth is None else f" ({cfg.model.depth} blocks)"
-        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.model.patch_size}{depth} "
+        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.backbone.patch_size}{depth} "
                         f"K={cfg.model.out_dim} | {info.world_size} process(es) on {self.device.type}"
                         f"{' (FSDP2)' if self.models.fsdp else ''} | {sched.steps_per_epoch} steps/epoch, "
                         f"{sched.total_steps} steps | {flops / 1e9:.1f} GFLOP/img, MFU vs {peak / 1e12:.2f} "

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top, as drawn in DESIGN §4: a module may import from its own layer and the layers below it.
 LAYERS = [
     {"kernels", "_ext"},
-    {"config"},
+    {"config", "architectures"},
     {"serialization", "checkpoint"},
     {"models", "data"},
     {"eval"},
