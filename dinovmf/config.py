@@ -164,6 +164,12 @@ class EvalConfig:
 class DistConfig:
     backend: str = "auto"            # auto (nccl on CUDA, gloo on CPU), nccl, gloo
     fsdp: bool = False               # FSDP2 fully_shard per block instead of DDP (ViT-L)
+    # DDP only (dinovmf.parallelize; measured in bench/bench_scaling.py): gradient bucket size, gradients as
+    # views of the buckets (no copy, less memory), and DDP's static-graph mode (every parameter gets a
+    # gradient every step, the frozen prototypes included: their gradients are dropped after backward).
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
 
 
 @dataclass
@@ -423,9 +429,22 @@ def validate(cfg: Config) -> None:
     _validate_proto_norms(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
+    _validate_ddp_knobs(cfg.dist)
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
+
+
+def _validate_ddp_knobs(dist: DistConfig) -> None:
+    """DDP's knobs: a positive bucket size, and none of them set on an FSDP2 run, which they would not reach."""
+    if not (math.isfinite(dist.bucket_cap_mb) and dist.bucket_cap_mb > 0):
+        raise ValueError(f"config: dist.bucket_cap_mb must be a positive number of MiB, got {dist.bucket_cap_mb}")
+    if dist.fsdp:
+        default = DistConfig()
+        for key in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph"):
+            if getattr(dist, key) != getattr(default, key):
+                raise ValueError(f"config: dist.{key} is a DDP setting, but this run uses FSDP2 (dist.fsdp=true); "
+                                 f"leave it at {getattr(default, key)} or set dist.fsdp=false")
 
 
 def _validate_proto_norms(cfg: Config) -> None:
