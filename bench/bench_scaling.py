@@ -1,7 +1,7 @@
 """Benchmark: weak scaling of the training step across ranks and nodes, with where each step's time goes.
 
     python -m bench.bench_scaling                                   # here: torchrun 1 and 2 ranks, alternating
-    python -m bench.bench_scaling --world-sizes 1 2 --threads 1 --models demo vit_s16 --modes ddp fsdp
+    python -m bench.bench_scaling --world-sizes 1 2 --threads 1 --models demo vit_s16 --batch 8 2
     torchrun --nnodes 4 --nproc_per_node 8 ... -m bench.bench_scaling --worker --models vit_b16 --batch 32
 
 Every rank runs `Trainer.train_step` (the training step itself, DDP or FSDP2 as `dist.fsdp` says) at the
@@ -11,15 +11,18 @@ behind compute). Measured blocks of steps alternate:
 
 - synced: the real step; per-rank and global images/s and the breakdown;
 - no_sync (DDP only): the same step without the gradient all-reduce (`DistributedDataParallel.no_sync`), so
-  the difference is the communication the step did not hide, measured a second way; its compute times
-  (forward, backward) feed the sizing model's prediction for this run (`dinovmf.plan.exposed_comm_seconds`,
-  with the all-reduce bandwidth measured here).
+  the difference is the communication the step did not hide, measured a second way.
+
+The sizing model predicts each multi-rank row (`dinovmf.plan.exposed_comm_seconds`) from the compute
+measured here (the no_sync steps under DDP; the synced steps minus their communication under FSDP2) and the
+all-reduce bus bandwidth measured here: `predicted_efficiency` with its overlap assumptions,
+`predicted_efficiency_serial` with none (every collective exposed).
 
 The driver (no `--worker`) launches `torchrun --standalone` for each world size in turn, round after round,
 and records per world size: global images/s, weak-scaling efficiency against the one-rank run of the same
 round (images/s at N ranks / (N x images/s at one rank)), the breakdown, the bytes each step hands to
 collectives against `dinovmf.plan.comm_bytes_per_step`, and the predicted efficiency; CSV + PNG in
-bench/results/scaling.*. On a cluster, run the worker under torchrun once at one GPU and once at N: each
+bench/results/scaling.csv and scaling.png (efficiency measured and predicted; the breakdown). On a cluster, run the worker under torchrun once at one GPU and once at N: each
 launch records its own rows, and the efficiency is computed against the newest one-rank row of the same
 configuration and device in the CSV.
 
@@ -175,29 +178,34 @@ def measure(cfg, steps: int, warmup: int, blocks: int, data: str = "synthetic") 
         return None
     B, world = cfg.train.batch_size, info.world_size
     size = P.model_size(cfg)
+    param_bytes = 2 if trainer.device.type == "cuda" and cfg.train.amp != "none" else 4  # as parallelize
     flops = trainer.objective.flops_per_image(trainer.models.student)
     peak, peak_source = peak_flops(trainer.device)
     rank_img_s = [B / r["step_s"] for r in ranks]
+    mean = lambda key: statistics.mean(r[key] for r in ranks)  # noqa: E731
     row = {"world_size": world, "backend": info.backend or "none", "threads": torch.get_num_threads(),
            "batch_per_rank": B, "steps": steps * blocks, "img_s_global": sum(rank_img_s),
            "img_s_per_rank": statistics.mean(rank_img_s), "img_s_rank_min": min(rank_img_s),
-           "step_ms": 1e3 * statistics.mean(r["step_s"] for r in ranks),
-           "mfu": mfu(statistics.mean(rank_img_s), flops, peak), "peak": peak_source,
-           **{k.replace("time_share/", "share_"): statistics.mean(r[k] for r in ranks)
-              for k in ranks[0] if k.startswith("time_share/")},
-           "comm_bytes_per_step": mine.get("step_comm_bytes", math.nan),
-           "predicted_comm_bytes_per_step": sum(P.comm_bytes_per_step(size, fsdp).values()) if world > 1 else 0,
-           "bus_gbps": bus_gbps}
-    if compare:  # the all-reduce the step did not hide, by difference; and the model's prediction of it
-        nosync_s = statistics.mean(r["nosync_step_s"] for r in ranks)
-        step_s = statistics.mean(r["step_s"] for r in ranks)
-        forward_s = nosync_s * statistics.mean(r["nosync_time_share/forward"] for r in ranks)
-        backward_s = nosync_s * statistics.mean(r["nosync_time_share/backward"] for r in ranks)
-        comm = P.exposed_comm_seconds(size, False, world, bus_gbps, forward_s, backward_s, cfg.dist.bucket_cap_mb)
-        row.update({"nosync_step_ms": 1e3 * nosync_s, "comm_exposed_by_difference": 1 - nosync_s / step_s,
-                    "predicted_comm_ms": 1e3 * comm["total"], "predicted_exposed_comm_ms": 1e3 * comm["exposed"],
-                    "predicted_efficiency": nosync_s / (nosync_s + comm["exposed"]),
-                    "predicted_efficiency_serial": nosync_s / (nosync_s + comm["total"])})
+           "step_ms": 1e3 * mean("step_s"), "mfu": mfu(statistics.mean(rank_img_s), flops, peak),
+           "peak": peak_source,
+           **{k.replace("time_share/", "share_"): mean(k) for k in ranks[0] if k.startswith("time_share/")}}
+    if info.is_distributed:
+        step_s = mean("step_s")
+        if compare:  # the all-reduce the step did not hide, by difference; compute from the no_sync steps
+            compute_s = mean("nosync_step_s")
+            forward_s, backward_s = (compute_s * mean(f"nosync_time_share/{p}") for p in ("forward", "backward"))
+            row.update({"nosync_step_ms": 1e3 * compute_s, "comm_exposed_by_difference": 1 - compute_s / step_s})
+        else:  # FSDP2: compute is what the step spent outside communication
+            compute_s = step_s * (1 - mean("time_share/comm"))
+            forward_s, backward_s = (step_s * mean(f"time_share/{p}") for p in ("forward", "backward"))
+        comm = P.exposed_comm_seconds(size, fsdp, world, bus_gbps, forward_s, backward_s, cfg.dist.bucket_cap_mb,
+                                      param_bytes)
+        row.update({"comm_bytes_per_step": mine["step_comm_bytes"],
+                    "predicted_comm_bytes_per_step": sum(P.comm_bytes_per_step(size, fsdp, param_bytes).values()),
+                    "bus_gbps": bus_gbps, "predicted_comm_ms": 1e3 * comm["total"],
+                    "predicted_exposed_comm_ms": 1e3 * comm["exposed"],
+                    "predicted_efficiency": compute_s / (compute_s + comm["exposed"]),
+                    "predicted_efficiency_serial": compute_s / (compute_s + comm["total"])})
     return row
 
 
@@ -218,7 +226,7 @@ def worker(args) -> None:
             for mode in args.modes:
                 if mode == "fsdp" and info.world_size == 1:
                     continue  # nothing to shard
-                cfg = bench_config(model, mode, args.batch, [f"dist.backend={args.backend}"] + args.set)
+                cfg = bench_config(model, mode, args.batches[model], [f"dist.backend={args.backend}"] + args.set)
                 row = measure(cfg, args.steps, args.warmup, args.blocks, args.data)
                 if row is not None:
                     rows.append({"model": model, "mode": mode, "data": args.data, **row})
@@ -265,45 +273,65 @@ def _csv_baselines() -> dict:
 
 
 def write_results(rows: list[dict]) -> None:
-    import subprocess as sp
+    """Rows to bench/results/scaling.csv (stamped with the commit and the load average) and scaling.png."""
+    from bench.harness import RESULTS_DIR, record
 
-    from bench.harness import record
-
-    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                    cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     load = os.getloadavg()[0]
-    rows = [{**r, "commit": commit, "load_avg_1m": round(load, 2)} for r in rows]
-    for r in rows:
-        r["config"] = f"{r['model']}/{r['mode']}"
-    record(NAME, rows, x="world_size", y="img_s_global", group="config",
-           title="Weak scaling: global images/s (per-rank batch fixed)")
-    plot_breakdown(rows)
+    rows = [{**r, "config": f"{r['model']}/{r['mode']}", "commit": commit, "load_avg_1m": round(load, 2)}
+            for r in rows]
+    path = record(NAME, rows, x="world_size", y="img_s_global", group="config",
+                  title="Weak scaling: global images/s (per-rank batch fixed)")
+    plot_scaling(rows, Path(os.environ.get("DINOVMF_BENCH_RESULTS") or RESULTS_DIR) / f"{NAME}.png")
+    return path
 
 
-def plot_breakdown(rows: list[dict]) -> Path:
-    """bench/results/scaling_breakdown.png: where the step's time went, per configuration and world size."""
+def plot_scaling(rows: list[dict], path: Path) -> Path:
+    """Two panels (medians over rounds): weak-scaling efficiency measured and predicted, per configuration
+    and world size; and where the step's time went."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.harness import RESULTS_DIR
+    from bench.harness import device_name
 
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"] if r["world_size"] > 1 else f"{r['model']}", r["world_size"]), []).append(r)
+
+    def med(rs, key):
+        values = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return statistics.median(values) if values else math.nan
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    distributed = sorted(k for k in groups if k[1] > 1)
+    labels = [f"{c}\n{w} ranks" for c, w in distributed]
+    x = range(len(distributed))
+    left.bar([i - 0.2 for i in x], [med(groups[k], "weak_scaling_efficiency") for k in distributed], 0.4,
+             label="measured (vs the 1-rank run)")
+    left.bar([i + 0.2 for i in x], [med(groups[k], "predicted_efficiency") for k in distributed], 0.4,
+             label="predicted (dinovmf.plan, measured compute and bandwidth)")
+    left.axhline(1.0, color="gray", lw=0.8)
+    left.set_xticks(list(x), labels, fontsize=8)
+    left.set_ylabel("weak-scaling efficiency")
+    left.legend(fontsize=8)
     phases = ["data", "forward", "backward", "optimizer", "comm", "checkpoint", "other"]
-    labels = [f"{r['config']}\n{r['world_size']} rank(s)" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
-    bottom = [0.0] * len(rows)
+    keys = sorted(groups, key=lambda k: (k[0].split("/")[0], k[1], k[0]))
+    bottom = [0.0] * len(keys)
     for phase in phases:
-        values = [r.get(f"share_{phase}", 0.0) if math.isfinite(r.get(f"share_{phase}", 0.0)) else 0.0 for r in rows]
-        ax.bar(labels, values, bottom=bottom, label=phase)
+        values = [med(groups[k], f"share_{phase}") for k in keys]
+        values = [0.0 if math.isnan(v) else v for v in values]
+        right.bar([f"{c}\n{w} rank(s)" for c, w in keys], values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_ylabel("share of the step's wall time")
-    ax.set_title("Where the step's time goes (rank mean)", fontsize=10)
-    ax.legend(fontsize=8, ncol=4)
+    right.tick_params(axis="x", labelsize=8)
+    right.set_ylabel("share of the step's wall time (rank mean)")
+    right.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.suptitle(f"Scaling and where the step's time goes, {device_name()}", fontsize=10)
     fig.tight_layout()
-    out = Path(os.environ.get("DINOVMF_BENCH_RESULTS") or RESULTS_DIR) / f"{NAME}_breakdown.png"
-    fig.savefig(out, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out
+    return path
 
 
 def launch(world_size: int, args, json_path: Path, timeout: float) -> list[dict]:
@@ -311,7 +339,7 @@ def launch(world_size: int, args, json_path: Path, timeout: float) -> list[dict]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
            "-m", "bench.bench_scaling", "--worker", "--json", str(json_path), "--threads", str(args.threads),
-           "--models", *args.models, "--modes", *args.modes, "--batch", str(args.batch), "--steps",
+           "--models", *args.models, "--modes", *args.modes, "--batch", *map(str, args.batch), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--blocks", str(args.blocks), "--data", args.data,
            "--backend", args.backend] + (["--set", *args.set] if args.set else [])
     done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], timeout=timeout,
@@ -352,7 +380,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--models", nargs="+", default=["demo", "vit_s16"], choices=sorted(MODELS))
     p.add_argument("--modes", nargs="+", default=["ddp", "fsdp"], choices=sorted(MODES))
-    p.add_argument("--batch", type=int, default=4, help="per-rank batch")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 2],
+                   help="per-rank batch, one for all models or one per model (default: 8 for demo, 2 for vit_s16)")
     p.add_argument("--steps", type=int, default=5, help="steps per measured block")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--blocks", type=int, default=2, help="measured blocks (each synced, then no_sync for DDP)")
@@ -362,6 +391,9 @@ def main(argv=None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more config overrides")
     p.add_argument("--timeout", type=float, default=3600, help="driver: seconds per launch")
     args = p.parse_args(argv)
+    if len(args.batch) not in (1, len(args.models)):
+        p.error(f"--batch takes one value or one per model ({len(args.models)}), got {args.batch}")
+    args.batches = dict(zip(args.models, args.batch * len(args.models) if len(args.batch) == 1 else args.batch))
     if args.worker:
         worker(args)
     else:
