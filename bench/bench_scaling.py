@@ -21,10 +21,10 @@ all-reduce bus bandwidth measured here: `predicted_efficiency` with its overlap 
 The driver (no `--worker`) launches `torchrun --standalone` for each world size in turn, round after round,
 and records per world size: global images/s, weak-scaling efficiency against the one-rank run of the same
 round (images/s at N ranks / (N x images/s at one rank)), the breakdown, the bytes each step hands to
-collectives against `dinovmf.plan.comm_bytes_per_step`, and the predicted efficiency; CSV + PNG in
-bench/results/scaling.csv and scaling.png (efficiency measured and predicted; the breakdown). On a cluster, run the worker under torchrun once at one GPU and once at N: each
-launch records its own rows, and the efficiency is computed against the newest one-rank row of the same
-configuration and device in the CSV.
+collectives against `dinovmf.plan.comm_bytes_per_step`, and the predicted efficiency: bench/results/
+scaling.csv, and scaling.png (efficiency measured and predicted; the breakdown). On a cluster, run the
+worker under torchrun once at one GPU and once at N: each launch records its own rows, and the efficiency
+is computed against the newest one-rank row of the same configuration and device in the CSV.
 
 Cores: a launch needs ranks x threads CPU cores on each machine (more would time the scheduler, not the
 step); it says so before it starts.

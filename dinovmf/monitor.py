@@ -172,8 +172,9 @@ class Monitor:
 
         step 40/600 | loss 5.1234 | 812.3 img/s | MFU 12.30% | data 3% | comm 8% | ETA 3m12s
 
-    (`data` / `comm` / `ckpt`: shares of the window's wall time, `dinovmf.step_timing`) so a log file grows by one readable line every `train.log_every` steps instead of a carriage-return
-    redraw per step. `progress="none"` shows nothing but messages.
+    (`data` / `comm` / `ckpt`: shares of the window's wall time, `dinovmf.step_timing`) so a log file
+    grows by one readable line every `train.log_every` steps instead of a carriage-return redraw per step.
+    `progress="none"` shows nothing but messages.
     """
 
     def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 0, images_per_step: int = 1,

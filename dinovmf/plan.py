@@ -244,8 +244,9 @@ class Plan:
         out += [f"  {name:<22} {text}" for name, text in self.assumptions]
         comm = ", ".join(f"{k.replace('_', '-')} {v / GB:.2f} GB" for k, v in self.comm_bytes.items())
         out += ["per step and GPU:",
-                f"  compute                {1e3 * self.compute_s:.1f} ms ({size.flops_per_image / 1e9:.1f} GFLOP/image: "
-                f"forward {1e3 * self.forward_s:.1f} ms, backward {1e3 * self.backward_s:.1f} ms)",
+                f"  compute                {1e3 * self.compute_s:.1f} ms "
+                f"({size.flops_per_image / 1e9:.1f} GFLOP/image: forward {1e3 * self.forward_s:.1f} ms, "
+                f"backward {1e3 * self.backward_s:.1f} ms)",
                 f"  communication          {comm}: {1e3 * self.comm['total']:.1f} ms at {c.bus_gbps:g} GB/s, "
                 f"{1e3 * self.comm['exposed']:.1f} ms not hidden behind compute",
                 f"  loader                 {1e3 * self.loader_s:.1f} ms per batch on {c.cpu_cores_per_gpu:g} cores; "
@@ -254,8 +255,9 @@ class Plan:
                 f"{' (loader-bound)' if self.loader_bound else ''}: {self.images_per_s_per_gpu:.0f} img/s per GPU, "
                 f"{self.images_per_s_per_gpu * c.gpus:.0f} img/s in all, MFU "
                 f"{self.images_per_s_per_gpu * size.flops_per_image / c.peak_flops:.0%}",
-                f"  checkpoint             {self.checkpoint_bytes / GB:.2f} GB (student, teacher, AdamW moments; fp32), "
-                f"{self.checkpoint_s:.1f} s to write, every {cfg.train.ckpt_every} steps",
+                f"  checkpoint             {self.checkpoint_bytes / GB:.2f} GB "
+                f"(student, teacher, AdamW moments; fp32), {self.checkpoint_s:.1f} s to write, "
+                f"every {cfg.train.ckpt_every} steps",
                 "runs:"]
         lengths = [("steps", steps)] if steps is not None else [("epochs", e) for e in epochs]
         for unit, n in lengths:

@@ -44,6 +44,9 @@ import torch
 PHASES = ("data", "forward", "backward", "optimizer", "comm", "checkpoint")
 SHARE_PREFIX = "time_share/"
 DATA_WAIT_WARN_SHARE = 0.10  # warn once when the loader's wait exceeds this share of a window
+# Intervals kept unread before they are folded into sums (on CUDA that reads the events: one sync per this
+# many intervals, for loops that call train_step without ever logging).
+MAX_PENDING_INTERVALS = 4096
 # FSDP2's per-parameter-group methods that communicate or wait for communication (torch 2.13).
 FSDP_COMM_METHODS = ("unshard", "wait_for_unshard", "post_backward", "finalize_backward")
 
@@ -55,7 +58,7 @@ class _HostClock:
     def seconds(self, start: float, end: float) -> float:
         return end - start
 
-    def sync(self, mark) -> None:
+    def sync(self) -> None:
         pass
 
 
@@ -68,8 +71,8 @@ class _CudaClock:
     def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
         return start.elapsed_time(end) / 1e3
 
-    def sync(self, mark: torch.cuda.Event) -> None:
-        mark.synchronize()
+    def sync(self) -> None:
+        torch.cuda.synchronize()
 
 
 class StepTiming:
@@ -85,6 +88,7 @@ class StepTiming:
         self.distributed = distributed  # a single process has no communication to report
         self.clock = _CudaClock() if device.type == "cuda" else _HostClock()
         self._intervals: list[tuple[str, object, object, str | None]] = []  # (phase, start, end, inside)
+        self._seconds = dict.fromkeys(PHASES, 0.0)  # folded intervals of this window
         self._open: tuple[str, object] | None = None
         self._handed_off = None   # mark of the latest DDP bucket handed to the all-reduce, this backward
         self._comm_depth = 0
@@ -111,9 +115,9 @@ class StepTiming:
         if self._open is None:
             return
         phase, start = self._open
-        self._intervals.append((phase, start, mark, None))
+        self._add(phase, start, mark, None)
         if self._handed_off is not None:  # DDP: from the last bucket's hand-off to the end of this phase
-            self._intervals.append(("comm", self._handed_off, mark, phase))
+            self._add("comm", self._handed_off, mark, phase)
             self._handed_off = None
         if phase == "optimizer":
             self._steps += 1
@@ -156,7 +160,7 @@ class StepTiming:
             yield
         finally:
             self._comm_depth -= 1
-            self._intervals.append(("comm", start, self.clock.mark(), self._open[0] if self._open else None))
+            self._add("comm", start, self.clock.mark(), self._open[0] if self._open else None)
 
     def handed_off(self, nbytes: int) -> None:
         """A DDP bucket of `nbytes` was handed to the all-reduce now (see the module docstring)."""
@@ -165,9 +169,26 @@ class StepTiming:
 
     # ---------------------------------------------------------------------------------------- reading
 
+    def _add(self, phase: str, start, end, inside: str | None) -> None:
+        self._intervals.append((phase, start, end, inside))
+        if len(self._intervals) >= MAX_PENDING_INTERVALS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Turn the recorded intervals into seconds per phase (on CUDA: waits for their events)."""
+        if self._intervals:
+            self.clock.sync()
+        for phase, start, end, inside in self._intervals:
+            dt = self.clock.seconds(start, end)
+            self._seconds[phase] += dt
+            if inside is not None:
+                self._seconds[inside] -= dt
+        self._intervals.clear()
+
     def reset(self) -> None:
         """Start a new window now, dropping what was recorded (a loop starting after set-up)."""
         self._intervals.clear()
+        self._seconds = dict.fromkeys(PHASES, 0.0)
         self._open, self._handed_off = None, None
         self._steps, self.comm_bytes = 0, 0
         self._window_start = time.perf_counter()
@@ -179,15 +200,8 @@ class StepTiming:
         call it on log steps only."""
         now = time.perf_counter()
         wall, self._window_start = now - self._window_start, now
-        if self._intervals:
-            self.clock.sync(self._intervals[-1][2])
-        seconds = dict.fromkeys(PHASES, 0.0)
-        for phase, start, end, inside in self._intervals:
-            dt = self.clock.seconds(start, end)
-            seconds[phase] += dt
-            if inside is not None:
-                seconds[inside] -= dt
-        self._intervals.clear()
+        self._fold()
+        seconds, self._seconds = self._seconds, dict.fromkeys(PHASES, 0.0)
         steps, self._steps = self._steps, 0
         nbytes, self.comm_bytes = self.comm_bytes, 0
         out = {f"{SHARE_PREFIX}{p}": max(0.0, s) / wall if wall > 0 else math.nan for p, s in seconds.items()}
@@ -295,8 +309,8 @@ class DataWaitCheck:
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         describe = getattr(self.loader, "describe", None)
         loader = describe() if describe is not None else type(self.loader).__name__
-        return (f"the training waited for data {share:.0%} of the time up to step {step} (more than "
-                f"{self.threshold:.0%}): the loader does not keep up. Loader: {loader}; data.loader="
+        return (f"the training waited for data {share:.0%} of the time (the most of any rank) up to step {step} "
+                f"(more than {self.threshold:.0%}): the loader does not keep up. Loader: {loader}; data.loader="
                 f"{cfg.data.loader}, data.num_workers={cfg.data.num_workers}, train.batch_size="
                 f"{cfg.train.batch_size}, crops 2x{cfg.crops.global_size}+{cfg.crops.n_local}x"
                 f"{cfg.crops.local_size}; {cores} CPU core(s) for {ranks} rank(s) on this node. To change: "

@@ -157,3 +157,18 @@ def test_a_slow_loader_and_checkpoints_show_in_the_run_log(tmp_path):
         assert window == pytest.approx(2 * r["step_time_s"], rel=0.05)
     warnings = read_records(tmp_path / "run", kind="warning")
     assert len(warnings) == 1 and "waited for data" in warnings[0]["message"]
+
+
+def test_a_loop_that_never_logs_keeps_a_bounded_record(clock):
+    """train_step in a user's own loop, without fit's log steps: intervals are folded into sums as they
+    pile up (on CUDA that reads their events), and the eventual read is still exact."""
+    timing = StepTiming("cpu")
+    for _ in range(step_timing.MAX_PENDING_INTERVALS + 10):
+        timing.begin("forward")
+        clock.advance(1.0)
+        timing.begin("backward")
+        clock.advance(3.0)
+        timing.end()
+        assert len(timing._intervals) < step_timing.MAX_PENDING_INTERVALS
+    assert shares(timing) == pytest.approx({"data": 0, "forward": 0.25, "backward": 0.75, "optimizer": 0,
+                                            "checkpoint": 0, "other": 0})
