@@ -47,12 +47,21 @@ from pathlib import Path
 # ViT-Tiny/8, 32 px crops, K=256); vit_s16 / vit_b16: the ImageNet presets.
 MODELS = {"demo": ("demo", []), "vit_s16": ("vit_s16_in1k", ["train.compile=false"]),
           "vit_b16": ("vit_b16_in1k", []), "vit_l16": ("vit_l16_in1k", [])}
-MODES = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"]}
+# Parallelism and DDP's knobs (the `dist.*` config keys) to compare; one process runs plain "ddp" only.
+MODES = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"],
+         "ddp_bucket1": ["dist.fsdp=false", "dist.bucket_cap_mb=1"],
+         "ddp_view_static": ["dist.fsdp=false", "dist.gradient_as_bucket_view=true", "dist.static_graph=true"]}
 NAME = "scaling"
 
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_cores(ranks_here: int, threads: int, cores: int | None = None) -> None:
@@ -224,8 +233,8 @@ def worker(args) -> None:
     try:
         for model in args.models:
             for mode in args.modes:
-                if mode == "fsdp" and info.world_size == 1:
-                    continue  # nothing to shard
+                if mode != "ddp" and info.world_size == 1:
+                    continue  # nothing to shard or to bucket
                 cfg = bench_config(model, mode, args.batches[model], [f"dist.backend={args.backend}"] + args.set)
                 row = measure(cfg, args.steps, args.warmup, args.blocks, args.data)
                 if row is not None:
@@ -352,6 +361,10 @@ def launch(world_size: int, args, json_path: Path, timeout: float) -> list[dict]
 
 def driver(args) -> list[dict]:
     check_cores(max(args.world_sizes), args.threads)
+    gpus = _visible_gpus()
+    if gpus and max(args.world_sizes) > gpus:
+        raise SystemExit(f"bench_scaling: --world-sizes {max(args.world_sizes)} needs as many GPUs on this machine, "
+                         f"which has {gpus}; use the worker under torchrun across nodes for more")
     if 1 not in args.world_sizes:
         raise SystemExit("bench_scaling: --world-sizes must include 1 (the weak-scaling baseline)")
     rows = []

@@ -71,7 +71,7 @@ def ddp_options(dist) -> dict:
     `static_graph` is valid here because every trainable parameter receives a gradient on every step: the
     frozen prototypes get theirs in backward too (the trainer drops it afterwards, DINO's
     cancel_gradients_last_layer), and the mask token, which only iBOT trains, has requires_grad off
-    otherwise. tests/test_scaling.py checks that each knob trains exactly like the defaults.
+    otherwise. tests/test_scaling.py checks that the knobs train exactly like the defaults.
     """
     return {"bucket_cap_mb": dist.bucket_cap_mb, "gradient_as_bucket_view": dist.gradient_as_bucket_view,
             "static_graph": dist.static_graph}
