@@ -196,7 +196,7 @@ def measure(cfg, steps: int, warmup: int, blocks: int, data: str = "synthetic") 
            "batch_per_rank": B, "steps": steps * blocks, "img_s_global": sum(rank_img_s),
            "img_s_per_rank": statistics.mean(rank_img_s), "img_s_rank_min": min(rank_img_s),
            "step_ms": 1e3 * mean("step_s"), "mfu": mfu(statistics.mean(rank_img_s), flops, peak),
-           "peak": peak_source,
+           "peak": peak_source, "load_avg_1m": round(os.getloadavg()[0], 2),  # the box's load as this run ends
            **{k.replace("time_share/", "share_"): mean(k) for k in ranks[0] if k.startswith("time_share/")}}
     if info.is_distributed:
         step_s = mean("step_s")
@@ -282,13 +282,14 @@ def _csv_baselines() -> dict:
 
 
 def write_results(rows: list[dict]) -> None:
-    """Rows to bench/results/scaling.csv (stamped with the commit and the load average) and scaling.png."""
+    """Rows to bench/results/scaling.csv (stamped with the commit; each row has the load average of its own
+    launch) and scaling.png."""
     from bench.harness import RESULTS_DIR, record
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     load = os.getloadavg()[0]
-    rows = [{**r, "config": f"{r['model']}/{r['mode']}", "commit": commit, "load_avg_1m": round(load, 2)}
+    rows = [{"load_avg_1m": round(load, 2), **r, "config": f"{r['model']}/{r['mode']}", "commit": commit}
             for r in rows]
     path = record(NAME, rows, x="world_size", y="img_s_global", group="config",
                   title="Weak scaling: global images/s (per-rank batch fixed)")
