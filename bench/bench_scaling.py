@@ -50,6 +50,8 @@ MODELS = {"demo": ("demo", []), "vit_s16": ("vit_s16_in1k", ["train.compile=fals
 # Parallelism and DDP's knobs (the `dist.*` config keys) to compare; one process runs plain "ddp" only.
 MODES = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"],
          "ddp_bucket1": ["dist.fsdp=false", "dist.bucket_cap_mb=1"],
+         "ddp_view": ["dist.fsdp=false", "dist.gradient_as_bucket_view=true"],
+         "ddp_static": ["dist.fsdp=false", "dist.static_graph=true"],
          "ddp_view_static": ["dist.fsdp=false", "dist.gradient_as_bucket_view=true", "dist.static_graph=true"]}
 NAME = "scaling"
 
@@ -298,8 +300,8 @@ def write_results(rows: list[dict]) -> None:
 
 
 def plot_scaling(rows: list[dict], path: Path) -> Path:
-    """Two panels (medians over rounds): weak-scaling efficiency measured and predicted, per configuration
-    and world size; and where the step's time went."""
+    """Two panels: weak-scaling efficiency measured and predicted (medians over rounds), per configuration
+    and world size; and where the step's time went (means over rounds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -310,27 +312,27 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
     for r in rows:
         groups.setdefault((r["config"] if r["world_size"] > 1 else f"{r['model']}", r["world_size"]), []).append(r)
 
-    def med(rs, key):
+    def med(rs, key, average=statistics.median):
         values = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        return statistics.median(values) if values else math.nan
+        return average(values) if values else math.nan
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
     distributed = sorted(k for k in groups if k[1] > 1)
     labels = [f"{c}\n{w} ranks" for c, w in distributed]
     x = range(len(distributed))
-    left.bar([i - 0.2 for i in x], [med(groups[k], "weak_scaling_efficiency") for k in distributed], 0.4,
-             label="measured (vs the 1-rank run)")
-    left.bar([i + 0.2 for i in x], [med(groups[k], "predicted_efficiency") for k in distributed], 0.4,
-             label="predicted (dinovmf.plan, measured compute and bandwidth)")
+    for offset, key, label in ((-0.27, "weak_scaling_efficiency", "measured (vs the 1-rank run)"),
+                               (0.0, "predicted_efficiency", "predicted: dinovmf.plan's overlap"),
+                               (0.27, "predicted_efficiency_serial", "predicted: nothing overlapped")):
+        left.bar([i + offset for i in x], [med(groups[k], key) for k in distributed], 0.27, label=label)
     left.axhline(1.0, color="gray", lw=0.8)
     left.set_xticks(list(x), labels, fontsize=8)
     left.set_ylabel("weak-scaling efficiency")
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower left")
     phases = ["data", "forward", "backward", "optimizer", "comm", "checkpoint", "other"]
     keys = sorted(groups, key=lambda k: (k[0].split("/")[0], k[1], k[0]))
     bottom = [0.0] * len(keys)
     for phase in phases:
-        values = [med(groups[k], f"share_{phase}") for k in keys]
+        values = [med(groups[k], f"share_{phase}", statistics.mean) for k in keys]
         values = [0.0 if math.isnan(v) else v for v in values]
         right.bar([f"{c}\n{w} rank(s)" for c, w in keys], values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
