@@ -316,27 +316,29 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
         values = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         return average(values) if values else math.nan
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.3]})
     distributed = sorted(k for k in groups if k[1] > 1)
-    labels = [f"{c}\n{w} ranks" for c, w in distributed]
+    labels = [f"{c}, {w} ranks" for c, w in distributed]
     x = range(len(distributed))
     for offset, key, label in ((-0.27, "weak_scaling_efficiency", "measured (vs the 1-rank run)"),
                                (0.0, "predicted_efficiency", "predicted: dinovmf.plan's overlap"),
                                (0.27, "predicted_efficiency_serial", "predicted: nothing overlapped")):
         left.bar([i + offset for i in x], [med(groups[k], key) for k in distributed], 0.27, label=label)
     left.axhline(1.0, color="gray", lw=0.8)
-    left.set_xticks(list(x), labels, fontsize=8)
+    left.set_xticks(list(x), labels, fontsize=8, rotation=35, ha="right")
     left.set_ylabel("weak-scaling efficiency")
-    left.legend(fontsize=8, loc="lower left")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.17), ncol=3)
     phases = ["data", "forward", "backward", "optimizer", "comm", "checkpoint", "other"]
     keys = sorted(groups, key=lambda k: (k[0].split("/")[0], k[1], k[0]))
     bottom = [0.0] * len(keys)
     for phase in phases:
         values = [med(groups[k], f"share_{phase}", statistics.mean) for k in keys]
         values = [0.0 if math.isnan(v) else v for v in values]
-        right.bar([f"{c}\n{w} rank(s)" for c, w in keys], values, bottom=bottom, label=phase)
+        right.bar([f"{c}, {w} rank(s)" for c, w in keys], values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
-    right.tick_params(axis="x", labelsize=8)
+    right.tick_params(axis="x", labelsize=8, labelrotation=35)
+    for label in right.get_xticklabels():
+        label.set_horizontalalignment("right")
     right.set_ylabel("share of the step's wall time (rank mean)")
     right.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.suptitle(f"Scaling and where the step's time goes, {device_name()}", fontsize=10)
