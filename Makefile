@@ -61,14 +61,14 @@ cuda-check: $(STAMP)
 # Static per-kernel report (registers, spills, CTAs/SM, fences in loops, bytes moved vs minimum) for sm_90 at
 # the issue sizes -> bench/results/kernel_model.{csv,png}. CPU only, about 45 minutes on 2 cores.
 kernel-model: $(STAMP)
-	$(PY) -m bench.kernel_model
+	$(PY) -m tools.kernel_model
 
-# The first minutes on a GPU (bench/gpu_check.py): installs the package with the machine's own python (no
+# The first minutes on a GPU (tools/gpu_check.py): installs the package with the machine's own python (no
 # network, no .venv needed), runs the GPU tests and benchmarks in <= 8 minutes, writes one results folder.
 # GPU_CHECK_DRY=1 runs every step on CPU at tiny sizes.
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	$(GPU_CHECK_PYTHON) -m bench.gpu_check
+	$(GPU_CHECK_PYTHON) -m tools.gpu_check
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

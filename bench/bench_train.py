@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--n-local", type=int, default=10)
     p.add_argument("--out-dim", type=int, default=65536)
-    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cpp, cuda")
+    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cpp")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--name", default="train_throughput", help="results file stem in bench/results/")
     args = p.parse_args(argv)

@@ -133,8 +133,8 @@ bool isa_supported(int64_t isa) {
   return isa == kBase;
 }
 
-// The default: the widest path the CPU has (AVX-512 measured 1.7x faster than AVX2 per crop on a Xeon
-// with both, bench/bench_augment.py); DINOVMF_CPU_BASELINE=1 forces the baseline, as for the loss ops.
+// The default: the widest path the CPU has (faster per crop where both exist, bench/bench_augment.py);
+// DINOVMF_CPU_BASELINE=1 forces the baseline, as for the loss ops.
 int64_t default_isa() {
   static const int64_t isa = std::getenv("DINOVMF_CPU_BASELINE") ? kBase
                              : isa_supported(kAvx512)              ? kAvx512

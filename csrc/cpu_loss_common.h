@@ -14,8 +14,9 @@ namespace dinovmf {
 
 // Flush-to-zero and denormals-are-zero for one worker thread's loop (MXCSR is per thread; restored on
 // exit). exp() of logits ~87 below the row max lands just above FLT_MIN, and products of such values with
-// weights are denormal: x86 handles those ~100x slower (a 5x slower teacher pass was measured at teacher
-// temperature 0.04). Values below 1.2e-38 next to a row that sums to 1 change nothing.
+// weights are denormal: x86 handles those far slower (microcode assists), which made the teacher pass
+// several times slower at teacher temperature 0.04. Values below 1.2e-38 next to a row that sums to 1
+// change nothing.
 struct FlushDenormals {
 #if defined(__x86_64__)
   unsigned int saved;

@@ -4,7 +4,7 @@
 // (16 lanes) and AVX2+FMA (8 lanes) under `#pragma GCC target`, and for baseline SSE2 (4 lanes); `vec::`
 // picks the best one the CPU has at run time, since setup.py builds without -march flags so the extension
 // runs on any x86-64. (target_clones was tried first: GCC then does not inline the vector helpers into
-// the clone, and it ran 6x slower.) DINOVMF_CPU_ISA=sse2|avx2 caps the choice (tests cover every path).
+// the clone, and it ran several times slower.) DINOVMF_CPU_ISA=sse2|avx2 caps the choice (tests cover every path).
 // exp is a Cephes-style polynomial: max relative error 1.2e-7 against std::exp over [-87, 88].
 #pragma once
 #include <cmath>

@@ -1,7 +1,7 @@
 // k-major ("column") CPU kernels of the fused head-to-loss op: the student chunk's logits and the teacher's
-// dots stored transposed, [K, C] with one lane per row. MKL's sgemm writes z @ W^T ~1.4x faster as
-// W @ z^T (the [K, C] layout) at DINO's head (measured on the 2-core EPYC: 49 vs 68 ms for a 128-row chunk
-// at K = 65536, p = 256), and a transpose costs what that saves, so the CPU op keeps these matrices k-major
+// dots stored transposed, [K, C] with one lane per row. MKL's sgemm writes z @ W^T faster as W @ z^T (the
+// [K, C] layout) at DINO's head (docs/DESIGN.md §2), and a transpose costs what that saves, so the CPU op
+// keeps these matrices k-major
 // and its three other GEMMs read them as they are (dinovmf/head_loss.py). Same maths as the row-major
 // `ce_rows` / `teacher_rows` (dino_loss_cpu.cpp; docs/INTERFACES.md): per row a softmax over K.
 //

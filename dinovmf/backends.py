@@ -8,8 +8,7 @@ fused head-to-loss op):
 * `teacher_rows(dots, temp, mode, center, col_scale, bias, out) -> (probs, stat, row_entropy, row_argmax)`.
 
 Everything else (the head-to-loss op, `dino_cross_entropy`, `teacher_distribution`) is host code on top
-of these two, shared by all backends. The CUDA C++ twin of the kernels was retired (Triton covers GPUs):
-asking for "cuda" raises `BackendUnavailable` naming "triton".
+of these two, shared by all backends.
 """
 from __future__ import annotations
 
@@ -29,11 +28,10 @@ _IMPLS = {
     "triton": (("dinovmf.kernels.triton_ops", "ce_rows_triton"), ("dinovmf.kernels.triton_ops", "teacher_rows_triton")),
     "cpp": (("dinovmf._ext", "ce_rows_cpp"), ("dinovmf._ext", "teacher_rows_cpp")),
 }
-_RETIRED = {"cuda": "backend 'cuda' (the CUDA C++ kernels) was retired: use 'triton' on CUDA devices (or 'auto')"}
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend is unknown, retired, not built, or cannot run on this device."""
+    """The requested backend is unknown, not built, or cannot run on this device."""
 
 
 @lru_cache(maxsize=None)
@@ -51,8 +49,6 @@ def _import_error(name: str) -> str | None:
 
 def _why_unavailable(name: str, device: torch.device) -> str | None:
     """None if `name` can run on `device`, else the reason it cannot."""
-    if name in _RETIRED:
-        return _RETIRED[name]
     if name == "torch":
         return None
     if name == "triton":
@@ -91,8 +87,6 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
         return next(b for b in order if _why_unavailable(b, device) is None)
-    if name in _RETIRED:
-        raise BackendUnavailable(_RETIRED[name])
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     why = _why_unavailable(name, device)
@@ -102,8 +96,6 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
 
 
 def _impl(name: str, index: int):
-    if name in _RETIRED:
-        raise BackendUnavailable(_RETIRED[name])
     if name not in _IMPLS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {BACKENDS}")
     module, entry_point = _IMPLS[name][index]

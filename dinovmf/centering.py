@@ -24,10 +24,10 @@ import torch.distributed as dist
 
 from dinovmf import backends
 from dinovmf.kernels.common import (CENTERING_MODES, SINKHORN_ITERATIONS, check_mode, check_teacher_inputs,
-                                    check_teacher_rows_inputs)
+                                    check_teacher_rows_inputs, sinkhorn_knopp)
 from dinovmf.vmf import vmf_column_bias
 
-__all__ = ["CENTERING_MODES", "SINKHORN_ITERATIONS", "TeacherCenter", "row_entropy", "sinkhorn_knopp",
+__all__ = ["CENTERING_MODES", "SINKHORN_ITERATIONS", "TeacherCenter", "row_entropy", "sinkhorn_reference",
            "teacher_bias", "teacher_distribution", "teacher_distribution_reference", "teacher_rows_reference"]
 
 
@@ -53,31 +53,15 @@ def teacher_bias(weight_norm: torch.Tensor | None, temp: float, p: int | None) -
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
-    """Balanced assignment of N rows to K columns from `exp(scores)`, over the global batch.
-
-    As DINOv2's `sinkhorn_knopp_teacher`: alternately make every column sum to 1/K and every row sum to
-    1/N_global, `iterations` times, then scale rows to sum to 1. Column sums (and the global max used to
-    keep exp() finite, and the total) are all-reduced when torch.distributed is initialised, so every
-    rank gets its rows of the globally balanced plan.
-    """
-    shift = scores.max()
-    if _distributed():
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = torch.exp(scores - shift)  # a common factor cancels in the first normalisation
-    n_global = q.shape[0] * (dist.get_world_size() if _distributed() else 1)
-    k = q.shape[1]
-    total = q.sum()
-    if _distributed():
-        dist.all_reduce(total)
-    q /= total
-    for _ in range(iterations):
-        col = q.sum(dim=0, keepdim=True)
-        if _distributed():
-            dist.all_reduce(col)
-        q /= col * k
-        q /= q.sum(dim=1, keepdim=True) * n_global
-    return q * n_global
+def sinkhorn_reference(scores: torch.Tensor, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp (`sinkhorn_knopp_teacher`: columns to 1/K, rows to 1/N_global, `iterations`
+    times, then rows to 1) on `exp(scores)` [N, K], over the global batch: the backends' log-space iteration
+    (`kernels.common.sinkhorn_knopp`) with plain torch reductions, in the dtype of `scores`."""
+    x = scores
+    return sinkhorn_knopp(row_lse=lambda a: torch.logsumexp(x + a, dim=1),
+                          col_lse=lambda v: torch.logsumexp(x + v.to(x.dtype)[:, None], dim=0),
+                          row_softmax=lambda a: torch.softmax(x + a, dim=1), N=x.shape[0], K=x.shape[1],
+                          device=x.device, iterations=iterations)
 
 
 @torch.no_grad()
@@ -108,7 +92,7 @@ def teacher_rows_reference(dots: torch.Tensor, temp: float, mode: str, center: t
     elif mode == "none":
         probs = torch.softmax(r / temp, dim=1)
     else:
-        probs = sinkhorn_knopp(r / temp)
+        probs = sinkhorn_reference(r / temp)
     entropy, argmax = row_entropy(probs), probs.argmax(dim=1)
     if out is not None:
         probs = out.copy_(probs)

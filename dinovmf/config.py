@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from dinovmf.centering import CENTERING_MODES
+from dinovmf.kernels.common import CENTERING_MODES
 
 METHODS = ("dino", "dino_vmf", "ibot_vmf")
 # DINO's two global crops: the views the teacher sees and every student view is paired with. The crop

@@ -4,10 +4,8 @@ Why: glibc serves blocks above its mmap threshold (dynamic, at most 32 MiB) with
 it on free, so a large buffer allocated every call pays one page fault per 4 KiB page on first touch, every
 call. The fused op needs three such buffers a call on the CPU (`dinovmf.head_loss`): the student chunk
 buffer, the teacher's dots (which become its probabilities) and the [K, p] prototype gradient (64 MiB at
-K = 65536, p = 256 fp32). Measured at the step benchmark's head (S=8, T=2, B=32, forward + backward, 2
-threads, 2-core EPYC VM, medians of alternating calls): 389 ms with a fresh chunk buffer, 340 ms with a kept
-one; with the chunk buffer kept, 449 ms with a fresh gradient and fresh dots, 406 ms with all three kept
-(the machine was slower that day).
+K = 65536, p = 256 fp32). Keeping them is worth a noticeable share of the op at DINO's head (DESIGN §2;
+the measured step is in bench/results/step_vs_dino.csv).
 
 How: a kept buffer is an anonymous `mmap`; the tensors handed out are `torch.frombuffer` views of it, and
 a tensor's storage holds a reference to the mmap object for as long as anything shares that storage (a

@@ -33,11 +33,11 @@ One call:
      formed in place in U's buffer with one batched dot product and one axpy over [K, p].
 
 On the CPU in fp32 (the "cpp" backend) the same steps run k-major: the teacher dots and each chunk's logits
-are computed transposed, [K, rows] = v @ z^T, the layout MKL writes ~1.4x faster at DINO's head, and the
+are computed transposed, [K, rows] = v @ z^T, the layout MKL writes faster at DINO's head (DESIGN §2), and the
 k-major kernels `teacher_cols` / `ce_cols` (csrc/dino_loss_kmajor.cpp) replace `teacher_rows` / `ce_rows`;
-rows go in view-major order there (a SIMD lane vector is consecutive images of one view). Measured at
-the step benchmark's sizes (S=8, T=2, B=32, K=65536, p=256, fwd + bwd, 2 threads, 2-core EPYC VM):
-386 ms row-major, 326 ms k-major (medians of 10 alternating calls).
+rows go in view-major order there (a SIMD lane vector is consecutive images of one view). Both layouts
+share one chunk loop (`_student`): each hands back the chunk's gradient as a [K, rows] view that the
+dz and U GEMMs read as it is.
 
 Gradients are computed during the forward and scaled by grad_output in backward, as Liger does; under
 no_grad (or when nothing requires grad) no gradient work is done. The loss and by-products match
@@ -46,6 +46,7 @@ no_grad (or when nothing requires grad) no gradient work is done. The loss and b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -58,8 +59,8 @@ from dinovmf.vmf import vmf_column_bias
 
 # The student chunk buffer: at K = 65536 in fp32, 160 rows, i.e. 5 chunks of 154 rows for S*B = 768 (0.2x the
 # [768, K] logits). Each chunk's logits GEMM re-packs the [K, p] prototypes inside BLAS, so fewer, larger
-# chunks are faster (measured: 6 chunks cost ~+25% on that GEMM vs one full-size call); this budget keeps
-# the op's whole peak extra memory under 0.25x the logits.
+# chunks are faster; this budget is the largest that keeps the op's whole peak extra memory under 0.25x the
+# logits (the trade-off is measured in bench/results/head_loss.csv, README "Measured results").
 DEFAULT_CHUNK_BYTES = 40 * 2 ** 20
 
 # |g_k| below this is treated as this (same sign) in the column scale: dg_k = (U_k . v_k) / g_k stays exact
@@ -87,7 +88,8 @@ def _split_prototypes(prototypes, name: str):
         if not isinstance(g, torch.Tensor) or g.dim() != 1 or not g.is_floating_point():
             raise ValueError(f"{name}: g must be a 1-D float tensor [K], got {tuple(getattr(g, 'shape', ()))}")
     else:
-        raise ValueError(f"{name} must be a tensor W [K, p] or a pair (v [K, p], g [K]), got {type(prototypes).__name__}")
+        raise ValueError(f"{name} must be a tensor W [K, p] or a pair (v [K, p], g [K]), "
+                         f"got {type(prototypes).__name__}")
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"{name} must have a 2-D float [K, p] matrix, got {tuple(getattr(w, 'shape', ()))}")
     if g is not None and g.shape != (w.shape[0],):
@@ -163,12 +165,43 @@ def _resolve_backend(backend: str, z: torch.Tensor) -> str:
     return backends.resolve_backend(backend, z.device)
 
 
+@dataclass
 class _Plan:
-    """The non-differentiable half of one call (teacher tensors, settings) and, after it, the by-products."""
+    """One call's settings and its non-differentiable inputs (the teacher side), fixed before the op runs;
+    `result` receives the by-products (`_run` writes it once: an autograd Function returns only the loss)."""
+    teacher_z: torch.Tensor
+    teacher_prototypes: tuple[torch.Tensor, torch.Tensor | None]  # (W or v, g or None)
+    teacher_temp: float
+    student_temp: float
+    centering: str
+    center: torch.Tensor | None
+    vmf: bool
+    same_view: bool
+    row_weight: torch.Tensor | None  # same-view row weights, normalised to sum to 1
+    grad_scale: float  # d loss / d (sum of row losses)
+    S: int  # DINO pairing: student views, teacher views, images (1 each for same-view pairing)
+    T: int
+    B: int
+    backend: str
+    chunk_bytes: int
+    needs: tuple[bool, bool, bool]  # gradients wanted for (z, W or v, g)
+    result: HeadLossOutput | None = None
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-        self.result = None
+
+class _Columns(NamedTuple):
+    """The student's per-prototype vectors: l = (z @ w_gemm.T) * scale + beta."""
+    scale: torch.Tensor  # c_k = g_k / (||v_k|| tau), or 1 / tau for W
+    norm: torch.Tensor  # ||w_k||: |g_k| for (v, g), ||W_k|| for W
+    g_eff: torch.Tensor | None  # g with its floor (_G_FLOOR), None for W
+    gemm_norm: torch.Tensor  # row norms of the GEMM operand: ||v_k|| or ||W_k||
+
+
+class _VmfBias(NamedTuple):
+    """The vMF column bias beta [K] and what differentiates it: `value64` = beta(leaf) in float64 with its graph,
+    `leaf` = |g| for (v, g) or ||W|| for W, `value` = beta in the op's vector dtype."""
+    value: torch.Tensor
+    value64: torch.Tensor
+    leaf: torch.Tensor
 
 
 def _vector_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,17 +209,24 @@ def _vector_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _column_scale(w, g, temp: float, vdt):
-    """(c [K] with l = (z @ w.T) * c + beta, the prototype norms ||w_k||, g with its floor or None, and
-    the row norms of the GEMM operand w: ||v_k|| or ||W_k||)."""
+def _column_scale(w, g, temp: float, vdt) -> _Columns:
     with torch.no_grad():
         w_norm = torch.linalg.vector_norm(w.detach(), dim=1, dtype=vdt)  # [K, p]: all threads
     with torch.no_grad(), serial_vector_math(w.device):
         if g is None:
-            return torch.full_like(w_norm, 1.0 / temp), w_norm, None, w_norm
+            return _Columns(torch.full_like(w_norm, 1.0 / temp), w_norm, None, w_norm)
         g_eff = g.detach().to(vdt)
         g_eff = torch.where(g_eff.abs() < _G_FLOOR, torch.where(g_eff < 0, -_G_FLOOR, _G_FLOOR), g_eff)
-        return g_eff / (w_norm * temp), g.detach().to(vdt).abs(), g_eff, w_norm
+        return _Columns(g_eff / (w_norm * temp), g.detach().to(vdt).abs(), g_eff, w_norm)
+
+
+def _vmf_bias(g, cols: _Columns, temp: float, p: int, requires_grad: bool, vdt) -> _VmfBias:
+    """beta_k = log C_p(||w_k|| / tau) - log C_p(1 / tau) (dinovmf.vmf, float64 inside)."""
+    with serial_vector_math(cols.scale.device):
+        leaf = (g.detach().double() if g is not None else cols.norm.double()).requires_grad_(requires_grad)
+        with torch.enable_grad():
+            value64 = vmf_column_bias(leaf.abs() if g is not None else leaf, temp, p)
+        return _VmfBias(value64.detach().to(vdt), value64, leaf)
 
 
 def weight_norm_backward_(u: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor) -> torch.Tensor:
@@ -207,7 +247,7 @@ def weight_norm_backward_(u: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor
     return u_dot_v
 
 
-def _teacher_columns(plan):
+def _teacher_columns(plan: _Plan):
     """The teacher's [K] column scale (for (v, g)) and vMF bias (or None each)."""
     w_t, g_t = plan.teacher_prototypes
     vdt = _vector_dtype(plan.teacher_z.dtype)
@@ -224,7 +264,7 @@ def _teacher_columns(plan):
     return col_scale, bias
 
 
-def _teacher(plan, teacher_rows):
+def _teacher(plan: _Plan, teacher_rows):
     """Teacher probabilities over the teacher GEMM's buffer, and the kernel's by-products."""
     w_t, _ = plan.teacher_prototypes
     col_scale, bias = _teacher_columns(plan)
@@ -242,7 +282,7 @@ def _padded_rows(x: torch.Tensor, lanes: int) -> torch.Tensor:
     return x if pad == 0 else torch.cat([x, x.new_zeros(pad, x.shape[1])])
 
 
-def _teacher_kmajor(plan, lanes: int):
+def _teacher_kmajor(plan: _Plan, lanes: int):
     """`_teacher` k-major (csrc/dino_loss_kmajor.cpp): probabilities [K, Nt padded] over the dots W_t z_t^T."""
     from dinovmf._ext import teacher_cols_cpp
     w_t, _ = plan.teacher_prototypes
@@ -254,7 +294,7 @@ def _teacher_kmajor(plan, lanes: int):
                                 col_scale, bias)
 
 
-def _uses_kmajor(plan, z: torch.Tensor) -> bool:
+def _uses_kmajor(plan: _Plan, z: torch.Tensor) -> bool:
     """fp32 on the C++ backend runs k-major (csrc/dino_loss_kmajor.cpp: the faster GEMM layout on the CPU)."""
     return plan.backend == "cpp" and z.dtype == torch.float32
 
@@ -268,106 +308,108 @@ class _Chunks(NamedTuple):
     dbeta: torch.Tensor | None
 
 
-def _student_rows(plan, z, w_gemm, col_scale, bias, probs, out: _Chunks, need_grad: bool) -> None:
-    """The student chunks row-major: [rows, K] logits through the backend's `ce_rows`, image-major rows."""
-    ce_rows = backends.ce_rows_impl(plan.backend)
-    N, K = z.shape[0], w_gemm.shape[0]
-    order = (torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device))
-    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    buf = kept_empty(rows, K, dtype=z.dtype, device=z.device)
-    u = out.u
-    for i, r0 in enumerate(range(0, N, rows)):
-        idx = order[r0:r0 + rows]
-        z_c = z.detach().index_select(0, idx)
-        raw = buf[:idx.numel()]
+class _RowMajorChunks:
+    """A chunk's [rows, K] logits through the backend's `ce_rows`; rows image-major (the T teacher rows of
+    an image are reused from cache), or in order for same-view pairing."""
+
+    def __init__(self, plan: _Plan, z: torch.Tensor, K: int, rows: int, probs: torch.Tensor):
+        N = z.shape[0]
+        self.order = torch.arange(N, device=z.device) if plan.same_view else image_major_order(plan.S, plan.B, z.device)
+        self.rows, self.buf = rows, kept_empty(rows, K, dtype=z.dtype, device=z.device)
+        self.ce_rows, self.probs = backends.ce_rows_impl(plan.backend), probs
+
+    def __call__(self, plan, idx, z_c, w_gemm, cols, bias, weight_c, need_grad, dbeta):
+        raw = self.buf[:idx.numel()]
         torch.mm(z_c, w_gemm.t(), out=raw)
-        weight_c = None if plan.row_weight is None else plan.row_weight.index_select(0, idx)
-        st = ce_rows(raw, col_scale, bias, probs, idx, plan.B, plan.T, plan.same_view, weight_c, plan.grad_scale,
-                     raw if need_grad else None, out.dbeta)
-        out.stats.index_copy_(1, idx, st.to(out.stats.dtype))
-        if out.dz is not None:
-            out.dz.index_copy_(0, idx, torch.mm(raw, w_gemm))
-        if u is not None:
-            if i == 0 and u.dtype == raw.dtype:
-                torch.mm(raw.t(), z_c, out=u)
-            elif u.dtype == raw.dtype:
-                u.addmm_(raw.t(), z_c)
-            else:  # bf16/fp16 chunks: each chunk's product rounded once, the sum kept in fp32
-                (u.copy_ if i == 0 else u.add_)(torch.mm(raw.t(), z_c))
+        stats = self.ce_rows(raw, cols.scale, bias, self.probs, idx, plan.B, plan.T, plan.same_view, weight_c,
+                             plan.grad_scale, raw if need_grad else None, dbeta)
+        return stats, raw.t()
 
 
-def _student_kmajor(plan, z, w_gemm, col_scale, bias, probs_t, out: _Chunks, need_grad: bool, lanes: int) -> None:
-    """The student chunks k-major (fp32, CPU): raw^T = v z_c^T [K, C] (C padded to the SIMD lanes with zero
-    rows), `ce_cols` in place, then dz_c = G^T-as-stored read transposed, U += G z_c. Rows in view-major
-    order, so a lane vector is consecutive images of one view and reads its teacher terms contiguously."""
-    from dinovmf._ext import ce_cols_cpp
-    N, K = z.shape[0], w_gemm.shape[0]
-    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
-    flat = kept_empty(-(-rows // lanes) * lanes * K, dtype=z.dtype, device=z.device)  # [K, rows padded]
-    zd = z.detach()
-    for r0 in range(0, N, rows):
-        c = min(rows, N - r0)
-        z_c = zd[r0:r0 + c]
-        z_pad = _padded_rows(z_c, lanes)
-        raw_t = flat[:K * z_pad.shape[0]].view(K, z_pad.shape[0])
+class _KMajorChunks:
+    """A chunk's logits k-major (fp32, CPU): raw^T = v z_c^T [K, C] (C padded to the SIMD lanes with zero rows)
+    through `ce_cols` in place. Rows in view-major order, so a lane vector is consecutive images of one view
+    and reads its teacher terms contiguously."""
+
+    def __init__(self, plan: _Plan, z: torch.Tensor, K: int, rows: int, probs_t: torch.Tensor, lanes: int):
+        from dinovmf._ext import ce_cols_cpp
+        self.order, self.rows = torch.arange(z.shape[0], device=z.device), rows
+        self.flat = kept_empty(-(-rows // lanes) * lanes * K, dtype=z.dtype, device=z.device)  # [K, rows padded]
+        self.ce_cols, self.probs_t, self.lanes, self.K = ce_cols_cpp, probs_t, lanes, K
+
+    def __call__(self, plan, idx, z_c, w_gemm, cols, bias, weight_c, need_grad, dbeta):
+        c = idx.numel()
+        z_pad = _padded_rows(z_c, self.lanes)
+        raw_t = self.flat[:self.K * z_pad.shape[0]].view(self.K, z_pad.shape[0])
         torch.mm(w_gemm, z_pad.t(), out=raw_t)
-        weight_c = None if plan.row_weight is None else plan.row_weight[r0:r0 + c].contiguous()
-        out.stats[:, r0:r0 + c] = ce_cols_cpp(raw_t, col_scale, bias, probs_t, r0, c, plan.B, plan.T,
-                                              plan.same_view, weight_c, plan.grad_scale, need_grad, out.dbeta)
-        g_t = raw_t[:, :c]  # G * col_scale, k-major
+        stats = self.ce_cols(raw_t, cols.scale, bias, self.probs_t, int(idx[0]), c, plan.B, plan.T, plan.same_view,
+                             weight_c, plan.grad_scale, need_grad, dbeta)
+        return stats, raw_t[:, :c]
+
+
+def _student(plan: _Plan, z, w_gemm, cols: _Columns, bias, out: _Chunks, need_grad: bool, chunk) -> None:
+    """The student rows in chunks of `chunk.rows` (module docstring, step 2), whatever the layout: `chunk`
+    computes a chunk's row stats and its gradient G * c as a [K, rows] view (`_RowMajorChunks` /
+    `_KMajorChunks`); then
+    dz = (G c) @ v and U += (G c)^T z_c read that view as it is."""
+    rows = chunk.rows
+    zd = z.detach()
+    for r0 in range(0, z.shape[0], rows):
+        idx = chunk.order[r0:r0 + rows]
+        z_c = zd.index_select(0, idx)
+        weight_c = None if plan.row_weight is None else plan.row_weight.index_select(0, idx)
+        stats, g_kc = chunk(plan, idx, z_c, w_gemm, cols, bias, weight_c, need_grad, out.dbeta)
+        out.stats[:, idx] = stats.to(out.stats.dtype)
         if out.dz is not None:
-            torch.mm(g_t.t(), w_gemm, out=out.dz[r0:r0 + c])
+            out.dz[idx] = torch.mm(g_kc.t(), w_gemm)
         if out.u is not None:
-            if r0 == 0:
-                torch.mm(g_t, z_c, out=out.u)
+            if g_kc.dtype != out.u.dtype:  # bf16/fp16 chunks: each chunk's product rounded once, summed in fp32
+                (out.u.copy_ if r0 == 0 else out.u.add_)(torch.mm(g_kc, z_c))
+            elif r0 == 0:
+                torch.mm(g_kc, z_c, out=out.u)
             else:
-                out.u.addmm_(g_t, z_c)
+                out.u.addmm_(g_kc, z_c)
 
 
-def _run(plan, z, w, g, need_dz: bool, need_dw: bool, need_dg: bool):
+def _run(plan: _Plan, z, w, g):
     """One call of the op; returns (loss, (dz, dw, dg)) and stores the by-products in `plan.result`."""
-    kmajor = _uses_kmajor(plan, z)
-    if kmajor:
-        from dinovmf._ext import kmajor_lanes
-        lanes = kmajor_lanes()
-        probs_t, stat, t_entropy, t_argmax = _teacher_kmajor(plan, lanes)
-        probs = probs_t[:, :plan.teacher_z.shape[0]].t()  # [Nt, K], a view of the k-major probabilities
-    else:
-        probs, stat, t_entropy, t_argmax = _teacher(plan, backends.teacher_rows_impl(plan.backend))
+    need_dz, need_dw, need_dg = plan.needs
     K, p = w.shape
     N = z.shape[0]
     vdt = _vector_dtype(z.dtype)
     tau = plan.student_temp
-    col_scale, norm, g_eff, w_norm = _column_scale(w, g, tau, vdt)
-    need_grad = need_dz or need_dw or need_dg
-    # The vMF bias, with a leaf to differentiate it by (|g| for (v, g), ||W|| for W) when the prototypes learn.
-    bias_leaf = bias = bias64 = None
-    if plan.vmf:
-        with serial_vector_math(z.device):
-            bias_leaf = (g.detach().double() if g is not None else norm.double()).requires_grad_(need_dw or need_dg)
-            with torch.enable_grad():
-                bias64 = vmf_column_bias(bias_leaf.abs() if g is not None else bias_leaf, tau, p)
-            bias = bias64.detach().to(vdt)
+    rows = chunk_rows(N, K, z.element_size(), plan.chunk_bytes)
+    if _uses_kmajor(plan, z):
+        from dinovmf._ext import kmajor_lanes
+        lanes = kmajor_lanes()
+        probs_t, stat, t_entropy, t_argmax = _teacher_kmajor(plan, lanes)
+        probs = probs_t[:, :plan.teacher_z.shape[0]].t()  # [Nt, K], a view of the k-major probabilities
+        chunk = _KMajorChunks(plan, z, K, rows, probs_t, lanes)
+    else:
+        probs, stat, t_entropy, t_argmax = _teacher(plan, backends.teacher_rows_impl(plan.backend))
+        chunk = _RowMajorChunks(plan, z, K, rows, probs)
+    cols = _column_scale(w, g, tau, vdt)
+    need_grad = any(plan.needs)
+    learns = need_dw or need_dg
+    bias = _vmf_bias(g, cols, tau, p, learns, vdt) if plan.vmf else None
     acc_dt = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     out = _Chunks(stats=torch.empty(4, N, dtype=vdt, device=z.device),
                   dz=torch.empty_like(z) if need_dz else None,
-                  u=kept_empty(K, p, dtype=acc_dt, device=z.device) if (need_dw or need_dg) else None,
-                  dbeta=torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and (need_dw or need_dg) else None)
-    if kmajor:
-        _student_kmajor(plan, z, w.detach(), col_scale, bias, probs_t, out, need_grad, lanes)
-    else:
-        _student_rows(plan, z, w.detach(), col_scale, bias, probs, out, need_grad)
+                  u=kept_empty(K, p, dtype=acc_dt, device=z.device) if learns else None,
+                  dbeta=torch.zeros(K, dtype=vdt, device=z.device) if plan.vmf and learns else None)
+    _student(plan, z, w.detach(), cols, None if bias is None else bias.value, out, need_grad, chunk)
     stats = out.stats
     weighted = stats[0] if plan.row_weight is None else stats[0] * plan.row_weight.to(vdt)
     loss = weighted.sum() * plan.grad_scale
     plan.result = HeadLossOutput(loss.detach(), stat, probs, t_entropy, t_argmax, (stats[1] - stats[3]).detach(),
-                                 norm / tau)
-
-    dw, dg = _prototype_gradients(out.u, w, g, g_eff, w_norm, bias64, bias_leaf, out.dbeta, need_dw, need_dg, vdt)
+                                 cols.norm / tau)
+    dw, dg = _prototype_gradients(out.u, w, g, cols=cols, bias=bias, dbeta=out.dbeta, need_dw=need_dw,
+                                  need_dg=need_dg, vdt=vdt)
     return loss.to(torch.float64 if z.dtype == torch.float64 else torch.float32), (out.dz, dw, dg)
 
 
-def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_dw: bool, need_dg: bool, vdt):
+def _prototype_gradients(u, w, g, *, cols: _Columns, bias: _VmfBias | None, dbeta, need_dw: bool, need_dg: bool,
+                         vdt):
     """(dL/dW or dL/dv, dL/dg) from U (the accumulated (G c)^T z, a buffer that becomes dW or dv in place)
     and the bias gradient dbeta (module docstring, step 3)."""
     if u is None:
@@ -376,16 +418,16 @@ def _prototype_gradients(u, w, g, g_eff, w_norm, bias64, bias_leaf, dbeta, need_
     d_bias = None
     if dbeta is not None:
         with serial_vector_math(w.device):
-            (d_bias,) = torch.autograd.grad(bias64, bias_leaf, dbeta.to(torch.float64))
+            (d_bias,) = torch.autograd.grad(bias.value64, bias.leaf, dbeta.to(torch.float64))
     if g is None:  # W: U is dL/dW through the logits; the bias adds dbeta_k dbeta_k/d||w_k|| w_k/||w_k||
         if d_bias is not None:
-            u.addcmul_(w.to(u.dtype), (d_bias / bias_leaf.detach()).to(u.dtype).unsqueeze(1))
+            u.addcmul_(w.to(u.dtype), (d_bias / bias.leaf.detach()).to(u.dtype).unsqueeze(1))
         return u.to(w.dtype), None
-    u_dot_v = weight_norm_backward_(u, w, w_norm)  # u becomes dL/dv in place; dL/dg from the dots
+    u_dot_v = weight_norm_backward_(u, w, cols.gemm_norm)  # u becomes dL/dv in place; dL/dg from the dots
     dg = None
     if need_dg:
         with serial_vector_math(w.device):
-            dg = u_dot_v.to(vdt) / g_eff
+            dg = u_dot_v.to(vdt) / cols.g_eff
             if d_bias is not None:
                 dg = dg + d_bias.to(vdt)
             dg = dg.to(g.dtype)
@@ -411,7 +453,7 @@ class _HeadToLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, w, g, plan):
-        loss, grads = _run(plan, z, w, g, *plan.needs)
+        loss, grads = _run(plan, z, w, g)
         ctx.grads = grads
         return loss
 
@@ -461,22 +503,23 @@ def head_to_loss(student_z: torch.Tensor, teacher_z: torch.Tensor, student_proto
         if row_weight is None:
             grad_scale, weight = 1.0 / N, None
         else:
-            grad_scale, weight = 1.0, (row_weight.detach() / row_weight.detach().sum()).to(_vector_dtype(student_z.dtype))
+            weight = (row_weight.detach() / row_weight.detach().sum()).to(_vector_dtype(student_z.dtype))
+            grad_scale = 1.0
     else:
         S, T, B = layout
         grad_scale, weight = 1.0 / (pair_count(S, T) * B), None
+    grad_on = torch.is_grad_enabled()
     plan = _Plan(teacher_z=teacher_z, teacher_prototypes=_split_prototypes(teacher_prototypes, "teacher_prototypes"),
                  teacher_temp=teacher_temp, student_temp=student_temp, centering=centering,
                  center=None if center is None else center.detach(), vmf=bool(vmf), same_view=bool(same_view),
-                 row_weight=weight, grad_scale=grad_scale, S=S, T=T, B=B, backend=name, chunk_bytes=chunk_bytes)
-    grad_on = torch.is_grad_enabled()
-    plan.needs = (grad_on and student_z.requires_grad, grad_on and w.requires_grad,
-                  grad_on and g is not None and g.requires_grad)
+                 row_weight=weight, grad_scale=grad_scale, S=S, T=T, B=B, backend=name, chunk_bytes=chunk_bytes,
+                 needs=(grad_on and student_z.requires_grad, grad_on and w.requires_grad,
+                        grad_on and g is not None and g.requires_grad))
     with torch.autocast(student_z.device.type, enabled=False):
         if any(plan.needs):
             loss = _HeadToLoss.apply(student_z, w, g, plan)
         else:
-            loss, _ = _run(plan, student_z, w, g, False, False, False)
+            loss, _ = _run(plan, student_z, w, g)
     return plan.result._replace(loss=loss)
 
 

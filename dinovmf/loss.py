@@ -12,9 +12,8 @@ from dinovmf import backends
 from dinovmf.centering import TeacherCenter, teacher_distribution, teacher_distribution_reference  # noqa: F401
 from dinovmf.head_loss import DEFAULT_CHUNK_BYTES, check_prototypes, hand_over_scaled, head_to_loss
 from dinovmf.kernels.common import check_ce_inputs, pair_count, serial_vector_math
-from dinovmf.loss_reference import (dino_cross_entropy_reference, effective_prototypes,  # noqa: F401 - re-exported
-                                    patch_cross_entropy, prototype_logits)
-from dinovmf.prototypes import koleo_proto_loss
+from dinovmf.loss_reference import (dino_cross_entropy_reference, patch_cross_entropy,  # noqa: F401 - re-exported
+                                    prototype_logits)
 
 
 class _RowsCrossEntropy(torch.autograd.Function):
@@ -66,17 +65,6 @@ def used_prototype_count(argmax: torch.Tensor, K: int) -> torch.Tensor:
     return hit.index_fill_(0, argmax, 1.0).sum()
 
 
-def metrics_to_floats(metrics: dict) -> dict:
-    """The metrics dict with every 0-d tensor turned into a Python float, in ONE host sync (the loss
-    returns device tensors; call this only on the steps whose metrics are logged)."""
-    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
-    out = dict(metrics)
-    if keys:
-        values = torch.stack([metrics[k].detach().float().to(metrics[keys[0]].device) for k in keys]).tolist()
-        out.update(zip(keys, values))
-    return out
-
-
 class DINOLoss(torch.nn.Module):
     """From head outputs to the DINO (`vmf=False`) or DINO-vMF (`vmf=True`) loss, by the fused op.
 
@@ -86,26 +74,24 @@ class DINOLoss(torch.nn.Module):
     w_k = g_k v_k / ||v_k|| (then no W is formed, and the gradients reach v and g directly). The teacher
     side is computed without grad from the teacher prototypes (their norms give the teacher's vMF bias);
     the student side differentiates through `student_z` and the student prototypes. The center is
-    updated after the loss is computed. `koleo_weight > 0` adds KoLeo-proto on the student prototypes.
+    updated after the loss is computed. (KoLeo-proto is an objective term of its own: `dinovmf.objectives`.)
 
-    Metrics are 0-d tensors on the loss's device (no host sync here; `metrics_to_floats` turns them
-    into floats in one sync when they are logged): loss, loss_ce, loss_koleo (0 when koleo_weight == 0:
-    it costs K^2 p), teacher_entropy, student_entropy (mean row entropies, by-products of the kernels),
+    Metrics are 0-d tensors on the loss's device (no host sync here; `trainer.to_floats` turns them
+    into floats in one sync when they are logged): loss, teacher_entropy, student_entropy (mean row
+    entropies, by-products of the kernels),
     teacher_used_prototypes (prototypes that are the argmax of >= 1 teacher row in this local batch),
     kappa_min / kappa_mean / kappa_max of the student prototypes (||w_k|| / student_temp). The O(K^2 p)
     `prototypes.prototype_utilisation` is left to the trainer's periodic evaluation.
     """
 
     def __init__(self, out_dim: int, p: int = 256, vmf: bool = True, student_temp: float = 0.1,
-                 centering: str = "logit", center_momentum: float = 0.9, koleo_weight: float = 0.0,
-                 backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 centering: str = "logit", center_momentum: float = 0.9, backend: str = "auto",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         super().__init__()
         if not (isinstance(student_temp, (int, float)) and student_temp > 0):
             raise ValueError(f"student_temp must be > 0, got {student_temp!r}")
-        if koleo_weight < 0:
-            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight!r}")
         self.out_dim, self.p, self.vmf = out_dim, p, vmf
-        self.student_temp, self.koleo_weight, self.backend = float(student_temp), float(koleo_weight), backend
+        self.student_temp, self.backend = float(student_temp), backend
         self.chunk_bytes = chunk_bytes
         self.center = TeacherCenter(out_dim, centering, center_momentum, backend=backend)
 
@@ -125,19 +111,12 @@ class DINOLoss(torch.nn.Module):
                            teacher_temp=teacher_temp, centering=self.center.mode, center=self.center.state,
                            vmf=self.vmf, n_global=n_global, backend=self.backend, chunk_bytes=self.chunk_bytes)
         self.center.observe(out.center_stat)
-        loss_ce = out.loss
-        if self.koleo_weight > 0:
-            loss_koleo = koleo_proto_loss(effective_prototypes(student_weight))
-            loss = loss_ce + self.koleo_weight * loss_koleo
-        else:
-            loss_koleo = torch.zeros((), device=loss_ce.device)
-            loss = loss_ce
+        loss = out.loss
         self.center.update()
 
         with torch.no_grad(), serial_vector_math(loss.device):
             metrics = {
-                "loss": loss.detach().float(), "loss_ce": loss_ce.detach().float(),
-                "loss_koleo": loss_koleo.detach().float(),
+                "loss": loss.detach().float(),
                 "teacher_entropy": out.teacher_entropy.float().mean(),
                 "student_entropy": out.student_entropy.float().mean(),
                 "kappa_min": out.kappa.min().float(), "kappa_mean": out.kappa.mean().float(),
@@ -148,5 +127,5 @@ class DINOLoss(torch.nn.Module):
 
 
 __all__ = ["dino_cross_entropy", "dino_cross_entropy_reference", "teacher_distribution",
-           "teacher_distribution_reference", "TeacherCenter", "DINOLoss", "metrics_to_floats",
-           "patch_cross_entropy", "prototype_logits", "koleo_proto_loss", "used_prototype_count"]
+           "teacher_distribution_reference", "TeacherCenter", "DINOLoss", "patch_cross_entropy", "prototype_logits",
+           "used_prototype_count"]

@@ -20,10 +20,10 @@ student row contributes `n_s * LSE(l_s) - Pbar_s . l_s`, so the loss is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dinovmf.centering import row_entropy, teacher_bias, teacher_rows_reference
 from dinovmf.kernels.common import check_ce_inputs, check_ce_rows_inputs, check_visit_inner, pair_count
+from dinovmf.models.head import effective_prototypes
 from dinovmf.vmf import vmf_logits
 
 
@@ -132,14 +132,6 @@ def ce_rows_reference(logits, col_scale, bias, teacher_probs, row_index, B, T, s
     return stats if acc == torch.float64 else stats.float()
 
 
-def effective_prototypes(prototypes) -> torch.Tensor:
-    """W [K, p] from W itself or from weight-norm parameters (v, g): W = g v / ||v|| (differentiable)."""
-    if isinstance(prototypes, torch.Tensor):
-        return prototypes
-    v, g = prototypes
-    return F.normalize(v, dim=1) * g.unsqueeze(1)
-
-
 def head_to_loss_reference(student_z, teacher_z, student_prototypes, teacher_prototypes, *, student_temp: float,
                            teacher_temp: float, centering: str = "logit", center=None, vmf: bool = True,
                            n_global: int | None = None, same_view: bool = False, row_weight=None):
@@ -170,5 +162,5 @@ def head_to_loss_reference(student_z, teacher_z, student_prototypes, teacher_pro
     return HeadLossOutput(loss, stat, probs, t_entropy, t_argmax, s_entropy, kappa)
 
 
-__all__ = ["ce_rows_reference", "dino_cross_entropy_reference", "effective_prototypes", "head_to_loss_reference",
+__all__ = ["ce_rows_reference", "dino_cross_entropy_reference", "head_to_loss_reference",
            "paired_teacher_sum", "patch_cross_entropy", "prototype_logits", "pair_count"]

@@ -69,8 +69,8 @@ def block_masks_for_targets(targets: torch.Tensor, grid, *, min_block: int | Non
     if min_block < 1:
         raise ValueError(f"min_block must be >= 1, got {min_block!r}")
 
-    # The loop runs in NumPy: its arrays are tiny (one [H, W] grid per unfinished image), where a NumPy op
-    # costs ~1 us against ~10 us for a torch op. The uniforms still come from `generator`.
+    # The loop runs in NumPy: its arrays are tiny (one [H, W] grid per unfinished image), where a NumPy op's
+    # fixed cost is a fraction of a torch op's. The uniforms still come from `generator`.
     batch = targets.shape[0]
     targets_np = targets.to(torch.int64).cpu().numpy()
     mask = np.zeros((batch, height, width), dtype=bool)

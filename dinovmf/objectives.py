@@ -20,7 +20,7 @@ from torch import nn
 
 from dinovmf.config import N_GLOBAL_CROPS
 from dinovmf.loss import DINOLoss
-from dinovmf.loss_reference import effective_prototypes
+from dinovmf.models.head import effective_prototypes
 from dinovmf.prototypes import koleo_proto_loss
 
 

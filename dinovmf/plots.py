@@ -36,8 +36,8 @@ def _save(plt, fig, path: Path) -> Path:
 
 def _plot_loss(ax, train: list[dict]) -> None:
     ax.plot(*_series(train, "loss"), label="loss")
-    if any(r.get("loss_koleo") for r in train):  # show the CE part only when KoLeo adds to it
-        ax.plot(*_series(train, "loss_ce"), ":", label="cross-entropy")
+    if any(r.get("loss_koleo") for r in train):  # show the DINO term alone only when KoLeo adds to it
+        ax.plot(*_series(train, "loss_dino"), ":", label="DINO cross-entropy")
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -5,10 +5,8 @@
 - `teacher`: Triton `teacher_rows` (every centering mode, center statistic, row entropy and argmax).
 - `softmax_tiles`: device functions for streaming softmax statistics (one row max per step, merges).
 - `tiling`: the launch geometry (column blocks x row groups), autotuning, the [K]-vector load.
-- `vmf_bias`: the fp32 Debye kernel of the vMF column bias (one launch for [K]; not on the training path).
 - `triton_ops`: the Triton backend's entry points, as registered in `dinovmf.backends`.
 - `augment`: the Triton kernels of the fused photometric augmentation (GPU data path).
-- `testing`: the tolerance rule, test inputs and the GPU error model the backend tests share.
 
 The per-logits API (`dino_cross_entropy`, `teacher_distribution`) lives in `dinovmf.loss` /
 `dinovmf.centering`, on top of any backend's two ops. How the host launches each kernel (compile cases,

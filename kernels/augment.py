@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dinovmf.data import augment_params as P
-from dinovmf.data.augment import LUMA_WEIGHTS
+from dinovmf.kernels import augment_layout as P
+from dinovmf.kernels.augment_layout import LUMA_WEIGHTS
 
 BLOCK = 1024
 LUMA_R, LUMA_G, LUMA_B = (tl.constexpr(w) for w in LUMA_WEIGHTS)  # globals a kernel reads must be constexpr

@@ -14,10 +14,6 @@ import torch
 
 CENTERING_MODES = ("logit", "prob", "none", "sinkhorn")
 SINKHORN_ITERATIONS = 3  # DINOv2's default; the contract fixes it.
-# Below this bottleneck size the Debye expansion is not accurate enough in fp32 (DESIGN.md §1: the
-# truncation error is 2e-7 at nu = 7), so the column bias is precomputed with dinovmf.vmf instead.
-# (Only `kernels.vmf_bias` computes the bias in a kernel; the row kernels take a [K] bias.)
-MIN_P_IN_KERNEL_BIAS = 32
 # Teacher kernels' centre statistic: none, the row mean of the output logits y, or the row mean of
 # normalise_rows(softmax(y) * stat_weight) (see `teacher_column_terms`).
 STAT_NONE, STAT_MEAN_LOGITS, STAT_MEAN_REWEIGHTED = 0, 1, 2
@@ -241,10 +237,9 @@ def serial_vector_math(device: torch.device):
     """One intra-op thread for [K]-vector host math (vMF terms, column scales, metrics) on the CPU.
 
     Each of these ~100 small ops is microseconds of work, but at K >= 32768 ATen opens a parallel region
-    for it, and waking the other thread can cost more than the work: on the shared 2-core CI box a
-    65536-element float64 multiply took 765 us with 2 threads and 24 us with 1, which made the vMF
-    terms alone cost seconds per step. Switching the count costs ~0.4 us; GEMMs, [K, p] passes and the
-    row kernels stay outside and use every thread.
+    for it, and waking the other thread can cost far more than the work (on a shared, oversubscribed box,
+    tens of times more: the vMF terms alone then cost seconds per step). Switching the count is nearly
+    free; GEMMs, [K, p] passes and the row kernels stay outside and use every thread.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -273,7 +268,7 @@ def allreduce_logsumexp_(x: torch.Tensor) -> torch.Tensor:
 def sinkhorn_knopp(row_lse: Callable[[torch.Tensor], torch.Tensor],
                    col_lse: Callable[[torch.Tensor], torch.Tensor],
                    row_softmax: Callable[[torch.Tensor], object], N: int, K: int,
-                   device: torch.device):
+                   device: torch.device, iterations: int = SINKHORN_ITERATIONS):
     """DINOv2's Sinkhorn-Knopp on Q = exp(x) [N, K] in log space, backend kernels doing the passes.
 
     DINOv2 alternates `Q /= Q.sum(rows) * K` (per prototype) and `Q /= Q.sum(cols) * B` (per sample),
@@ -282,29 +277,14 @@ def sinkhorn_knopp(row_lse: Callable[[torch.Tensor], torch.Tensor],
         a_k = -logsumexp_b(x_bk + v_b),   v_b = -logsumexp_k(x_bk + a_k),
     from v = 0, and the result is softmax_k(x_bk + a_k). The three callables each read x once:
     `col_lse(v) -> [K]`, `row_lse(a) -> [N]` and `row_softmax(a)` (whose result is returned as is). The
-    column log-sum-exp is reduced over ranks, so the iteration runs over the global batch.
+    column log-sum-exp is reduced over ranks, so the iteration runs over the global batch. The one
+    Sinkhorn-Knopp of the package: every backend passes its kernels, the reference torch reductions
+    (`dinovmf.centering.sinkhorn_reference`).
     """
     v = torch.zeros(N, device=device, dtype=torch.float32)
     a = None
-    for it in range(SINKHORN_ITERATIONS):
+    for it in range(iterations):
         a = -allreduce_logsumexp_(col_lse(v))
-        if it + 1 < SINKHORN_ITERATIONS:
+        if it + 1 < iterations:
             v = -row_lse(a)
     return row_softmax(a)
-
-
-def debye_reference_terms(temp: float, p: int) -> tuple[float, float, float, float]:
-    """Float64 terms of log C_p at the reference concentration kappa0 = 1/temp, for an in-kernel bias.
-
-    With z = kappa/nu, s = sqrt(1 + z^2), the Debye form of log C_p(kappa) is, up to a constant that
-    only depends on p, `nu (log(1+s) - s) + 0.5 log s - log series(1/s)`. A kernel evaluates
-    `bias = log C_p(kappa) - log C_p(kappa0)` as differences of these terms, so the large p-dependent
-    constant (about +344 at p = 256) never reaches fp32. Returns (nu, z0, s0, log series(1/s0)).
-    The series is `dinovmf.vmf.debye_series`, the one float64 Debye helper of the host code.
-    """
-    from dinovmf.vmf import debye_series
-
-    nu = p / 2.0 - 1.0
-    z0 = (1.0 / temp) / nu
-    s0 = math.sqrt(1.0 + z0 * z0)
-    return nu, z0, s0, math.log(debye_series(1.0 / s0, nu))

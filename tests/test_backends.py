@@ -8,7 +8,7 @@ import torch
 
 from dinovmf import backends
 from dinovmf.centering import teacher_distribution
-from dinovmf.kernels import testing as kt
+import _kernel_checks as kt
 from dinovmf.loss import dino_cross_entropy
 
 CE_ROWS_PARAMS = ["logits", "col_scale", "bias", "teacher_probs", "row_index", "B", "T", "same_view", "row_weight",
@@ -42,14 +42,6 @@ def test_triton_on_cpu_needs_the_interpreter_and_the_entry_points():
 def test_unknown_backend_is_rejected_with_choices():
     with pytest.raises(backends.BackendUnavailable, match="unknown backend 'tpu'.*auto"):
         backends.resolve_backend("tpu", "cpu")
-
-
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_retired_cuda_backend_names_triton(device):
-    with pytest.raises(backends.BackendUnavailable, match="'cuda'.*retired.*'triton'"):
-        backends.resolve_backend("cuda", device)
-    with pytest.raises(backends.BackendUnavailable, match="retired"):
-        backends.ce_rows_impl("cuda")
 
 
 def test_cpp_rejects_cuda_device_tensors_by_name():

@@ -3,7 +3,7 @@
 statistic and the metric by-products, over every pairing layout, centering mode, vmf on/off, both
 prototype forms, fp32 and bf16, the torch and cpp row kernels, chunk boundaries and multi-tile K.
 
-Tolerances follow the flash rule of `dinovmf.kernels.testing`: the op's error against float64 may be at
+Tolerances follow the flash rule of `tests/_kernel_checks.py`: the op's error against float64 may be at
 most 2x the error of the same-dtype eager reference, with a floor of a few output ulps.
 """
 import pytest
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dinovmf import backends
 from dinovmf.cpu_memory import kept_bytes, release_kept
 from dinovmf.head_loss import chunk_rows, head_to_loss, image_major_order
-from dinovmf.kernels import testing as kt
+import _kernel_checks as kt
 from dinovmf.loss_reference import head_to_loss_reference
 
 LAYOUTS = [(12, 2), (2, 2), (4, 1)]  # (S student views, T teacher views)

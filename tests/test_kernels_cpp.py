@@ -1,7 +1,7 @@
 """The C++ CPU row kernels (dinovmf._C via dinovmf._ext) against float64 oracles: `ce_rows` (every pairing,
 dtype, column-scale / bias / row-weight combination, in place or not, one to many K tiles) and
 `teacher_rows` (every centering mode), plus the public per-logits API on them. Tolerances: the flash
-rule of dinovmf.kernels.testing (the same-dtype torch reference is `ce_rows_reference` /
+rule of tests/_kernel_checks.py (the same-dtype torch reference is `ce_rows_reference` /
 `teacher_rows_reference` on the same inputs; the oracle is the same reference in float64)."""
 import functools
 import os
@@ -13,7 +13,7 @@ import torch
 
 from dinovmf._ext import ce_rows_cpp, teacher_rows_cpp
 from dinovmf.centering import teacher_distribution, teacher_rows_reference
-from dinovmf.kernels import testing as kt
+import _kernel_checks as kt
 from dinovmf.loss import dino_cross_entropy
 from dinovmf.loss_reference import ce_rows_reference
 
@@ -202,7 +202,7 @@ def test_narrower_simd_paths_match_float64(isa):
     code = ("import torch, functools; from dinovmf.loss import dino_cross_entropy as ce; "
             "from dinovmf.centering import teacher_distribution as td; "
             "import sys; sys.path.insert(0, 'tests'); import test_kernels_cpp as t; "
-            "from dinovmf.kernels import testing as kt; "
+            "import _kernel_checks as kt; "
             "kt.check_cross_entropy(functools.partial(ce, backend='cpp'), 4, 2, 2, 4099, torch.float32); "
             "t.check_ce_rows(t.ce_rows_case(4, 2, 3, 333, torch.bfloat16, weights=False), torch.bfloat16); "
             "t.check_ce_rows(t.ce_rows_case(1, 1, 5, 4099, torch.float32, same_view=True, weights=True), torch.float32); "

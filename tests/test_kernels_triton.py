@@ -6,7 +6,7 @@ block, rows in arbitrary order, the GPU's 256-column geometry and several row gr
 once per contract op. The per-logits API runs through the public `dino_cross_entropy` /
 `teacher_distribution` with backend="triton" (host code shared by every backend). On a GPU (`make
 gpu-check`) the same tests run there, with the tolerance widened by the bound on what the GPU's
-approximate exp adds (`kernels.testing.gpu_exp_error`)."""
+approximate exp adds (`_kernel_checks.gpu_exp_error`)."""
 import functools
 import os
 import subprocess
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinovmf.kernels import testing as kt
+import _kernel_checks as kt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -384,26 +384,3 @@ def test_teacher_low_precision(dtype, mode):
 def test_teacher_plain_dino_and_small_p():
     kt.check_teacher(_public_teacher(), 3, 333, torch.float32, "logit", vmf=False, device=DEVICE)
     kt.check_teacher(_public_teacher(), 3, 333, torch.float32, "sinkhorn", p=16, device=DEVICE)
-
-
-# ------------------------------------------------------------------------------ the vMF column bias
-@pytest.mark.parametrize("p", [32, 256, 1024])
-def test_in_kernel_column_bias_matches_float64(p):
-    """The fp32 Debye kernel against the float64 vmf module, kappa from 0.2 to 2000. Measured <= 4e-7
-    under the interpreter: fp32 rounding of terms of size ~(1 + |bias|). On a GPU, sqrt.approx.ftz and
-    div.full.f32 (<= 2 ulp each, read from the PTX) perturb ds = (z - z0)(z + z0) / (s + s0) by at most
-    ~6 ulp relative, which the result carries to first order: <= 8e-7 more. 2e-6 covers both."""
-    from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
-    from dinovmf.vmf import vmf_column_bias
-
-    wn = torch.logspace(-2, 2, 300, device=DEVICE)
-    ref = vmf_column_bias(wn.double(), kt.TEMP, p)
-    err = (vmf_column_bias_triton(wn, kt.TEMP, p).double() - ref).abs() / (1 + ref.abs())
-    assert err.max().item() < 2e-6
-
-
-def test_in_kernel_bias_rejects_small_p():
-    from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
-
-    with pytest.raises(ValueError, match="p must be >= 32"):
-        vmf_column_bias_triton(torch.ones(4), kt.TEMP, 16)

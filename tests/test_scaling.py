@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from _train_utils import read_records, tiny_config, write_image_folder
-from test_distributed import free_port, torchrun, wait_all
+from test_distributed import torchrun, wait_all
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -70,8 +70,7 @@ def ranks(tmp_path_factory):
     data = write_image_folder(base / "train", "train", 4)
     out = base / "out"
     out.mkdir()
-    wait_all([torchrun(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
-                       worker, out, data, [])], timeout=300)
+    wait_all([torchrun(["--standalone", "--nproc_per_node", "2"], worker, out, data, [])], timeout=600)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -1,4 +1,4 @@
-"""bench/study_vmf_mechanism.py at a toy budget: the grid's configs, the rows, resuming, the report."""
+"""studies/vmf_mechanism.py at a toy budget: the grid's configs, the rows, resuming, the report."""
 import csv
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from bench import study_vmf_mechanism as study
+from studies import vmf_mechanism as study
 from dinovmf.models import init_student
 
 KNN = ["--knn-memory-per-class", "10", "--knn-queries-per-class", "5"]

@@ -13,6 +13,7 @@ from dinovmf.data.synthetic import synthetic_crops
 from dinovmf.models import build_ssl_model
 from dinovmf.monitor import CollapseDetector
 from dinovmf.optim import ema_update, param_groups
+from dinovmf.prototypes import koleo_proto_loss
 from dinovmf.train import NonFiniteLossError, train
 from dinovmf.trainer import Trainer, to_floats
 
@@ -102,12 +103,13 @@ def test_train_step_without_a_loader_sums_named_terms_and_keeps_metrics_on_the_d
     Each weighted term is reported as loss_<name>, and the loss is their sum."""
     cfg = tiny_config("unused", None, ["steps=10", "loss.koleo_weight=0.1"])
     trainer = Trainer(cfg, steps_per_epoch=5)
+    koleo = 0.1 * koleo_proto_loss(trainer.models.student.head.prototypes().detach()).item()  # before the update
     metrics = trainer.train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)
     assert trainer.step == 1
     # What the trainer computes stays on the device (turned into floats on log steps only).
     assert all(torch.is_tensor(metrics[k]) for k in ("loss", "loss_dino", "loss_koleo", "grad_norm"))
     values = to_floats(metrics)
-    assert values["loss_koleo"] != 0 and values["loss_dino"] > 0
+    assert values["loss_koleo"] == pytest.approx(koleo, rel=1e-5) and values["loss_dino"] > 0
     assert values["loss"] == pytest.approx(values["loss_dino"] + values["loss_koleo"], rel=1e-6)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         Trainer(cfg).train_step(synthetic_crops(cfg.crops, cfg.train.batch_size), 0)

@@ -19,7 +19,7 @@ it). Within one instruction a warp coalesces equal addresses and a tile's other 
 Launches are planned as on a GPU (`--sms`, default an H100 / H200's 132): the interpreter then runs the GPU's
 tile sizes, so each launch carries the constexprs of a registry case and moves the GPU's bytes. Run the
 host ops at a few batch sizes B and extrapolate: every count is affine in B for these kernels
-(`bench/kernel_model.py` checks that on a third size), so the issue's B = 64 needs no hour-long
+(`tools/kernel_model.py` checks that on a third size), so the issue's B = 64 needs no hour-long
 interpreter run.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ Three tables, kept together because they change together with the kernels:
 * `DEVICE_FUNCTIONS`: the @triton.jit helpers only kernels call. A @triton.jit function in neither table
   fails the AOT check, and so does a stale entry.
 * `WORKLOADS`: the host entry points that launch those kernels, run under the Triton interpreter by
-  `tools/triton_bytes.py` to count the bytes of each launch (`bench/kernel_model.py`) and by
+  `tools/triton_bytes.py` to count the bytes of each launch (`tools/kernel_model.py`) and by
   tests/test_triton_aot.py to check that every launch they make matches a case here.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 ISSUE_SIZES = dict(S=12, T=2, B=64, K=65536)
-P_DIM = 256  # bottleneck dim: the Debye vMF bias kernel runs for p >= 32
+P_DIM = 256  # bottleneck dim
 TEMP_S, TEMP_T = 0.1, 0.04
 MODES = ("logit", "prob", "none", "sinkhorn")
 
@@ -34,7 +34,6 @@ DEVICE_FUNCTIONS = frozenset({
     "softmax_tiles.online_exp_sum", "softmax_tiles.merge_block_stats", "softmax_tiles.partials_tile",
     "softmax_tiles.partials_max", "softmax_tiles.merge_partials", "softmax_tiles.column_lse_step",
     "tiling.column_vector", "tiling.stats_program", "tiling.stream_program",
-    "vmf_bias.log_cp_diff", "vmf_bias._log1p",
     "augment._clamp01", "augment._jitter_op", "augment._jitter_steps", "augment._load_source",
     "augment._contrast_step", "augment._finish", "augment._blur_radius",
 })
@@ -144,14 +143,7 @@ def _teacher_cases(te, tiling) -> list[Case]:
     return out
 
 
-# ------------------------------------------------------------------------------------------ the rest
-def _bias_case(vb) -> Case:
-    return Case("vmf_bias._column_bias_kernel",
-                dict(WN="*fp32", OUT="*fp32", K="i32", inv_temp="fp32", nu="fp32", z0="fp32", s0="fp32",
-                     log_series0="fp32"),
-                dict(BLOCK_K=vb.BIAS_BLOCK_K), num_warps=vb.BIAS_NUM_WARPS, aligned_ints=("K",), ci=True)
-
-
+# ------------------------------------------------------------------------------------------ augmentation
 def _augment_cases(au) -> list[Case]:
     """augment_crops_triton: uint8 [N, H, W, 3] crops from the GPU loader, or float [N, 3, H, W] tensors;
     224 and 96 px crops (H, W multiples of 16)."""
@@ -188,10 +180,9 @@ def _ones_case(c: Case) -> Case:
 def cases() -> list[Case]:
     """Every compile case: the launches at the issue sizes, then one `ones` case per kernel (its first CI
     case with every integer that can be 1 set to 1). Imports the kernel modules for their launch constants."""
-    from dinovmf.kernels import augment, ce_rows, teacher, tiling, vmf_bias
+    from dinovmf.kernels import augment, ce_rows, teacher, tiling
 
-    launched = _ce_cases(ce_rows, tiling) + _teacher_cases(teacher, tiling) + [_bias_case(vmf_bias)] \
-        + _augment_cases(augment)
+    launched = _ce_cases(ce_rows, tiling) + _teacher_cases(teacher, tiling) + _augment_cases(augment)
     first_ci = {}
     for c in launched:
         if c.ci:
@@ -200,7 +191,7 @@ def cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------ host workloads
-# Batches the byte model counts a workload at (bench/kernel_model.py fits a + b B through them). The teacher's
+# Batches the byte model counts a workload at (tools/kernel_model.py fits a + b B through them). The teacher's
 # T*B = 8 and 16 rows fill whole 8-row tiles in one row group (a partly filled tile still loads its [K] vectors,
 # and each row group its own: either bends the line; 2 points, so no third to check the line with); the
 # student's S*B = 36..60 rows cost 6x more interpreter time per B and bend it by about 1% (the fit's reported
@@ -275,21 +266,13 @@ def _teacher_distribution(S, T, B, K, dtype):
                          torch.rand(K) + 0.5, P_DIM, backend="triton")
 
 
-def _column_bias(S, T, B, K, dtype):
-    import torch
-
-    from dinovmf.kernels.vmf_bias import vmf_column_bias_triton
-
-    vmf_column_bias_triton(torch.rand(K) + 0.5, TEMP_S, P_DIM)
-
-
 def _augment(S, T, B, K, dtype):
     """augment_crops_triton on B images' DINO crops (2 x 224 + 10 x 96 px, whatever S, T and K) as the GPU
     loader hands them over (uint8 [n, s, s, 3]), one call per crop size. Every crop draws jitter and blur
     (sigma 1 px: radius 3): the most a crop moves, the same for every image, so counts are affine in B
     (drawn parameters would make them depend on which crops happened to draw what)."""
     from bench.bench_augment import multicrop_batch
-    from dinovmf.data import augment_params as P
+    from dinovmf.kernels import augment_layout as P
     from dinovmf.data.augment import IMAGENET_MEAN, IMAGENET_STD
     from dinovmf.kernels.augment import augment_crops_triton
 
@@ -304,6 +287,5 @@ WORKLOADS = (
     Workload("dino_cross_entropy fwd+bwd", _cross_entropy),
     *(Workload(f"teacher_rows {m}", _teacher_rows(m), batches=TEACHER_BATCHES) for m in MODES),
     Workload("teacher_distribution prob", _teacher_distribution, dtypes=("float32",), batches=TEACHER_BATCHES),
-    Workload("vmf column bias", _column_bias, dtypes=("float32",), batches=SMALL_BATCHES),
     Workload("augment uint8 crops", _augment, dtypes=("uint8",), batches=SMALL_BATCHES),
 )

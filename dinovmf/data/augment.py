@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinovmf.kernels.augment_layout import LUMA_WEIGHTS
+
 from . import augment_params as P
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601 luma, the weights of PIL's convert("L") and torchvision's rgb_to_grayscale.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""The random parameters of DINO's photometric augmentation: their layout and how they are drawn.
+"""The random parameters of DINO's photometric augmentation: how they are drawn.
 
-Every crop gets one row of `NUM_PARAMS` float32 values (`PARAM_NAMES`: flip, jitter on/off, the
-order of the four jitter ops, their factors, grayscale, blur and its sigma, solarisation). Every
-implementation of the augmentation (the batched torch reference in `augment.py`, the C++ op in
-csrc/augment_cpu.cpp, the Triton kernel in kernels/augment.py) reads this layout, so all of them
+Every crop gets one row of `NUM_PARAMS` float32 values in the layout of `dinovmf.kernels.augment_layout`
+(re-exported here), which every implementation of the augmentation reads (the batched torch reference in
+`augment.py`, the C++ op in csrc/augment_cpu.cpp, the Triton kernel in kernels/augment.py), so all of them
 apply the same augmentation to the same crop and can be tested against each other.
 
 Drawing. A crop's parameters are a pure function of its crop key (`crops.crop_key`: seed, sample,
@@ -23,16 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# The row layout is the kernels' contract (dinovmf.kernels.augment_layout); re-exported so the data path
+# reads one module for both the layout and the drawing.
+from dinovmf.kernels.augment_layout import (BLUR, BRIGHTNESS, CONTRAST, FLIP, GRAY, HUE, JITTER, JITTER_OPS,  # noqa: F401
+                                            NUM_PARAMS, OP0, OP1, OP2, OP3, PARAM_NAMES, SATURATION, SIGMA,
+                                            SOLARIZE)
+
 from .crops import _jitable, key_uniform
 
-PARAM_NAMES = ("flip", "jitter", "op0", "op1", "op2", "op3", "brightness", "contrast", "saturation", "hue",
-               "gray", "blur", "sigma", "solarize")
-NUM_PARAMS = len(PARAM_NAMES)
-# Column indices (csrc/augment_cpu_impl.h and kernels/augment.py use the same numbers).
-(FLIP, JITTER, OP0, OP1, OP2, OP3, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA,
- SOLARIZE) = range(NUM_PARAMS)
-# Jitter op ids, the values of columns op0..op3 (in the order they are applied).
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 RECIPE_NAMES = ("flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p",
                 "sigma_lo", "sigma_hi", "solarize_p")

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinovmf.kernels.augment_layout import LUMA_WEIGHTS
+
 CLASSES = ("disk", "square", "triangle", "ring", "plus",
            "hstripes", "vstripes", "diagonal", "checker", "dots")
 SPLITS = {"train": 3000, "val": 500}
@@ -51,7 +53,7 @@ def cache_root(root: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dinovmf"
 
 
-LUMA = np.array([0.299, 0.587, 0.114])
+LUMA = np.array(LUMA_WEIGHTS)  # the contrast a colour keeps under grayscale
 MAX_SATURATION = 0.35
 MIN_LUMA_CONTRAST = 0.3
 

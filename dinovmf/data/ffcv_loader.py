@@ -348,7 +348,7 @@ class FFCVMultiCropSource:
                                         order=_shard_order_class()(seed, rank, world_size, shuffle),
                                         pipelines=pipelines, drop_last=drop_last, batches_ahead=2)
         # FFCV allocates its batch buffers anew for every epoch, and the first writes to fresh memory
-        # fault every page in (~0.3 s an epoch for DINO's float crops at batch 64). One epoch runs at a
+        # fault every page in (a large share of a short epoch for DINO's float crops). One epoch runs at a
         # time per source (`batches` stops the previous one), so the buffers are allocated once.
         graph = self.loader.graph
         graph.allocate_memory = functools.lru_cache(maxsize=1)(graph.allocate_memory)

@@ -35,6 +35,15 @@ def projection_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: i
     return nn.Sequential(*layers)
 
 
+def effective_prototypes(prototypes) -> torch.Tensor:
+    """W [K, p] from W itself or from weight-norm parameters (v, g): W = g v / ||v|| (differentiable). The one
+    definition of the prototypes' weight-norm form (the head, the loss references, KoLeo-proto)."""
+    if isinstance(prototypes, torch.Tensor):
+        return prototypes
+    v, g = prototypes
+    return F.normalize(v, dim=1) * g.unsqueeze(1)
+
+
 class DINOHead(nn.Module):
     """MLP (nlayers Linear layers, GELU between, hidden_dim wide) -> bottleneck_dim -> L2 normalise.
 
@@ -84,7 +93,7 @@ class DINOHead(nn.Module):
 
     def prototypes(self) -> torch.Tensor:
         """Effective prototype matrix W = g * v / ||v|| [out_dim, bottleneck_dim], differentiable."""
-        return F.normalize(self.v, dim=1) * self.g.unsqueeze(1)
+        return effective_prototypes((self.v, self.g))
 
     def prototype_parameters(self) -> list[nn.Parameter]:
         """The last-layer parameters (v, g): the ones DINO freezes during the first epoch."""

@@ -1,8 +1,8 @@
 """`make gpu-check`: the first minutes on a GPU as one command (issue #16 §4, §5).
 
-    python3 -m bench.gpu_check                       # on one H100 / H200: about 8 minutes, no network
-    GPU_CHECK_DRY=1 python -m bench.gpu_check        # every step on CPU at tiny sizes (tests/test_gpu_check.py)
-    GPU_CHECK_STEPS=gpu_tests,bench_train_eager python3 -m bench.gpu_check   # a subset (setup, device always run)
+    python3 -m tools.gpu_check                       # on one H100 / H200: about 8 minutes, no network
+    GPU_CHECK_DRY=1 python -m tools.gpu_check        # every step on CPU at tiny sizes (tests/test_gpu_check.py)
+    GPU_CHECK_STEPS=gpu_tests,bench_train_eager python3 -m tools.gpu_check   # a subset (setup, device always run)
 
 The steps are the table `steps()`: set the package up (editable install, no network), record the device,
 run the GPU tests (Triton kernels on CUDA against float64, the GPU smoke tests of a real training step),
@@ -68,9 +68,9 @@ def steps(dry: bool) -> list[Step]:
                   "--local-size", "16", "--n-local", "2", "--out-dim", "256")
     return [
         Step("setup", "install this checkout (editable, no network; C++ op, no CUDA twin: retired)",
-             ("-m", "bench.gpu_check", "--setup"), 240),
+             ("-m", "tools.gpu_check", "--setup"), 240),
         Step("device", "device, driver and library versions -> device.json",
-             ("-m", "bench.gpu_check", "--device-info", "{out}/device.json"), 60),
+             ("-m", "tools.gpu_check", "--device-info", "{out}/device.json"), 60),
         Step("gpu_tests", f"pytest {' '.join(tests)} (Triton on CUDA vs float64; smoke tests)"
                           + (f"; not in this checkout: {' '.join(missing)}" if missing else ""),
              # Dry: collect only (the files import, the tests are found); on CPU they skip anyway.
@@ -102,7 +102,7 @@ def steps(dry: bool) -> list[Step]:
         # kernel_model.csv. Dry: the launch-registry coverage check and one family, not minutes of ptxas.
         Step("aot_device_triton", "AOT compile of the registry's CI subset with this machine's triton, ptxas -v",
              ("-m", "tools.triton_aot", "--quick", "--arch", "90", "--stats",
-              *(("--only", "vmf_bias.") if dry else ())), 90),
+              *(("--only", "augment._blur") if dry else ())), 90),
         # The GPU augmentation (bench/bench_augment.py's GPU rows). Dry: the same code with the C++ op on CPU.
         Step("bench_augment_gpu", "GPU augmentation (Triton) vs eager, batch 64, 2x224+10x96, vs the copy floor",
              ("-m", "bench.bench_augment", "--gpu-only", "--device", "cpu", "--gpu-batch", "1", "--gpu-iters", "1")

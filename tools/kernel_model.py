@@ -1,12 +1,12 @@
 """Static performance report of every Triton kernel at the issue sizes, without a GPU (issue #16 §2).
 
-    python -m bench.kernel_model                 # S=12, T=2, B=64, K=65536; each workload's dtypes; sm_90
-    python -m bench.kernel_model --arch 80       # the same for A100
+    python -m tools.kernel_model                 # S=12, T=2, B=64, K=65536; each workload's dtypes; sm_90
+    python -m tools.kernel_model --arch 80       # the same for A100
 
 NOTHING HERE RAN ON A GPU AND NOTHING IS TIMED: every number is a compile-time fact of the sm_XX cubin or a
 byte count under the Triton interpreter. Per kernel launch of the host entry points in
 `tools/triton_cases.WORKLOADS` (ce_rows as the fused op calls it, the per-logits dino_cross_entropy on the
-Triton backend, teacher_rows in every centering mode, teacher_distribution, the vMF column bias, the
+Triton backend, teacher_rows in every centering mode, teacher_distribution, the
 augmentation), one row with
   * registers, spills (bytes: spill stores + spill loads), stack: `ptxas -v` of Triton's own compile (same
     flags as on a GPU) for the registry case matching the launch (kernel, constexprs, pointer dtypes,

@@ -1,11 +1,11 @@
-"""bench/study_methods.py end to end at a toy budget: it trains, evaluates, records, and re-evaluates."""
+"""studies/methods.py end to end at a toy budget: it trains, evaluates, records, and re-evaluates."""
 import csv
 import json
 
 import pytest
 import yaml
 
-from bench import study_methods
+from studies import methods as study_methods
 
 
 def test_study_trains_records_and_reevaluates(tmp_path, monkeypatch):

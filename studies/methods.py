@@ -16,19 +16,19 @@ DINO-vMF probabilities), so these swap the centering to tell the vMF normaliser'
     dino_prob_center       DINO (unit prototypes) with probability centering
     dino_vmf_logit_center  DINO-vMF with logit centering
 
-Recorded per run (bench/results/study_methods.csv, via bench.harness): kNN top-1 of the teacher backbone
+Recorded per run (studies/results/study_methods.csv, via bench.harness): kNN top-1 of the teacher backbone
 (k=20, T=0.07, memory and queries = the embedded train and val splits) next to a random-init backbone of
 the same model; prototype utilisation (unique prototypes by greedy merge
 within cosine distance 1e-3, and used prototypes = teacher argmax winners over the kNN images); the
 prototype-norm spread (std/mean, min, max of ||w_k||); stability (NaN seen, collapse warnings, steps
-completed). bench/results/study_methods.png plots them.
+completed). studies/results/study_methods.png plots them.
 
-    python -m bench.study_methods                          # the full study (about an hour on 2 cores)
-    python -m bench.study_methods --steps-tiny 20 --steps-small 8 --methods dino,dino_vmf   # a quicker look
-    python -m bench.study_methods --methods ibot_vmf --no-record   # in parts: train some runs now ...
-    python -m bench.study_methods --report-only                   # ... and record every run under --out
-    python -m bench.study_methods --reevaluate                    # evaluate finished runs again, record
-    python -m bench.study_methods --methods dino_free_norms,dino_vmf --models vit_tiny \
+    python -m studies.methods                          # the full study (about an hour on 2 cores)
+    python -m studies.methods --steps-tiny 20 --steps-small 8 --methods dino,dino_vmf   # a quicker look
+    python -m studies.methods --methods ibot_vmf --no-record   # in parts: train some runs now ...
+    python -m studies.methods --report-only                   # ... and record every run under --out
+    python -m studies.methods --reevaluate                    # evaluate finished runs again, record
+    python -m studies.methods --methods dino_free_norms,dino_vmf --models vit_tiny \
         --set optim.lr=9.6e-3 --set optim.clip_grad=0 --name study_stress   # same runs, recipe changed
 
 The scale is tiny (the demo's 32 px crops and K = 256, 8 epochs of 3000 images for vit_tiny): the
@@ -47,8 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import RESULTS_DIR, record
+from bench.harness import record
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # studies/results: a study's results live beside it
 METHODS = {
     "dino": ["method=dino"],
     "dino_free_norms": ["method=dino", "model.norm_last_layer=false"],

@@ -2,7 +2,7 @@
 
 DINO-vMF adds `log C_p(||w_k|| / tau)` to every prototype's logit so that a prototype with a larger norm
 (a larger vMF concentration kappa_k = ||w_k|| / tau) does not win assignments just for its wider logit
-range. The method study (bench/study_methods.py) could not test this: the norms stayed within 2.5% of 1,
+range. The method study (studies/methods.py) could not test this: the norms stayed within 2.5% of 1,
 where log C_p is nearly the same for every prototype. This study puts the prototypes where the term can
 act, by drawing their initial norms log-normally around 1 (`model.proto_norm_init_spread`, sigma) and
 optionally letting them move faster (`optim.proto_norm_lr_mult`), and crosses
@@ -11,7 +11,7 @@ optionally letting them move faster (`optim.proto_norm_lr_mult`), and crosses
 
 with free prototype norms in every cell (vMF off = `method=dino model.norm_last_layer=false`; on =
 `method=dino_vmf`; the two methods differ in nothing else once the centering is set). Each run trains the
-demo recipe (configs/demo.yaml, as bench/study_methods.py) for the same budget and is evaluated like the
+demo recipe (configs/demo.yaml, as studies/methods.py) for the same budget and is evaluated like the
 method study (kNN top-1 with the full protocol, used and unique prototypes), plus what tests the mechanism:
 
     norm_{start,mid,end}_{min,median,max}  the teacher's prototype norms at step 0, mid-run and the end
@@ -23,10 +23,10 @@ method study (kNN top-1 with the full protocol, used and unique prototypes), plu
                       wins were unrelated and every prototype won equally)
     diverged (NaN loss), collapsed (the trainer's teacher-entropy collapse warning), teacher_entropy
 
-    python -m bench.study_vmf_mechanism                                  # the default grid (hours on 2 cores)
-    python -m bench.study_vmf_mechanism --spreads 0,0.5 --lr-mults 10    # more cells into the same --out
-    python -m bench.study_vmf_mechanism --report-only                    # tables, CSV and PNG from --out
-    python -m bench.study_vmf_mechanism --model vit_base --steps 20000 --batch-size 64 \\
+    python -m studies.vmf_mechanism                                  # the default grid (hours on 2 cores)
+    python -m studies.vmf_mechanism --spreads 0,0.5 --lr-mults 10    # more cells into the same --out
+    python -m studies.vmf_mechanism --report-only                    # tables, CSV and PNG from --out
+    python -m studies.vmf_mechanism --model vit_base --steps 20000 --batch-size 64 \\
         --set crops.global_size=224 ...                                 # a GPU user's rerun at scale
 
 Every finished run leaves a row file in its folder (<out>/<model>/steps<N>[_<--set>]/<cell>/seed<s>/), so
@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from bench.harness import record
-from bench.study_methods import (ROW_FILE, add_study_arguments, eval_data, evaluate_checkpoint, initial_knn,
+from studies.methods import (ROW_FILE, add_study_arguments, eval_data, evaluate_checkpoint, initial_knn,
                                  recipe_config, recipe_name, train_and_evaluate, write_row)
 
 VMF = ("off", "on")
@@ -69,7 +69,7 @@ SEEDS = (0, 1, 2)
 STEPS = 60
 # Kept until the run is evaluated (the mid-run norms are read from a checkpoint), then pruned to the last.
 KEEP_CHECKPOINTS = 8
-MARK_BEGIN, MARK_END = "<!-- tables:begin (written by bench/study_vmf_mechanism.py) -->", "<!-- tables:end -->"
+MARK_BEGIN, MARK_END = "<!-- tables:begin (written by studies/vmf_mechanism.py) -->", "<!-- tables:end -->"
 # Averaged over seeds in the tables and the plot.
 NORM_KEYS = tuple(f"norm_{when}{s}" for when in ("start_", "mid_", "") for s in ("min", "median", "max"))
 WINS_KEYS = tuple(f"{c}{k}" for c in ("", "centered_") for k in ("used_prototypes", "norm_wins_spearman",
@@ -444,8 +444,8 @@ def recorded_run_ids(csv_path: Path) -> set[tuple[str, str]]:
 def write_markdown(rows: list[dict], path: Path) -> None:
     """Replace the tables between the markers of `path` (created with a title when missing)."""
     text = path.read_text() if path.is_file() else (
-        "# The vMF normaliser where prototype precisions differ\n\n`python -m bench.study_vmf_mechanism` "
-        "(bench/study_vmf_mechanism.py); the columns are described in its docstring.\n\n"
+        "# The vMF normaliser where prototype precisions differ\n\n`python -m studies.vmf_mechanism` "
+        "(studies/vmf_mechanism.py); the columns are described in its docstring.\n\n"
         f"{MARK_BEGIN}\n{MARK_END}\n")
     if MARK_BEGIN not in text or MARK_END not in text:
         raise ValueError(f"{path} lacks the table markers {MARK_BEGIN!r} ... {MARK_END!r}")
