@@ -96,7 +96,8 @@ def _batches(cfg, data: str, info, device):
     from dinovmf.data import MultiCropLoader
 
     loader = MultiCropLoader(data, cfg.train.batch_size, cfg.crops, device, augment=cfg.augment, seed=cfg.train.seed,
-                             rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
+                             rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                             backend=cfg.data.loader)
     epoch = 0
     while True:
         loader.set_epoch(epoch)

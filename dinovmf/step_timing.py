@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import time
 from typing import Iterable, Iterator
 
@@ -148,9 +147,9 @@ class StepTiming:
     # ---------------------------------------------------------------------------------- communication
 
     @contextlib.contextmanager
-    def comm(self, nbytes: int = 0):
-        """Time the block as communication, inside whatever phase is open (nested blocks count once)."""
-        self.comm_bytes += nbytes
+    def comm(self):
+        """Time the block as communication, inside whatever phase is open (nested blocks count once). Its
+        bytes, if it counts them, go to `comm_bytes`."""
         if self._comm_depth:
             yield
             return
@@ -301,19 +300,19 @@ class DataWaitCheck:
         self.warned = False
 
     def check(self, step: int, share: float) -> str | None:
+        from dinovmf.data.loader import default_num_workers
+
         if self.warned or not share > self.threshold:
             return None
         self.warned = True
         cfg = self.cfg
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         describe = getattr(self.loader, "describe", None)
         loader = describe() if describe is not None else type(self.loader).__name__
         return (f"the training waited for data {share:.0%} of the time (the most of any rank) up to step {step} "
                 f"(more than {self.threshold:.0%}): the loader does not keep up. Loader: {loader}; data.loader="
                 f"{cfg.data.loader}, data.num_workers={cfg.data.num_workers}, train.batch_size="
                 f"{cfg.train.batch_size}, crops 2x{cfg.crops.global_size}+{cfg.crops.n_local}x"
-                f"{cfg.crops.local_size}; {cores} CPU core(s) for {ranks} rank(s) on this node. To change: "
+                f"{cfg.crops.local_size}; {default_num_workers()} CPU core(s) per rank on this node. To change: "
                 f"raise data.num_workers up to this rank's cores, read a .beton with data.loader=ffcv "
                 f"(dinovmf prepare; --max-resolution 512 makes smaller JPEGs), or give each GPU more CPU cores "
                 f"(dinovmf plan prints how many a run needs)")

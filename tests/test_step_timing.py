@@ -49,7 +49,7 @@ def test_phases_partition_the_window_and_comm_is_taken_out_of_its_phase(clock):
     for _ in timing.timed_iter("data", slow_batches()):
         timing.begin("forward")
         clock.advance(2.0)
-        with timing.comm(nbytes=100):  # e.g. the center's all-reduce wait, inside the forward
+        with timing.comm():  # e.g. the center's all-reduce wait, inside the forward
             clock.advance(0.5)
         timing.begin("backward")
         clock.advance(3.0)
