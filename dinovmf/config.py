@@ -185,8 +185,14 @@ class DistConfig:
     fsdp: bool = False               # FSDP2 fully_shard per block instead of DDP (ViT-L)
     # Seconds ranks wait for each other: collectives time out after it (NCCL then dumps its flight recorder);
     # on gloo the watchdog names the stalled rank after 0.6 of it (dinovmf.watchdog). It must cover the
-    # longest wait for one rank inside the loop, e.g. rank 0 writing a checkpoint while the others wait.
+    # longest wait for one rank inside the loop, e.g. a rank still writing its checkpoint shard.
     timeout_s: float = 600.0
+    # DDP only (dinovmf.parallelize; measured in bench/bench_scaling.py): gradient bucket size, gradients as
+    # views of the buckets (no copy, less memory), and DDP's static-graph mode (every parameter gets a
+    # gradient every step, the frozen prototypes included: their gradients are dropped after backward).
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
 
 
 @dataclass
@@ -456,6 +462,7 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.dist.timeout_s) and cfg.dist.timeout_s >= 1):
         raise ValueError(f"config: dist.timeout_s must be a number of seconds >= 1, got {cfg.dist.timeout_s} "
                          "(the default, 600, covers a checkpoint write; torch's own is 1800)")
+    _validate_ddp_knobs(cfg.dist)
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
@@ -519,6 +526,18 @@ def _validate_patch_grid(cfg: Config) -> None:
         source = "model.img_size" if options.img_size else "crops.global_size"
         raise ValueError(f"config: {source} ({grid}) must be a multiple of the patch size ({p}): "
                          "the learned position embeddings cover a whole patch grid")
+
+
+def _validate_ddp_knobs(dist: DistConfig) -> None:
+    """DDP's knobs: a positive bucket size, and none of them set on an FSDP2 run, which they would not reach."""
+    if not (math.isfinite(dist.bucket_cap_mb) and dist.bucket_cap_mb > 0):
+        raise ValueError(f"config: dist.bucket_cap_mb must be a positive number of MiB, got {dist.bucket_cap_mb}")
+    if dist.fsdp:
+        default = DistConfig()
+        for key in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph"):
+            if getattr(dist, key) != getattr(default, key):
+                raise ValueError(f"config: dist.{key} is a DDP setting, but this run uses FSDP2 (dist.fsdp=true); "
+                                 f"leave it at {getattr(default, key)} or set dist.fsdp=false")
 
 
 def _validate_proto_norms(cfg: Config) -> None:

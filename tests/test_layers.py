@@ -21,8 +21,8 @@ LAYERS = [
     {"loss", "ibot", "masking", "prototypes"},
     {"objectives"},
     {"trainer", "parallelize", "optim", "schedules", "stopping", "monitor", "distributed",
-     "watchdog", "checkpoint_writer", "run_position"},
-    {"train", "plots"},
+     "watchdog", "checkpoint_writer", "run_position", "step_timing"},
+    {"train", "plots", "plan"},
     {"cli", "commands"},
 ]
 LEVEL = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
