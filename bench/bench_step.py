@@ -281,7 +281,7 @@ def run_config(config: str, names: list[str], n_steps: int, warmup: int, profile
         kind, _, baseline = IMPLEMENTATIONS[name]
         q = statistics.quantiles(wall[name], n=4) if len(wall[name]) > 1 else [median[name]] * 3
         row = {"config": config, "impl": name, "K": cfg.model.out_dim, "p": cfg.model.bottleneck_dim,
-               "hidden": cfg.model.hidden_dim, "backbone": f"{cfg.model.arch}/{cfg.model.patch_size} "
+               "hidden": cfg.model.hidden_dim, "backbone": f"{cfg.model.arch}/{cfg.backbone.patch_size} "
                f"x{cfg.model.depth or 'all'} blocks", "crops": f"2x{c.global_size}+{c.n_local}x{c.local_size}",
                "batch": cfg.train.batch_size, "threads": torch.get_num_threads(), "steps": n_steps,
                "warmup": warmup, "step_ms": median[name], "step_ms_q1": q[0], "step_ms_q3": q[2],

@@ -18,6 +18,7 @@ BENCHMARKS = (
     ("bench.bench_data", []),
     ("bench.bench_train", []),
     ("bench.bench_step", []),
+    ("bench.bench_scaling", []),
 )
 
 

@@ -17,6 +17,8 @@ by-products the loss turns into metrics. The teacher temperature itself comes fr
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -152,6 +154,9 @@ class TeacherCenter(torch.nn.Module):
         self.register_buffer("center", torch.full((K,), init, dtype=torch.float32))
         self._pending: torch.Tensor | None = None
         self._pending_work = None
+        # A context manager factory around the wait for the all-reduce: the trainer times it as
+        # communication (`dinovmf.step_timing`), since with a slow rank this is where the others wait.
+        self.comm_timer = contextlib.nullcontext
 
     @property
     def state(self) -> torch.Tensor | None:
@@ -180,13 +185,15 @@ class TeacherCenter(torch.nn.Module):
         if stat is not None:
             stat = stat.detach().float().clone()
             if _distributed():
-                dist.all_reduce(stat)
+                with self.comm_timer():
+                    dist.all_reduce(stat)
         else:
             if self._pending is None:
                 raise RuntimeError("update() without a stat needs a forward() or observe(stat) first")
             stat = self._pending
             if self._pending_work is not None:
-                self._pending_work.wait()
+                with self.comm_timer():
+                    self._pending_work.wait()
             self._pending, self._pending_work = None, None
         if _distributed():
             stat /= dist.get_world_size()

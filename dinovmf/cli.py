@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("prepare", "train", "eval", "export", "attention")
+COMMANDS = ("prepare", "train", "eval", "export", "attention", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

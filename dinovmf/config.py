@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from dinovmf.architectures import FFN_KINDS, OPTION_KEYS, POS_ENCODINGS, BackboneOptions, arch_names, resolve_arch
 from dinovmf.kernels.common import CENTERING_MODES
 
 METHODS = ("dino", "dino_vmf", "ibot_vmf")
@@ -38,12 +39,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"          # build_backbone name: vit_tiny, vit_small, vit_base, vit_large
+    # A size (vit_tiny, vit_small, vit_base, vit_large) or a backbone preset (dinov2_vits14[_reg4], dinov2_vitb14,
+    # dinov2_vitl14, dinov3_vits16, dinov3_vitb16, dinov3_vitl16: dinovmf.architectures). The backbone options
+    # below left at null take the architecture's value (a size: the classic ViT; a preset: the released model's).
+    arch: str = "vit_small"
     depth: int | None = None         # number of blocks; None: the architecture's (12, or 24 for vit_large)
-    patch_size: int = 16
+    patch_size: int | None = None    # None: 16, or the preset's (DINOv2: 14)
     drop_path: float = 0.1
     attn_backend: str = "sdpa"
-    num_register_tokens: int = 0
+    num_register_tokens: int | None = None  # registers (DINOv3: storage tokens); None: 0, or the preset's (4)
+    img_size: int | None = None      # learned position grid = img_size / patch; None: the preset's (DINOv2: 518)
+    #                                  or crops.global_size
+    layerscale_init: float | None = None  # LayerScale init value; None: the architecture's (off, presets 1e-5); 0: off
+    ffn: str | None = None           # mlp | swiglu (DINOv2's fused sizing); None: the architecture's (mlp)
+    pos_encoding: str | None = None  # learned | rope (DINOv3's 2-D RoPE); None: the architecture's
+    qkv_bias: bool | None = None     # None: the architecture's (true); with rope the key bias is masked (DINOv3)
     out_dim: int = 65536             # K, the number of prototypes
     hidden_dim: int = 2048
     bottleneck_dim: int = 256        # p, the sphere the prototypes live on
@@ -76,6 +86,11 @@ class OptimConfig:
     freeze_last_layer: float = 1.0   # epochs during which the prototypes get no update
     betas: tuple[float, float] = (0.9, 0.999)
     proto_norm_lr_mult: float = 1.0  # lr of the prototype norms g = this x lr (free norms only; 0 freezes g)
+    # Continued pretraining (README "Continue pretraining"; the `continue` preset): for this many steps the
+    # backbone and its EMA copy stay fixed while the fresh head and prototypes learn; then the backbone's lr
+    # warms up from 0 over optim.warmup_epochs. Needs model.init_from.
+    freeze_backbone_steps: int = 0
+    layer_decay: float = 1.0         # layer-wise lr decay (BEiT / DINOv2): block i of L gets lr x decay^(L - i)
 
 
 @dataclass
@@ -170,8 +185,14 @@ class DistConfig:
     fsdp: bool = False               # FSDP2 fully_shard per block instead of DDP (ViT-L)
     # Seconds ranks wait for each other: collectives time out after it (NCCL then dumps its flight recorder);
     # on gloo the watchdog names the stalled rank after 0.6 of it (dinovmf.watchdog). It must cover the
-    # longest wait for one rank inside the loop, e.g. rank 0 writing a checkpoint while the others wait.
+    # longest wait for one rank inside the loop, e.g. a rank still writing its checkpoint shard.
     timeout_s: float = 600.0
+    # DDP only (dinovmf.parallelize; measured in bench/bench_scaling.py): gradient bucket size, gradients as
+    # views of the buckets (no copy, less memory), and DDP's static-graph mode (every parameter gets a
+    # gradient every step, the frozen prototypes included: their gradients are dropped after backward).
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
 
 
 @dataclass
@@ -193,6 +214,11 @@ class Config:
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
         return _plain(dataclasses.asdict(self))
+
+    @property
+    def backbone(self) -> BackboneOptions:
+        """The backbone's options: `model.arch`'s, with the `model.*` options that are set applied."""
+        return resolve_arch(self.model.arch, **{k: getattr(self.model, k) for k in OPTION_KEYS})[1]
 
     @property
     def norm_last_layer(self) -> bool:
@@ -408,7 +434,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: epochs must be >= 1, got {cfg.epochs}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every,
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
-                "model.out_dim": cfg.model.out_dim, "model.patch_size": cfg.model.patch_size,
+                "model.out_dim": cfg.model.out_dim,
                 "eval.knn_k": cfg.eval.knn_k, "optim.lr": cfg.optim.lr,
                 "loss.student_temp": cfg.loss.student_temp, "loss.teacher_temp": cfg.loss.teacher_temp,
                 "loss.warmup_teacher_temp": cfg.loss.warmup_teacher_temp,
@@ -420,22 +446,23 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: train.time_limit_min must be > 0 (or null), got {cfg.train.time_limit_min}")
     _validate_optim(cfg.optim)
     validate_crops(cfg.crops)
-    _validate_patch_grid(cfg)
     if cfg.train.amp not in ("auto", "bf16", "none"):
         raise ValueError(f"config: train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
     if cfg.data.loader not in ("auto", "ffcv", "pil"):
         raise ValueError(f"config: data.loader must be auto, ffcv or pil, got {cfg.data.loader!r}")
-    if cfg.model.depth is not None and cfg.model.depth < 1:
-        raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {cfg.model.depth}")
+    _validate_backbone(cfg)
+    _validate_patch_grid(cfg)
     _validate_ibot(cfg)
     _validate_init_from(cfg.model)
     validate_augment(cfg.augment)
     _validate_proto_norms(cfg)
+    _validate_continue(cfg)
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"config: dist.backend must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     if not (math.isfinite(cfg.dist.timeout_s) and cfg.dist.timeout_s >= 1):
         raise ValueError(f"config: dist.timeout_s must be a number of seconds >= 1, got {cfg.dist.timeout_s} "
                          "(the default, 600, covers a checkpoint write; torch's own is 1800)")
+    _validate_ddp_knobs(cfg.dist)
     if not 0.0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1.0:
         raise ValueError("config: need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, got "
                          f"{cfg.optim.momentum_teacher} and {cfg.optim.momentum_teacher_end}")
@@ -457,18 +484,60 @@ def _validate_optim(optim: OptimConfig) -> None:
         raise ValueError(f"config: optim.betas must both be in [0, 1), got {optim.betas}")
 
 
+def _validate_backbone(cfg: Config) -> None:
+    """`model.arch` a known size or preset, and each backbone option that is set a value a backbone can take."""
+    m = cfg.model
+    if m.arch not in arch_names():
+        close = difflib.get_close_matches(m.arch, arch_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"config: model.arch must be one of {arch_names()}, got {m.arch!r}{hint}")
+    if m.depth is not None and m.depth < 1:
+        raise ValueError(f"config: model.depth must be >= 1 (or null for the architecture's), got {m.depth}")
+    for key in ("patch_size", "img_size"):
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            raise ValueError(f"config: model.{key} must be >= 1 (or null for the architecture's), got {getattr(m, key)}")
+    if m.num_register_tokens is not None and m.num_register_tokens < 0:
+        raise ValueError(f"config: model.num_register_tokens must be >= 0, got {m.num_register_tokens}")
+    if m.layerscale_init is not None and not (math.isfinite(m.layerscale_init) and m.layerscale_init >= 0):
+        raise ValueError(f"config: model.layerscale_init must be > 0 (0: no layer scale; null: the architecture's), "
+                         f"got {m.layerscale_init}")
+    for key, kinds in (("ffn", FFN_KINDS), ("pos_encoding", POS_ENCODINGS)):
+        if getattr(m, key) is not None and getattr(m, key) not in kinds:
+            raise ValueError(f"config: model.{key} must be one of {kinds} (or null for the architecture's), "
+                             f"got {getattr(m, key)!r}")
+
+
 def _validate_patch_grid(cfg: Config) -> None:
-    """Every image the ViT sees is cut into model.patch_size squares, which must tile it exactly (the
-    patch embedding would otherwise fail after the data loader is built, naming its own arguments)."""
-    p = cfg.model.patch_size
+    """Every image the ViT sees is cut into patch_size squares, which must tile it exactly (the patch
+    embedding would otherwise fail after the data loader is built, naming its own arguments; iBOT's masks
+    cover the global crop's patch grid)."""
+    options = cfg.backbone
+    p = options.patch_size
     sizes = {"crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size}
     if cfg.eval.image_size is not None:
         sizes["eval.image_size"] = cfg.eval.image_size
     for key, size in sizes.items():
         if size % p:
-            hint = f"e.g. {key}={max(p, size // p * p)}"
-            raise ValueError(f"config: {key}={size} must be a multiple of model.patch_size ({p}): the ViT cuts "
-                             f"each image into {p} x {p} patches; {hint}")
+            raise ValueError(f"config: {key} ({size}) must be a multiple of the patch size ({p}, model.patch_size "
+                             f"or {cfg.model.arch}'s): the ViT cuts each image into {p} x {p} patches; "
+                             f"e.g. {key}={max(p, size // p * p)}")
+    grid = options.img_size or cfg.crops.global_size
+    if options.pos_encoding == "learned" and grid % p:
+        source = "model.img_size" if options.img_size else "crops.global_size"
+        raise ValueError(f"config: {source} ({grid}) must be a multiple of the patch size ({p}): "
+                         "the learned position embeddings cover a whole patch grid")
+
+
+def _validate_ddp_knobs(dist: DistConfig) -> None:
+    """DDP's knobs: a positive bucket size, and none of them set on an FSDP2 run, which they would not reach."""
+    if not (math.isfinite(dist.bucket_cap_mb) and dist.bucket_cap_mb > 0):
+        raise ValueError(f"config: dist.bucket_cap_mb must be a positive number of MiB, got {dist.bucket_cap_mb}")
+    if dist.fsdp:
+        default = DistConfig()
+        for key in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph"):
+            if getattr(dist, key) != getattr(default, key):
+                raise ValueError(f"config: dist.{key} is a DDP setting, but this run uses FSDP2 (dist.fsdp=true); "
+                                 f"leave it at {getattr(default, key)} or set dist.fsdp=false")
 
 
 def _validate_proto_norms(cfg: Config) -> None:
@@ -486,6 +555,18 @@ def _validate_proto_norms(cfg: Config) -> None:
                 raise ValueError(f"config: {key}={value} needs free prototype norms, but this run has unit "
                                  f"norms (method={cfg.method}, model.norm_last_layer={cfg.model.norm_last_layer});"
                                  " set model.norm_last_layer=false")
+
+
+def _validate_continue(cfg: Config) -> None:
+    """The continued-pretraining knobs: a backbone freeze needs weights worth keeping; decay in (0, 1]."""
+    steps, decay = cfg.optim.freeze_backbone_steps, cfg.optim.layer_decay
+    if steps < 0:
+        raise ValueError(f"config: optim.freeze_backbone_steps must be >= 0, got {steps}")
+    if steps and cfg.model.init_from is None:
+        raise ValueError("config: optim.freeze_backbone_steps needs model.init_from (the weights to keep while the "
+                         "fresh head learns); a random backbone has nothing to keep")
+    if not (math.isfinite(decay) and 0 < decay <= 1):
+        raise ValueError(f"config: optim.layer_decay must be in (0, 1] (1: off), got {decay}")
 
 
 def _validate_init_from(model: ModelConfig) -> None:

@@ -246,3 +246,12 @@ def any_rank(*flags: bool) -> list[bool]:
     t = torch.tensor([float(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
     return [bool(v) for v in t.tolist()]
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's `value` (a CPU all-reduce on the control group); `value` alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return float(t)

@@ -15,10 +15,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dinovmf.step_timing import SHARE_PREFIX
+
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, by device-name substring
-# (checked in this order, so "A100" is found before "A10"); MFU is relative to these.
+# (checked in this order, so "A100" is found before "A10"); MFU is relative to these. Sources: NVIDIA H100
+# Tensor Core GPU data sheet (SXM5: 989.4 TFLOPS bf16; H200 has the same tensor cores), NVIDIA A100 data
+# sheet (312), L40S data sheet (362.05), A10 data sheet (125), Ada (RTX 4090) architecture white paper (165.2,
+# fp32 accumulate), Tesla V100 SXM2 data sheet (125: fp16, which V100 trains in; it has no bf16).
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                  "4090": 165e12, "V100": 125e12}
+
+
+def gpu_peak(name: str) -> float | None:
+    """The data-sheet peak of the GPU whose name (a device name or a kind: "H100", "a100") contains one of
+    `GPU_PEAK_BF16`'s keys, else None."""
+    upper = name.upper()
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in upper), None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,9 +38,9 @@ def _peak_flops(device: str) -> tuple[float, str]:
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} bf16 data sheet"
+        peak = gpu_peak(name)
+        if peak is not None:
+            return peak, f"{name} bf16 data sheet"
         return matmul_rate(device, torch.bfloat16, 8192), f"{name}: measured bf16 matmul (no data-sheet peak known)"
     return matmul_rate(device, torch.float32, 1024), "measured fp32 matmul on this CPU"
 
@@ -184,10 +196,11 @@ class Monitor:
     and `stream.isatty()`, or `progress="bar"`) a tqdm bar redrawn in place. Anywhere else (a job log, CI,
     `make demo > log`: `progress="lines"`) one line per logged step,
 
-        step 40/600 | loss 5.1234 | 812.3 img/s | MFU 12.30% | ETA 3m12s
+        step 40/600 | loss 5.1234 | 812.3 img/s | MFU 12.30% | data 3% | comm 8% | ETA 3m12s
 
-    so a log file grows by one readable line every `train.log_every` steps instead of a carriage-return
-    redraw per step. `progress="none"` shows nothing but messages.
+    (`data` / `comm` / `ckpt`: shares of the window's wall time, `dinovmf.step_timing`) so a log file
+    grows by one readable line every `train.log_every` steps instead of a carriage-return redraw per step.
+    `progress="none"` shows nothing but messages.
     """
 
     def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 0, images_per_step: int = 1,
@@ -223,6 +236,11 @@ class Monitor:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             smoothing=0.1, file=self.stream)
 
+    def start_window(self) -> None:
+        """Start timing now (the loop's first step), leaving set-up (TensorBoard, the peak) out of the
+        first window's img/s and the ETA."""
+        self._last_time = self._start_time = time.perf_counter()
+
     def throughput(self, step: int) -> dict[str, float]:
         """img/s (global) and MFU since the previous call; resets the window."""
         now = time.perf_counter()
@@ -251,6 +269,10 @@ class Monitor:
             parts.append(f"{metrics['img_per_s']:.1f} img/s")
         if "mfu" in metrics:
             parts.append(f"MFU {100 * metrics['mfu']:.2f}%")
+        for label, phase in (("data", "data"), ("comm", "comm"), ("ckpt", "checkpoint")):
+            share = metrics.get(f"{SHARE_PREFIX}{phase}")
+            if share is not None and math.isfinite(share) and (phase != "checkpoint" or share >= 0.005):
+                parts.append(f"{label} {100 * share:.0f}%")
         eta = self.eta_s(step)
         if eta is not None:
             parts.append(f"ETA {format_duration(eta)}")

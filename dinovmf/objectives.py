@@ -88,11 +88,12 @@ class DINOObjective(nn.Module):
         logits (2 p K per crop). Teacher: forward of the global crops and their logits. Norms, softmax and
         the optimizer are ignored, as usual for MFU.
         """
-        student, teacher = self._flops(model)
+        student, teacher = self.forward_flops(model)
         return float(3 * student + teacher)
 
-    def _flops(self, model: nn.Module) -> tuple[int, int]:
-        """(student, teacher) forward FLOPs per image (`MultiCropWrapper.forward_flops`)."""
+    def forward_flops(self, model: nn.Module) -> tuple[int, int]:
+        """(student, teacher) forward FLOPs per image (`MultiCropWrapper.forward_flops`; `dinovmf.plan` splits
+        a step's time with them)."""
         global_crops = [self.global_size] * N_GLOBAL_CROPS
         return (model.forward_flops(global_crops + [self.local_size] * self.n_local),
                 model.forward_flops(global_crops))
@@ -117,11 +118,11 @@ class IBOTObjective(DINOObjective):
         from dinovmf.masking import BlockMaskGenerator
 
         self.patch_weight = cfg.ibot.loss_weight
-        self.patch_size = cfg.model.patch_size
+        self.patch_size = cfg.backbone.patch_size
         self.ibot_patch = IBOTPatchLoss(cfg.patch_out_dim, p=cfg.model.bottleneck_dim, vmf=cfg.vmf,
                                         student_temp=cfg.loss.student_temp, centering=cfg.centering,
                                         center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend)
-        self.masks = BlockMaskGenerator(cfg.crops.global_size // cfg.model.patch_size,
+        self.masks = BlockMaskGenerator(cfg.crops.global_size // self.patch_size,
                                         min_ratio=cfg.ibot.mask_min_ratio, max_ratio=cfg.ibot.mask_max_ratio,
                                         mask_probability=cfg.ibot.mask_probability)
 
@@ -138,8 +139,8 @@ class IBOTObjective(DINOObjective):
         terms["ibot_patch"] = self.patch_weight * patch
         return terms, {**metrics, **_without_losses(patch_metrics)}
 
-    def _flops(self, model: nn.Module) -> tuple[int, int]:
-        student, teacher = super()._flops(model)
+    def forward_flops(self, model: nn.Module) -> tuple[int, int]:
+        student, teacher = super().forward_flops(model)
         # The patch head runs on every patch token of the global crops, in both networks.
         patch_rows = N_GLOBAL_CROPS * (self.global_size // self.patch_size) ** 2
         patch_head = model.patch_head if model.patch_head is not None else model.head

@@ -36,11 +36,13 @@ class ParallelModels:
 
 
 def parallelize(student: SSLModel, teacher: SSLModel, info: DistInfo, device: torch.device, *,
-                fsdp: bool = False, compile: bool = False, mixed_precision: bool = False) -> ParallelModels:
+                fsdp: bool = False, compile: bool = False, mixed_precision: bool = False,
+                ddp_options: dict | None = None) -> ParallelModels:
     """Apply torch.compile (per block and head), then FSDP2 (`fsdp` and distributed) or DDP (distributed).
 
     `fsdp` is ignored in a single process (there is nothing to shard). `mixed_precision` (FSDP2 only):
-    bf16 parameters for compute, fp32 gradient reduction.
+    bf16 parameters for compute, fp32 gradient reduction. `ddp_options`: DDP keyword arguments
+    (`ddp_options(cfg.dist)`: bucket_cap_mb, gradient_as_bucket_view, static_graph).
     """
     if compile:
         # Per block, as torchtitan: the graphs compose with FSDP2's per-block all-gathers and DDP's bucket
@@ -57,9 +59,22 @@ def parallelize(student: SSLModel, teacher: SSLModel, info: DistInfo, device: to
         # broadcast_buffers=False: the backbone has no running statistics, and broadcasting on every
         # forward would cost a collective per step for nothing.
         ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False,
+                                                  **(ddp_options or {}))
         return ParallelModels(student, teacher, ddp, fsdp=False)
     return ParallelModels(student, teacher, student, fsdp=False)
+
+
+def ddp_options(dist) -> dict:
+    """The DDP keyword arguments of a `dinovmf.config.DistConfig` (`dist.bucket_cap_mb`, ...).
+
+    `static_graph` is valid here because every trainable parameter receives a gradient on every step: the
+    frozen prototypes get theirs in backward too (the trainer drops it afterwards, DINO's
+    cancel_gradients_last_layer), and the mask token, which only iBOT trains, has requires_grad off
+    otherwise. tests/test_scaling.py checks that the knobs train exactly like the defaults.
+    """
+    return {"bucket_cap_mb": dist.bucket_cap_mb, "gradient_as_bucket_view": dist.gradient_as_bucket_view,
+            "static_graph": dist.static_graph}
 
 
 def _compile_units(model: SSLModel) -> list[nn.Module]:

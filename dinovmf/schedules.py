@@ -66,6 +66,8 @@ class Schedules:
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
     global_batch: int = 256        # images per step, over all ranks (what `lr` was scaled for)
+    freeze_backbone_steps: int = 0     # continued pretraining: the backbone fixed for these first steps,
+    backbone_warmup_steps: int = 0     # then its lr warmed up again from 0 over these
 
     def position(self, step: int) -> float:
         """Where optimisation step `step` sits on these schedules' axis (itself: see `Continuation`)."""
@@ -79,7 +81,18 @@ class Schedules:
             "teacher_temp": linear_warmup(step, self.teacher_temp_warmup_steps,
                                           self.warmup_teacher_temp, self.teacher_temp),
             "freeze_last_layer": step < self.freeze_last_layer_steps,
+            "freeze_backbone": step < self.freeze_backbone_steps,
+            "backbone_lr_scale": self.backbone_lr_scale(step),
         }
+
+    def backbone_lr_scale(self, step: float) -> float:
+        """The factor on the backbone's lr: 0 while it is frozen, then linear to 1 over `backbone_warmup_steps`
+        (a backbone whose AdamW moments start at zero would otherwise take full-size steps at once)."""
+        if step < self.freeze_backbone_steps:
+            return 0.0
+        if not self.freeze_backbone_steps or not self.backbone_warmup_steps:
+            return 1.0
+        return min(1.0, (step - self.freeze_backbone_steps + 1) / self.backbone_warmup_steps)
 
 
 @dataclass(frozen=True)
@@ -159,4 +172,6 @@ def build_schedules(cfg, steps_per_epoch: int, world_size: int = 1, *, global_ba
         teacher_temp_warmup_steps=epochs_to_steps(cfg.loss.warmup_teacher_temp_epochs),
         freeze_last_layer_steps=epochs_to_steps(cfg.optim.freeze_last_layer),
         global_batch=global_batch,
+        freeze_backbone_steps=min(total, cfg.optim.freeze_backbone_steps),
+        backbone_warmup_steps=epochs_to_steps(cfg.optim.warmup_epochs),
     )

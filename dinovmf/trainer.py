@@ -36,9 +36,10 @@ from dinovmf.models.init_from import load_init_weights
 from dinovmf.monitor import ActivationProbe, CollapseDetector, Monitor, gradient_probes, peak_flops
 from dinovmf.objectives import build_objective
 from dinovmf.optim import build_optimizer, clip_gradients, ema_update, set_hyperparameters
-from dinovmf.parallelize import parallelize
+from dinovmf.parallelize import ddp_options, parallelize
 from dinovmf.run_position import RunPosition, continued_schedules, describe_change
 from dinovmf.schedules import Continuation, Schedules, build_schedules
+from dinovmf.step_timing import SHARE_PREFIX, DataWaitCheck, StepTiming, instrument_communication
 from dinovmf.stopping import NonFiniteLossError, NonFiniteLossGuard, StopSignal, TimeLimit
 from dinovmf.watchdog import watchdog_for
 
@@ -77,14 +78,19 @@ class Trainer:
         teacher = build_ssl_model(cfg, 0.0).to(self.device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
+        teacher.eval()  # the EMA network never trains: no drop-path, no RoPE coordinate augmentation (as DINOv3)
         self.models = parallelize(student, teacher, self.info, self.device, fsdp=cfg.dist.fsdp,
                                   compile=cfg.train.compile,
-                                  mixed_precision=self.device.type == "cuda" and cfg.train.amp != "none")
+                                  mixed_precision=self.device.type == "cuda" and cfg.train.amp != "none",
+                                  ddp_options=ddp_options(cfg.dist))
         # Parallelised; now capture the parameters that train (FSDP2 replaced them all).
         self.optimizer = build_optimizer(self.models.student, cfg)
         self.trainable = [p for p in self.models.student.parameters() if p.requires_grad]
         self.frozen_prototypes = self.models.student.prototype_parameters()
+        self.backbone_parameters = [p for p in self.models.student.backbone.parameters() if p.requires_grad]
         self.objective = build_objective(cfg).to(self.device)
+        self.timing = StepTiming(self.device, self.info.is_distributed)  # where each step's time goes
+        instrument_communication(self.models, self.objective, self.timing)
 
         self.step = 0  # optimisation steps done
         self.epoch, self.epoch_position = 0, 0  # the data epoch, and its samples trained on (all ranks)
@@ -107,18 +113,24 @@ class Trainer:
         `grad_norm` (before clipping), lr, wd, momentum, teacher_temp. Raises `NonFiniteLossError`.
         """
         cfg, models, values = self.cfg, self.models, self._schedules().at(step)
-        set_hyperparameters(self.optimizer, values["lr"], values["wd"])
+        set_hyperparameters(self.optimizer, values["lr"], values["wd"], values["backbone_lr_scale"])
         # Before the forward: the fused loss computes the prototype gradient there, and the last step's
         # .grad freed first lets it reuse that memory (dinovmf.cpu_memory) and lowers the forward's peak.
         self.optimizer.zero_grad(set_to_none=True)
+        self.timing.begin("forward")
         terms, metrics = self.objective(models.student_forward, models.teacher, crops, values["teacher_temp"])
         loss = sum(terms.values())
         # Numbered as the logs number steps (the n-th step is step n); the entropies ride along for fit's
         # collapse detector, read every step without a sync of their own.
         self.loss_guard.check(loss, step + 1, watch={k: metrics[k] for k in COLLAPSE_METRICS if k in metrics})
+        self.timing.begin("backward")
         loss.backward()
+        self.timing.begin("optimizer")
         if self.probe is not None:  # stability probes (train.probes): the raw gradients, before clipping
             metrics.update({**gradient_probes(models.student.named_parameters()), **self.probe.read()})
+        if values["freeze_backbone"]:  # continued pretraining: only the head learns; before clipping, which
+            for p in self.backbone_parameters:  # then measures the head's gradient alone. The backbone stays
+                p.grad = None                   # fixed, so its EMA copy does too (lerp of equal tensors).
         if cfg.optim.clip_grad > 0:
             metrics["grad_norm"] = clip_gradients(self.trainable, cfg.optim.clip_grad)
         if values["freeze_last_layer"]:  # DINO's cancel_gradients_last_layer; AdamW skips a None gradient
@@ -126,6 +138,7 @@ class Trainer:
                 p.grad = None
         self.optimizer.step()
         ema_update(models.teacher, models.student, values["momentum"])
+        self.timing.end()
         self.step = step + 1
         return {"loss": loss.detach(), **{f"loss_{name}": t.detach() for name, t in terms.items()}, **metrics,
                 **{k: values[k] for k in ("lr", "wd", "momentum", "teacher_temp")}}
@@ -156,6 +169,9 @@ class Trainer:
         sched = self.schedules
         monitor = self._monitor(sched)
         collapse = CollapseDetector(cfg.model.out_dim)
+        data_wait = DataWaitCheck(cfg, loader)
+        monitor.start_window()
+        self.timing.reset()  # the same window as the monitor's: shares and img/s describe the same steps
         time_limit = TimeLimit(cfg.train.time_limit_min)
         writer = self._checkpoint_writer()
         last, interrupted, out_of_time, save_failed = {}, False, False, False
@@ -163,7 +179,7 @@ class Trainer:
             with StopSignal() as signal, watchdog_for(info) as watchdog:
                 while self.step < sched.total_steps and not (interrupted or out_of_time or save_failed):
                     epoch = self.epoch
-                    for crops, _labels in self._epoch_batches(loader):
+                    for crops, _labels in self.timing.timed_iter("data", self._epoch_batches(loader)):
                         watchdog.progress(self.step)
                         metrics = self.train_step(crops, self.step)
                         watchdog.progress(self.step)
@@ -171,11 +187,13 @@ class Trainer:
                         monitor.advance()
                         self._check_collapse(monitor, collapse)
                         if self.step % cfg.train.log_every == 0 or self.step == sched.total_steps:
-                            last = self._log(monitor, metrics, epoch)
+                            last = self._log(monitor, metrics, epoch, data_wait)
                         if self.step % cfg.train.ckpt_every == 0 and self.step < sched.total_steps:
-                            self.save()
-                        interrupted, out_of_time, save_failed = D.any_rank(
-                            signal.received_locally, time_limit.expired_locally(), writer.failed())
+                            with self.timing.phase("checkpoint"):
+                                self.save()
+                        with self.timing.comm():  # waits for the slowest rank
+                            interrupted, out_of_time, save_failed = D.any_rank(
+                                signal.received_locally, time_limit.expired_locally(), writer.failed())
                         if interrupted or out_of_time or save_failed:
                             break
                 if out_of_time:
@@ -243,20 +261,22 @@ class Trainer:
         monitor = Monitor(self.out_dir, sched.total_steps, self.step, cfg.train.batch_size * info.world_size,
                           flops, peak, enabled=info.is_main)
         depth = "" if cfg.model.depth is None else f" ({cfg.model.depth} blocks)"
-        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.model.patch_size}{depth} "
+        monitor.message(f"dinovmf train: {cfg.method} {cfg.model.arch}/{cfg.backbone.patch_size}{depth} "
                         f"K={cfg.model.out_dim} | {info.world_size} process(es) on {self.device.type}"
                         f"{' (FSDP2)' if self.models.fsdp else ''} | {sched.steps_per_epoch} steps/epoch, "
                         f"{sched.total_steps} steps | {flops / 1e9:.1f} GFLOP/img, MFU vs {peak / 1e12:.2f} "
                         f"TFLOP/s ({peak_source})")
         return monitor
 
-    def _log(self, monitor: Monitor, metrics: dict, epoch: int) -> dict:
+    def _log(self, monitor: Monitor, metrics: dict, epoch: int, data_wait: DataWaitCheck) -> dict:
         """Turn the step's metrics into floats (the one host sync of a log step) and record them."""
         self.loss_guard.flush()
         values = to_floats(metrics)
+        shares = self.timing.read()  # every rank: its window ends here
+        shares[f"{SHARE_PREFIX}data_max"] = D.max_over_ranks(shares[f"{SHARE_PREFIX}data"])  # a slow loader anywhere
         if not monitor.enabled:
             return values
-        record = {"epoch": epoch, **values, **monitor.throughput(self.step)}
+        record = {"epoch": epoch, **values, **monitor.throughput(self.step), **shares}
         for stat in ("min", "mean", "max"):  # prototype norms from the loss's kappa = ||w_k|| / student_temp
             if f"kappa_{stat}" in values:
                 record[f"proto_norm_{stat}"] = values[f"kappa_{stat}"] * self.cfg.loss.student_temp
@@ -264,6 +284,9 @@ class Trainer:
         if not self.models.fsdp and self.step % every == 0:  # FSDP shards W across ranks: skip the O(K^2 p) count
             record.update(unique_prototypes(self.models.student))
         monitor.log(self.step, record)
+        warning = data_wait.check(self.step, shares[f"{SHARE_PREFIX}data_max"])
+        if warning:
+            monitor.warn(self.step, warning)
         return values
 
     def _check_collapse(self, monitor: Monitor, collapse: CollapseDetector) -> None:

@@ -7,7 +7,7 @@ from dinovmf.config import Config, all_keys, available_presets, config_from_dict
 def test_every_preset_loads_and_round_trips():
     assert {"demo", "vit_s16_in1k", "vit_b16_in1k", "vit_l16_in1k"} <= set(available_presets())
     for name in available_presets():
-        cfg = load_config(name)
+        cfg = load_config(name, ["model.init_from=weights.pth"] if name == "continue" else [])  # it needs weights
         assert config_from_dict(cfg.to_dict()) == cfg
 
 
@@ -55,6 +55,8 @@ def test_yaml_file_then_overrides(tmp_path):
     ("augment.blur_sigma=0,1", "augment.blur_sigma must satisfy 0 < low <= high"),
     ("augment.contrast=-1", "augment.contrast must be >= 0"),
     ("augment.hues=0.5", "did you mean 'augment.hue'"),
+    ("dist.bucket_cap_mb=0", "dist.bucket_cap_mb must be a positive number of MiB"),
+    ("dist.bucket_cap_mb=nan", "dist.bucket_cap_mb must be a positive number of MiB"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -102,3 +104,10 @@ def test_one_definition_of_methods_and_centering_modes():
     with pytest.raises(ValueError, match="loss.centering"):
         load_config(None, ["loss.centering=mean"])
     assert load_config(None, ["model.depth=none"]).model.depth is None  # "none" is null for a non-string field
+
+
+def test_ddp_knobs_are_refused_on_an_fsdp2_run():
+    assert load_config("vit_b16_in1k", ["dist.static_graph=true"]).dist.static_graph  # DDP: accepted
+    for knob in ("dist.bucket_cap_mb=50", "dist.gradient_as_bucket_view=true", "dist.static_graph=true"):
+        with pytest.raises(ValueError, match=rf"{knob.split('=')[0]} is a DDP setting, but this run uses FSDP2"):
+            load_config("vit_l16_in1k", [knob])  # its preset sets dist.fsdp=true

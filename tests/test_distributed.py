@@ -28,7 +28,9 @@ STEPS = 4  # 2 steps per epoch per rank (20 images each at batch 8): crosses an 
 OVERRIDES = [f"steps={STEPS}", "optim.warmup_epochs=0", "optim.freeze_last_layer=1", "train.ckpt_every=1",
              "train.keep_last=10"]
 FREEZE_STEPS = 2
-RUNS = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"]}
+# fsdpv3: FSDP2 on a DINOv3-style backbone (RoPE with its per-rank training rescale, registers, layer scale, SwiGLU)
+DINOV3_STYLE = ["model.pos_encoding=rope", "model.num_register_tokens=2", "model.layerscale_init=0.1", "model.ffn=swiglu"]
+RUNS = {"ddp": ["dist.fsdp=false"], "fsdp": ["dist.fsdp=true"], "fsdpv3": ["dist.fsdp=true", *DINOV3_STYLE]}
 
 # One rank: trains the runs named on the command line (`fsdp_resumed` continues fsdp's step-2 checkpoint;
 # `ddp_nan` feeds rank 1 a NaN batch)
@@ -110,14 +112,14 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(setup, tmp_path_factory):
-    """One 2-process launch: a DDP run, an FSDP2 run, the FSDP2 run resumed from its step-2 checkpoint, and a
-    DDP run whose rank 1 meets a NaN batch."""
+    """One 2-process launch: a DDP run, an FSDP2 run, the FSDP2 run resumed from its step-2 checkpoint, a
+    DDP run whose rank 1 meets a NaN batch, and an FSDP2 run of a DINOv3-style backbone."""
     worker, data = setup
     out = tmp_path_factory.mktemp("runs")
     # --standalone: torchrun's own store binds a free port and keeps it (a port probed here could be taken by
     # another process before torchrun binds it).
     wait_all([torchrun(["--standalone", "--nproc_per_node", "2"], worker, out, data,
-                       ["ddp", "fsdp", "fsdp_resumed", "ddp_nan"])])
+                       ["ddp", "fsdp", "fsdp_resumed", "ddp_nan", "fsdpv3"])])
     return out, data
 
 
@@ -149,6 +151,26 @@ def test_ranks_stay_identical(runs, name):
     out, _ = runs
     assert torch.load(out / name / "rank0.pt")["fsdp"] == (name == "fsdp")
     assert_ranks_identical(out / name)
+
+
+def test_fsdp_shards_and_trains_a_dinov3_style_backbone(runs):
+    """Every block's new parameters (layer scale, q / v biases, SwiGLU) and the RoPE periods are gathered
+    identically on both ranks, trained, and in the checkpoint that a single process loads and exports."""
+    out, _ = runs
+    r0, r1 = (torch.load(out / "fsdpv3" / f"rank{r}.pt") for r in (0, 1))
+    assert r0["fsdp"] and r0["world_size"] == 2
+    for part in ("student", "teacher"):
+        for key in r0[part]:
+            assert torch.equal(r0[part][key], r1[part][key]), f"{part}.{key} differs between ranks"
+    cfg = tiny_config("unused", None, OVERRIDES + RUNS["fsdpv3"])
+    torch.manual_seed(cfg.train.seed)
+    start = build_ssl_model(cfg, 0.0).state_dict()
+    for key in ("backbone.blocks.1.ls2.gamma", "backbone.blocks.0.attn.q_bias", "backbone.blocks.0.mlp.fc1.weight"):
+        assert not torch.equal(r0["student"][key], start[key]), f"{key} did not train"
+    assert torch.equal(r0["student"]["backbone.rope.periods"], start["backbone.rope.periods"])
+    exported = load_backbone(ckpt.latest_checkpoint(out / "fsdpv3" / "checkpoints"))
+    assert exported.pos_encoding == "rope" and torch.equal(exported.blocks[1].ls2.gamma,
+                                                           r0["teacher"]["backbone.blocks.1.ls2.gamma"])
 
 
 def test_fsdp_prototypes_frozen_through_the_freeze_period_then_train(runs):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top, as drawn in DESIGN §4: a module may import from its own layer and the layers below it.
 LAYERS = [
     {"kernels", "_ext"},
-    {"config"},
+    {"config", "architectures"},
     {"serialization", "checkpoint"},
     {"models", "data"},
     {"eval"},
@@ -21,8 +21,8 @@ LAYERS = [
     {"loss", "ibot", "masking", "prototypes"},
     {"objectives"},
     {"trainer", "parallelize", "optim", "schedules", "stopping", "monitor", "distributed",
-     "watchdog", "checkpoint_writer", "run_position"},
-    {"train", "plots"},
+     "watchdog", "checkpoint_writer", "run_position", "step_timing"},
+    {"train", "plots", "plan"},
     {"cli", "commands"},
 ]
 LEVEL = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -33,7 +33,7 @@ def test_benchmarks_and_objective_count_the_same_student():
     cfg = tiny_config("unused")
     trainer = Trainer(cfg, steps_per_epoch=STEPS_PER_EPOCH)
     model, crops = trainer.models.student, synthetic_crops(cfg.crops, 3)
-    student, teacher = build_objective(cfg)._flops(model)
+    student, teacher = build_objective(cfg).forward_flops(model)
     assert bench_model.step_flops(model, crops) == 3 * 3 * student
     assert trainer.objective.flops_per_image(model) == 3 * student + teacher
     # the teacher sees the two global crops only

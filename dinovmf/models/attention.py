@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import apply_rope
+
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
 
@@ -89,31 +91,50 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> t
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (`qkv`, `proj`)."""
+    """Multi-head self-attention with timm's parameter names (`qkv`, `proj`).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+    `mask_k_bias` (with `qkv_bias`): the key bias is fixed at zero, as DINOv3's `LinearKMaskedBias` and
+    timm's Eva: `qkv` has no bias of its own and the query and value biases are the parameters `q_bias`,
+    `v_bias` (timm's names). Without rotation a key bias cancels in the softmax (it adds the same q . b to
+    every score of a row); under RoPE it is rotated per position and would not, so RoPE models mask it.
+    `rope` in forward: (sin, cos) tables [L, head_dim] (`dinovmf.models.rope`) that rotate q and k.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa",
+                 mask_k_bias: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = check_attention_backend(backend)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        separate = qkv_bias and mask_k_bias
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias and not separate)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if separate else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if separate else None
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, _ = x.shape
-        return self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        q, k, v = self._qkv(x, rope)
         out = attend(q, k, v, self.backend)
         return self.proj(out.reshape(x.shape))
 
-    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(x), attention weights [B, H, L, L]), the weights computed explicitly from the same
         q and k the kernels get (SDPA / xformers never return them); for visualisation, not training."""
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rope)
         weights = attention_weights(q, k)
         out = (weights @ v.transpose(1, 2)).transpose(1, 2)
         return self.proj(out.reshape(x.shape)), weights

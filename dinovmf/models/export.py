@@ -1,17 +1,21 @@
-"""Export the teacher backbone of a training checkpoint to safetensors with timm key names.
+"""Export the teacher backbone of a training checkpoint, in our (timm) key names or another layout.
 
 The teacher (the EMA network) is what DINO evaluates and releases. The backbone's parameters already
 carry timm's `vit_base_patch16_224` names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`; `reg_token` with registers),
-so the export strips the wrapper prefix and drops `mask_token`, which only iBOT training uses.
+so the default export strips the wrapper prefix and drops `mask_token`, which only iBOT training uses.
+`layout=` writes the names of another layout of `dinovmf.models.layouts` instead (`timm`: timm's
+register / DINOv3 models; `dinov2`, `dinov3`: the released `.pth` files), so weights that came from one of
+those go back into the code that reads them.
 
-Written next to each other: `OUT.safetensors` (tensors; the config is also in its metadata, so the
-file is self-describing) and `OUT.json` (the config, readable without tooling). Both are written to a
-temporary file and renamed, so an interrupted export never leaves a truncated file under the name.
+Written next to each other: `OUT.safetensors` or `OUT.pth` (a plain dict of tensors, which
+`torch.load(weights_only=True)` reads; a safetensors file also carries the config in its metadata) and
+`OUT.json` (the config and the layout, readable without tooling). Both are written to a temporary file
+and renamed, so an interrupted export never leaves a truncated file under the name.
 
-Layout note for timm users: with registers, `pos_embed` covers CLS + patches only and the registers
-get no position embedding (DINOv2); timm's `reg_tokens` with `no_embed_class=False` expects
-registers inside `pos_embed`, so only register-free exports load into timm's classic ViT as is.
+Layout note for timm users: with registers, our `pos_embed` covers CLS + patches and the registers get
+no position embedding (DINOv2); timm's register models use `no_embed_class` instead, which `layout="timm"`
+writes (the CLS position folded into `cls_token`).
 """
 from __future__ import annotations
 
@@ -23,17 +27,19 @@ from pathlib import Path
 
 import torch
 
-from .vit import LAYER_NORM_EPS, VisionTransformer, build_backbone
+from dinovmf.architectures import OPTION_KEYS
+from dinovmf.serialization import load_torch_file
+
+from .layouts import LAYOUTS, OPTIONAL_KEYS, from_dinovmf, to_dinovmf
+from .vit import VisionTransformer, build_backbone
 
 FORMAT = "dinovmf.vit"
 FORMAT_VERSION = 1
 METADATA_KEY = "dinovmf_config"
-# Parameters used only in training, not part of the exported (timm) layout.
-TRAINING_ONLY_KEYS = ("mask_token",)
 # Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add to state_dict keys.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # build_backbone kwargs that define the architecture (the rest only affect training or kernels).
-ARCHITECTURE_ARGS = ("name", "patch_size", "img_size", "num_register_tokens", "depth")
+ARCHITECTURE_ARGS = ("name", "depth") + OPTION_KEYS
 
 
 def strip_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
@@ -87,16 +93,20 @@ def backbone_config(model: VisionTransformer, arch_args: dict) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "key_layout": "timm vit_base_patch16_224",
         "model_args": {**{"patch_size": model.patch_size, "img_size": model.img_size,
                           "num_register_tokens": model.num_register_tokens}, **arch_args},
         "embed_dim": model.embed_dim,
         "depth": model.depth,
         "num_heads": model.num_heads,
         "mlp_ratio": model.mlp_ratio,
-        "layer_norm_eps": LAYER_NORM_EPS,
+        "layer_norm_eps": model.layer_norm_eps,
+        "layerscale_init": model.layerscale_init,
+        "ffn": model.ffn,
+        "pos_encoding": model.pos_encoding,
+        "qkv_bias": model.qkv_bias,
         "class_token": True,
-        "pos_embed_covers": "cls+patches",  # registers have no position embedding
+        "pos_embed_covers": "cls+patches" if model.pos_embed is not None else None,  # registers have none
+        "pos_embed_antialias": model.pos_embed_antialias,
         "num_classes": 0,
     }
 
@@ -106,7 +116,9 @@ def _uninitialised_backbone(**arch_args) -> VisionTransformer:
     state_dict, so the random initialisation (most of the build time) is skipped."""
     with torch.device("meta"):
         model = build_backbone(**arch_args)
-    return model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu")
+    model.init_buffers()
+    return model
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -135,11 +147,17 @@ def _checkpoint_backbone(ckpt: dict, ckpt_path: Path, which: str,
     return model, arch_args
 
 
-def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                            trust_pickle: bool = False) -> Path:
+EXPORT_SUFFIXES = (".safetensors", ".pth")
+# key_layout values written by earlier versions of the export.
+LEGACY_LAYOUT_NAMES = {"timm vit_base_patch16_224": "dinovmf"}
+
+
+def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
+                            layout: str = "dinovmf", *, trust_pickle: bool = False) -> Path:
     """Write the teacher backbone of training checkpoint `ckpt_path` (a step_N directory or a single-file
-    .pt checkpoint) to `out_path` (.safetensors) and its config to the `.json` beside it; returns the
-    safetensors path. `trust_pickle`: read a .pt file holding more than tensors and plain types.
+    .pt checkpoint) to `out_path` (.safetensors or .pth) in `layout`'s key names
+    (`dinovmf.models.layouts.LAYOUTS`) and its config to the `.json` beside it; returns the weights' path.
+    `trust_pickle`: read a .pt file holding more than tensors and plain types.
 
     The state is loaded into a freshly built backbone first, so a checkpoint whose weights do not
     match its `model_args` fails here with a ValueError instead of producing an unloadable file.
@@ -147,19 +165,24 @@ def export_teacher_backbone(ckpt_path: str | os.PathLike, out_path: str | os.Pat
     from safetensors.torch import save_file
 
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
+    if out_path.suffix not in EXPORT_SUFFIXES:
+        raise ValueError(f"out_path must end in {' or '.join(EXPORT_SUFFIXES)}, got {str(out_path)!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     ckpt = _read_checkpoint(ckpt_path, trust_pickle=trust_pickle)
     model, arch_args = _checkpoint_backbone(ckpt, ckpt_path, "teacher")
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if k not in TRAINING_ONLY_KEYS}
+    tensors = from_dinovmf(model.state_dict(), layout, model)
     config = backbone_config(model, arch_args)
+    config["key_layout"] = layout
     if "step" in ckpt:
         config["step"] = int(ckpt["step"])
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(config)}))
+    if out_path.suffix == ".safetensors":
+        _atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(config)}))
+    else:
+        _atomic_write(out_path, lambda tmp: torch.save(tensors, tmp))
     json_path = out_path.with_suffix(".json")
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return out_path
@@ -172,6 +195,8 @@ def _read_config(path: Path) -> dict:
     json_path = path.with_suffix(".json")
     if json_path.is_file():
         config = json.loads(json_path.read_text())
+    elif path.suffix != ".safetensors":
+        raise ValueError(f"{str(path)!r} has no {json_path.name}; it was not written by export_teacher_backbone")
     else:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -184,18 +209,33 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _export_weights(json_path: Path) -> Path:
+    """The weights file an export's .json describes (.safetensors, else .pth)."""
+    for suffix in EXPORT_SUFFIXES:
+        if json_path.with_suffix(suffix).is_file():
+            return json_path.with_suffix(suffix)
+    return json_path.with_suffix(".safetensors")
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an export (.safetensors / .json, or a .pth with the export's .json beside it)."""
+    path = Path(path)
+    return path.suffix in (".safetensors", ".json") or (path.suffix == ".pth" and path.with_suffix(".json").is_file())
+
+
 def load_backbone(path: str | os.PathLike, which: str = "teacher", attn_backend: str = "sdpa", *,
                   trust_pickle: bool = False) -> VisionTransformer:
-    """A backbone, in eval mode on the CPU, from an export written by `export_teacher_backbone` (.safetensors,
-    or its .json: the teacher) or from a training checkpoint (a step_N directory or a single-file .pt: the
-    `which` network, "teacher" or "student"; `trust_pickle` for a .pt holding more than tensors and plain
-    types). The one loader of `dinovmf eval`, `dinovmf attention` and the Python API."""
+    """A backbone, in eval mode on the CPU, from an export written by `export_teacher_backbone` (.safetensors or
+    .pth with its .json, or the .json: the teacher, in any layout) or from a training checkpoint (a step_N
+    directory or a single-file .pt: the `which` network, "teacher" or "student"; `trust_pickle` for a .pt
+    holding more than tensors and plain types). The one loader of `dinovmf eval`, `dinovmf attention` and the
+    Python API."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
+    if is_export(path):
         if which != "teacher":
             raise ValueError(f"{str(path)!r} is an export, which holds the teacher backbone only; "
                              f"the {which} needs a training checkpoint")
-        return _load_export(path.with_suffix(".safetensors"), attn_backend)
+        return _load_export(_export_weights(path) if path.suffix == ".json" else path, attn_backend)
     model, _ = _checkpoint_backbone(_read_checkpoint(path, which, trust_pickle), path, which, attn_backend)
     return model.eval()
 
@@ -206,19 +246,24 @@ def _load_export(path: Path, attn_backend: str) -> VisionTransformer:
     if not path.is_file():
         raise ValueError(f"backbone file {str(path)!r} does not exist")
     config = _read_config(path)
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    if path.suffix == ".pth":  # tensors only, read without running pickled code
+        state = load_torch_file(path, what="export")
+    else:
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{str(path)!r} is not a readable {path.suffix} file: {e}") from None
+    layout = config.get("key_layout", "dinovmf")
+    state, _ = to_dinovmf(state, LEGACY_LAYOUT_NAMES.get(layout, layout))
     model = _uninitialised_backbone(**config["model_args"], attn_backend=attn_backend)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{str(path)!r} does not match its config {config['model_args']}: {e}") from None
-    missing = [k for k in missing if k not in TRAINING_ONLY_KEYS]
-    if missing or unexpected:
+    if [k for k in missing if k not in OPTIONAL_KEYS] or unexpected:
         raise ValueError(f"{str(path)!r} does not match its config {config['model_args']}: "
                          f"missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        model.mask_token.zero_()  # not exported; its fresh-model value
+    if "mask_token" in missing:
+        with torch.no_grad():
+            model.mask_token.zero_()  # not exported; its fresh-model value
     return model.eval()

@@ -4,9 +4,11 @@
 - a dinovmf training checkpoint (`checkpoints/step_XXXXXXX/`, or a single-file `step_XXXXXXX.pt` of
   earlier versions): its teacher backbone, the EMA network that DINO evaluates and releases;
 - a dinovmf export (`dinovmf export`: `.safetensors` + `.json`, recognised by its safetensors metadata);
-- a timm-layout ViT state dict, `.safetensors` or `.pth` / `.pt`: timm's `VisionTransformer`, the
-  original DINO's backbone release (`dino_deitsmall16_pretrain.pth`) or the `teacher` of a DINO training
-  checkpoint (`checkpoint.pth`), a timm / DeiT training checkpoint (`model`).
+- a ViT state dict, `.safetensors` or `.pth` / `.pt`, in any layout of `dinovmf.models.layouts`: timm's
+  (`VisionTransformer`: classic, `vit_*_patch14_dinov2`, `vit_*_patch14_reg4_dinov2`; `Eva`:
+  `vit_*_patch16_dinov3`), DINOv2's and DINOv3's released `.pth`, the original DINO's backbone release
+  (`dino_deitsmall16_pretrain.pth`) or the `teacher` of a DINO training checkpoint (`checkpoint.pth`), a timm /
+  DeiT training checkpoint (`model`). The layout is detected from the keys and reported.
 
 Heads are never loaded: the DINO head and its prototypes start fresh, so `optim.freeze_last_layer` freezes
 fresh prototypes as in any run. The position embeddings are resampled to the run's patch grid
@@ -15,7 +17,8 @@ fresh prototypes as in any run. The position embeddings are resampled to the run
 Anything that does not fit is an error before training starts, never a silent partial load: a key the
 model has and the file lacks (missing) or the reverse (unexpected) is an `InitKeysError` listing them,
 a tensor of another shape an `InitShapeError` naming it and both shapes; both describe the file's and
-the model's architecture (blocks, width, patch). `ignore` (`model.init_strict=false`
+the model's architecture (blocks, width, patch, FFN, position encoding, registers, layer scale, qkv bias) and
+name the `model.*` overrides that would make the model match the file. `ignore` (`model.init_strict=false`
 `model.init_ignore=[...]`) accepts differences on the keys it names, and only those: such a key keeps
 its fresh initialisation when missing or mis-shaped, and is dropped when unexpected.
 """
@@ -29,7 +32,9 @@ from typing import Sequence
 
 import torch
 
-from .export import METADATA_KEY, TRAINING_ONLY_KEYS, WRAPPER_PREFIXES, strip_prefixes
+from .export import METADATA_KEY, WRAPPER_PREFIXES, strip_prefixes
+from .layouts import OPTIONAL_KEYS, ROPE_PERIODS_KEY, describe, describe_text, match_hint, to_dinovmf
+from .rope import ROPE_BASE
 from .vit import VisionTransformer, resize_pos_embed
 
 # Prefixes around a backbone's keys: DDP / torch.compile wrappers, and the `backbone.` of a training
@@ -39,11 +44,8 @@ PREFIXES = WRAPPER_PREFIXES + ("backbone.",)
 # DINO's and our DINO head (`head.`), iBOT's patch head (ours: `patch_head.`), DINOv2's (`dino_head.`,
 # `ibot_head.`). They are dropped: the run's head starts fresh.
 HEAD_PREFIXES = ("head.", "patch_head.", "dino_head.", "ibot_head.")
-# Source name -> our name, for the names that differ. timm's and the original DINO's ViT already use ours:
-# cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*,
-# norm.*, and timm's registers are `reg_token`. DINOv2 calls its registers `register_tokens` (its layer
-# scale, `blocks.N.ls1.gamma`, has no counterpart here and is reported as unexpected).
-RENAMES = {"register_tokens": "reg_token"}
+# Largest relative difference between a file's RoPE periods and the model's (bfloat16 rounding: 2^-8).
+PERIODS_RTOL = 2 ** -8
 # Checkpoint entries that hold a backbone's state dict, in order of preference: the EMA teacher of a
 # dinovmf or DINO training checkpoint, then timm / DeiT (`model`) and Lightning-style (`state_dict`) ones.
 CONTAINER_KEYS = ("teacher", "model", "state_dict")
@@ -57,13 +59,15 @@ class InitFromError(ValueError):
 class InitKeysError(InitFromError):
     """Backbone keys missing from the file (`missing`) or present only in the file (`unexpected`)."""
 
-    def __init__(self, where: str, architecture: str, missing: list[str], unexpected: list[str]):
+    def __init__(self, where: str, architecture: str, missing: list[str], unexpected: list[str], hint: str = ""):
         self.missing, self.unexpected = missing, unexpected
         lines = [f"{where} does not match this backbone ({architecture}):"]
         if missing:
             lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
         if unexpected:
             lines.append(f"  unexpected in the file ({len(unexpected)}): {_listing(unexpected)}")
+        if hint:
+            lines.append(f"  to build the file's architecture: {hint}")
         lines.append("  to start named keys fresh (missing) or drop them (unexpected): "
                      "model.init_strict=false model.init_ignore=[PATTERN,...]")
         super().__init__("\n".join(lines))
@@ -72,13 +76,15 @@ class InitKeysError(InitFromError):
 class InitShapeError(InitFromError):
     """Tensors whose shape in the file differs from the model's: `mismatches` = [(key, file, model)]."""
 
-    def __init__(self, where: str, architecture: str, mismatches: list[tuple[str, tuple, tuple]]):
+    def __init__(self, where: str, architecture: str, mismatches: list[tuple[str, tuple, tuple]], hint: str = ""):
         self.mismatches = mismatches
         lines = [f"{where} does not fit this backbone ({architecture}): {len(mismatches)} tensor(s) differ "
                  "in shape:"]
         lines += [f"  {key}: file {list(file)}, model {list(model)}" for key, file, model in mismatches[:LISTED]]
         if len(mismatches) > LISTED:
             lines.append(f"  ... ({len(mismatches) - LISTED} more)")
+        if hint:
+            lines.append(f"  to build the file's architecture: {hint}")
         super().__init__("\n".join(lines))
 
 
@@ -96,7 +102,9 @@ def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, s
     path = require_file(path)
     raw, kind = read_weights(path, trust_pickle=trust_pickle)
     where = f"model.init_from {str(path)!r} ({kind})"
-    state, dropped = backbone_state(raw, where)
+    state, dropped, layout = backbone_state(raw, where)
+    if not kind.startswith("dinovmf"):  # a file from elsewhere: say which layout it was read as
+        where = f"model.init_from {str(path)!r} ({kind}, {layout} layout)"
     target = backbone.state_dict()
     resized = _fit_pos_embed(state, backbone)
     patterns = () if strict else tuple(ignore)
@@ -104,16 +112,19 @@ def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, s
     def accepted(key: str) -> bool:
         return any(fnmatchcase(key, p) for p in patterns)
 
-    missing = [k for k in target if k not in state and k not in TRAINING_ONLY_KEYS]
+    missing = [k for k in target if k not in state and k not in OPTIONAL_KEYS]
     unexpected = [k for k in state if k not in target]
     mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in target.items()  # in the model's order
                   if k in state and state[k].shape != v.shape]
-    architecture = _architecture(state, backbone)
+    file_arch, model_arch = describe(state), describe(target)
+    architecture = f"file: {describe_text(file_arch)}; model: {describe_text(model_arch)}"
+    hint = match_hint(file_arch, model_arch)
     refused = [k for k in missing if not accepted(k)], [k for k in unexpected if not accepted(k)]
     if any(refused):
-        raise InitKeysError(where, architecture, *map(_sorted, refused))
+        raise InitKeysError(where, architecture, *map(_sorted, refused), hint=hint)
     if [m for m in mismatched if not accepted(m[0])]:
-        raise InitShapeError(where, architecture, [m for m in mismatched if not accepted(m[0])])
+        raise InitShapeError(where, architecture, [m for m in mismatched if not accepted(m[0])], hint=hint)
+    _check_rope_periods(state, target, where)
 
     # What is left differs only where `ignore` allows it; those keys keep their fresh values (and so does
     # the training-only mask token when the file has none, as an export).
@@ -219,44 +230,55 @@ def _is_state_dict(obj) -> bool:
 
 # ------------------------------------------------------------------------------------------- mapping
 
-def backbone_state(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(the backbone's tensors under our names, the head keys dropped) from a state dict of any layout
-    above: wrapper prefixes stripped, head entries dropped, DINOv2's names renamed (RENAMES)."""
+def backbone_state(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """(the backbone's tensors under our names, the head keys dropped, the file's layout) from a state dict of
+    any layout above: wrapper prefixes stripped, head entries dropped, the layout detected and mapped to our
+    names (`dinovmf.models.layouts`)."""
     state, dropped, origin = {}, [], {}
     for key, value in raw.items():
         name = strip_prefixes(key, PREFIXES)
         if name.startswith(HEAD_PREFIXES):
             dropped.append(key)
             continue
-        name = RENAMES.get(name, name)
         if name in state:  # e.g. a student and a teacher in one flat dict: which one is meant?
             raise InitFromError(f"{where}: {origin[name]!r} and {key!r} both map to {name!r}")
         state[name], origin[name] = value, key
-    return state, dropped
+    try:
+        state, layout = to_dinovmf(state)
+    except ValueError as e:  # an unknown layout, or a DINOv3 file this backbone cannot represent
+        raise InitFromError(f"{where}: {e}") from None
+    return state, dropped, layout
+
+
+def _check_rope_periods(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str) -> None:
+    """A file's RoPE periods (DINOv3 stores them) must be the model's up to bfloat16 rounding: other periods
+    mean another RoPE base, which no key or shape would reveal."""
+    periods, ours = state.get(ROPE_PERIODS_KEY), target.get(ROPE_PERIODS_KEY)
+    if periods is None or ours is None or periods.shape != ours.shape:
+        return
+    worst = float(((periods.double() - ours.double()).abs() / ours.double()).max())
+    if worst > PERIODS_RTOL:
+        raise InitFromError(f"{where}: the file's RoPE periods differ from this backbone's by up to {worst:.1%} "
+                            f"(another RoPE base than {ROPE_BASE:g}?); file {periods.tolist()[:4]}..., "
+                            f"model {ours.tolist()[:4]}...")
 
 
 def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: VisionTransformer) -> str:
     """Resample the file's `pos_embed` (CLS + a square patch grid) to the backbone's grid in place; returns
-    a note for the report. Anything else (another width, no CLS position) is left to the shape check."""
-    pos, want = state.get("pos_embed"), backbone.pos_embed.shape
-    if pos is None or pos.ndim != 3 or pos.shape == want or pos.shape[-1] != want[-1]:
+    a note for the report. Anything else (another width, no CLS position, a RoPE backbone) is left to the
+    key and shape checks."""
+    pos = state.get("pos_embed")
+    if pos is None or backbone.pos_embed is None:
+        return ""
+    want = backbone.pos_embed.shape
+    if pos.ndim != 3 or pos.shape == want or pos.shape[-1] != want[-1]:
         return ""
     side = int(round((pos.shape[1] - 1) ** 0.5))
     if side < 1 or side * side != pos.shape[1] - 1:
         return ""
     grid = backbone.patch_embed.grid_size
-    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid))
+    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid), backbone.pos_embed_antialias)
     return f"pos_embed resized from a {side}x{side} to a {grid}x{grid} patch grid"
-
-
-def _architecture(state: dict[str, torch.Tensor], backbone: VisionTransformer) -> str:
-    """'file: 12 blocks, width 384, patch 16; model: ...' for the errors (a wrong preset shows at once)."""
-    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
-    width = state["cls_token"].shape[-1] if "cls_token" in state else "?"
-    proj = state.get("patch_embed.proj.weight")
-    patch = proj.shape[-1] if proj is not None and proj.ndim == 4 else "?"
-    return (f"file: {len(blocks)} blocks, width {width}, patch {patch}; model: {backbone.depth} blocks, "
-            f"width {backbone.embed_dim}, patch {backbone.patch_size}")
 
 
 def _sorted(keys) -> list[str]:

@@ -4,11 +4,13 @@
 the student and the teacher with it, tests and studies rebuild the step-0 weights with it (same seed, same
 draw), and `model_args(cfg)` is what a checkpoint records so `dinovmf export` can rebuild the backbone.
 `cfg` is a `dinovmf.config.Config`; only its `method`, `model.*`, `crops.global_size`, `ibot.*` and the
-derived `norm_last_layer` / `patch_out_dim` are read.
+derived `backbone` / `norm_last_layer` / `patch_out_dim` are read.
 """
 from __future__ import annotations
 
 from torch import nn
+
+from dinovmf.architectures import resolve_arch
 
 from .head import DINOHead
 from .multicrop import MultiCropWrapper
@@ -46,12 +48,21 @@ class SSLModel(MultiCropWrapper):
 
 
 def model_args(cfg) -> dict:
-    """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it).
-    `depth` only when it overrides the architecture's, so standard models keep the standard args."""
-    args = {"name": cfg.model.arch, "patch_size": cfg.model.patch_size, "img_size": cfg.crops.global_size,
-            "num_register_tokens": cfg.model.num_register_tokens}
+    """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it): the
+    architecture's name, the resolved patch size, position grid (`img_size`) and registers; `depth` only when
+    it overrides the architecture's and the other options (layer scale, FFN, position encoding, qkv bias) only
+    where the config sets them to another value than the architecture's, so standard models keep the
+    standard args."""
+    options, defaults = cfg.backbone, resolve_arch(cfg.model.arch)[1]
+    args = {"name": cfg.model.arch, "patch_size": options.patch_size,
+            "img_size": options.img_size or cfg.crops.global_size,
+            "num_register_tokens": options.num_register_tokens}
     if cfg.model.depth is not None:
         args["depth"] = cfg.model.depth
+    for key in ("layerscale_init", "ffn", "pos_encoding", "qkv_bias"):
+        if getattr(options, key) != getattr(defaults, key):
+            value = getattr(options, key)
+            args[key] = 0 if key == "layerscale_init" and value is None else value  # 0: off, as the config
     return args
 
 
