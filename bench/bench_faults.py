@@ -126,7 +126,7 @@ def lr_collapse(base: Path) -> dict:
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     log_k = math.log(256)
     at_ln_k = [r["step"] for r in records if r["kind"] == "train" and abs(r["loss"] - log_k) < 1e-3]
-    warned = [r["step"] for r in records if r["kind"] == "warning"]
+    warned = [r["step"] for r in records if r["kind"] == "warning" and r.get("warning") == "collapse"]
     nan = [r["step"] for r in records if r["kind"] == "error"]
     return {"fault": "lr_1e4_collapse", "dist_timeout_s": float("nan"),
             "steps_redone": float("nan"), "seconds_to_detect": float("nan"), "seconds_to_train": float("nan"),

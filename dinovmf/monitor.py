@@ -310,11 +310,12 @@ class Monitor:
         else:
             print(text, file=self.stream, flush=True)
 
-    def warn(self, step: int, text: str) -> None:
-        """Print a warning and keep it in metrics.jsonl (kind "warning"), where tests and plots find it."""
+    def warn(self, step: int, text: str, *, what: str) -> None:
+        """Print a warning and keep it in metrics.jsonl (kind "warning", `what` under "warning": e.g.
+        "collapse", "data_wait"), where tests, studies and plots find it."""
         if self.enabled:
             self.message(f"WARNING: {text}")
-            self.log(step, {"message": text}, kind="warning")
+            self.log(step, {"message": text, "warning": what}, kind="warning")
 
     def close(self) -> None:
         if self.bar is not None:

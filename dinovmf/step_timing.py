@@ -298,11 +298,16 @@ class DataWaitCheck:
     def __init__(self, cfg, loader, threshold: float = DATA_WAIT_WARN_SHARE):
         self.cfg, self.loader, self.threshold = cfg, loader, threshold
         self.warned = False
+        self.windows = 0
 
     def check(self, step: int, share: float) -> str | None:
+        """The warning for a log window whose data-wait share is `share`, or None. The run's first window
+        never warns: it holds the loader's start-up (worker processes, the first epoch's compilation, the
+        first batch's latency), which no loader setting shortens."""
         from dinovmf.data.loader import default_num_workers
 
-        if self.warned or not share > self.threshold:
+        self.windows += 1
+        if self.warned or self.windows == 1 or not share > self.threshold:
             return None
         self.warned = True
         cfg = self.cfg

@@ -286,7 +286,7 @@ class Trainer:
         monitor.log(self.step, record)
         warning = data_wait.check(self.step, shares[f"{SHARE_PREFIX}data_max"])
         if warning:
-            monitor.warn(self.step, warning)
+            monitor.warn(self.step, warning, what="data_wait")
         return values
 
     def _check_collapse(self, monitor: Monitor, collapse: CollapseDetector) -> None:
@@ -298,7 +298,7 @@ class Trainer:
         nan = float("nan")
         warning = collapse.check(seen["step"], seen.get("teacher_entropy", nan), seen.get("student_entropy", nan))
         if warning:
-            monitor.warn(seen["step"], warning)
+            monitor.warn(seen["step"], warning, what="collapse")
 
     def teacher_backbone(self) -> torch.nn.Module | None:
         """The teacher's backbone as a plain module, e.g. for kNN evaluation. Under FSDP2 its full weights

@@ -216,7 +216,8 @@ def train_and_evaluate(cfg, out_dir: Path, data, more_metrics=None) -> dict:
                                   for r in train_records for v in r.values())
     row = {
         "steps_completed": last.get("step", 0), "wall_s": round(wall, 1),
-        "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" for r in records),
+        "nan_seen": nan_seen, "collapse_warning": any(r.get("kind") == "warning" and r.get("warning") == "collapse"
+                                                  for r in records),
         "final_loss": last.get("loss", float("nan")), "teacher_entropy": last.get("teacher_entropy", float("nan")),
         "error": error, **{k: float("nan") for k in EVAL_KEYS}, "evaluated_step": 0,
     }
