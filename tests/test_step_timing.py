@@ -155,7 +155,7 @@ def test_a_slow_loader_and_checkpoints_show_in_the_run_log(tmp_path):
             == pytest.approx(1.0)
         # the monitor's window and the timing's are the same window
         assert window == pytest.approx(2 * r["step_time_s"], rel=0.05)
-    warnings = read_records(tmp_path / "run", kind="warning")
+    warnings = [r for r in read_records(tmp_path / "run", kind="warning") if r["warning"] == "data_wait"]
     assert len(warnings) == 1 and "waited for data" in warnings[0]["message"]
 
 

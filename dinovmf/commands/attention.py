@@ -5,7 +5,7 @@ import argparse
 import sys
 
 EPILOG = """examples:
-  dinovmf attention runs/demo/checkpoints/step_0000744.pt photo.jpg --out attn --image-size 64 --threshold 0.6
+  dinovmf attention runs/demo/checkpoints/step_0000744 photo.jpg --out attn --image-size 64 --threshold 0.6
   dinovmf attention vit_b16.safetensors images/ --out attn     # a folder: every image in it
 """
 
