@@ -24,7 +24,6 @@ loop waiting only for the copy of its shard into host memory).
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {str(TESTS)!r})
 from test_checkpoint_resharding import fit_recording, RESUMES
-from dinovmf.distributed import init_distributed
+from dinovmf.distributed import cleanup, init_distributed
 
 out, data = Path(sys.argv[1]), sys.argv[2]
 info = init_distributed("gloo")
 for name in sys.argv[3:]:
     fit_recording(out, data, name, info, RESUMES.get(name))
+cleanup()  # every process group destroyed before the interpreter exits (gloo aborts at exit otherwise)
 """
 
 

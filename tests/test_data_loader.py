@@ -13,7 +13,7 @@ from PIL import Image
 from dinovmf.config import AugmentConfig, CropsConfig
 from dinovmf.data import EvalLoader, MultiCropLoader, epoch_order
 from dinovmf.data import loader as loader_module
-from dinovmf.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment_reference, to_float_nchw
+from dinovmf.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinovmf.data.embedded import CLASSES, render_image
 
 N_IMAGES, BATCH = 64, 8

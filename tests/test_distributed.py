@@ -43,7 +43,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 sys.path.insert(0, {str(TESTS)!r})
 from _train_utils import HookedLoader, tiny_config
-from dinovmf.distributed import init_distributed
+from dinovmf.distributed import cleanup, init_distributed
 from dinovmf.stopping import NonFiniteLossError
 from dinovmf.train import build_train_loader
 from dinovmf.trainer import Trainer
@@ -72,6 +72,7 @@ for name in sys.argv[3:]:
                 "teacher": get_model_state_dict(trainer.models.teacher, options=full),
                 "center": trainer.objective.state_dict(), "world_size": info.world_size,
                 "fsdp": trainer.models.fsdp}}, out / name / f"rank{{info.rank}}.pt")
+cleanup()  # every process group destroyed before the interpreter exits (gloo aborts at exit otherwise)
 """
 
 

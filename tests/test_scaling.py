@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _train_utils import read_records, tiny_config, write_image_folder
+from _train_utils import read_records, write_image_folder
 from test_distributed import torchrun, wait_all
 
 TESTS = Path(__file__).resolve().parent
@@ -28,7 +28,7 @@ from _train_utils import HookedLoader, tiny_config
 from bench.bench_scaling import measure
 from dinovmf import plan as P
 from dinovmf.data.synthetic import synthetic_crops
-from dinovmf.distributed import init_distributed
+from dinovmf.distributed import cleanup, init_distributed
 from dinovmf.train import build_train_loader
 from dinovmf.trainer import Trainer
 
@@ -59,6 +59,7 @@ Trainer(cfg, out / "straggler", steps_per_epoch=len(loader)).fit(HookedLoader(lo
 
 result["bench"] = measure(tiny_config(data, None, {BASE!r}), steps=2, warmup=1, blocks=1)
 (out / f"rank{{info.rank}}.json").write_text(json.dumps(result))
+cleanup()  # every process group (DDP's, the checkpoint writer's) destroyed before the interpreter exits
 """
 
 

@@ -7,7 +7,7 @@ import math
 import time
 
 import pytest
-from _train_utils import HookedLoader, fit, read_records, tiny_config, write_image_folder
+from _train_utils import fit, read_records, tiny_config, write_image_folder
 
 from dinovmf import step_timing
 from dinovmf.monitor import Monitor
