@@ -9,10 +9,11 @@ architecture's value; one that is set overrides it (`model.arch=dinov2_vits14 mo
 Sources of the preset values (the hub entry points that build the released models):
 - DINOv2, facebookresearch/dinov2 `hubconf` / `dinov2/hub/backbones.py`: patch 14, `img_size=518` (a learned
   37 x 37 position grid), `init_values=1e-5` (layer scale), MLP FFN (SwiGLU only for ViT-g), qkv bias,
-  LayerNorm eps 1e-6, `num_register_tokens=4` for the `_reg` models. Other crop sizes resample the position
-  grid bicubically with antialiasing, as DINOv2's `_reg` hub models (`interpolate_antialias=True`,
-  `interpolate_offset=0`) and timm's ports do (DINOv2's hub models without registers use a `scale_factor`
-  with a +0.1 offset instead, which is not reproduced).
+  LayerNorm eps 1e-6, `num_register_tokens=4` for the `_reg` models; ViT-g/14 (`vit_giant2`: 1536 wide, 40
+  blocks, 24 heads) with the fused SwiGLU FFN. Other crop sizes resample the position grid bicubically with
+  antialiasing, as DINOv2's `_reg` hub models (`interpolate_antialias=True`, `interpolate_offset=0`) and timm's
+  ports do. DINOv2's hub models without registers resample with a `scale_factor` of (n + 0.1) / 37 and no
+  antialiasing instead (DINO's historical kludge): `model.pos_embed_resample=offset` reproduces them.
 - DINOv3, facebookresearch/dinov3 `dinov3/hub/backbones.py` (`dinov3_vits16` .. `dinov3_vitl16`): patch 16,
   RoPE (base 100, coordinates normalised per axis, rescaled by a log-uniform factor in [1/2, 2] while
   training), `layerscale_init=1e-5`, MLP FFN, qkv bias with the key bias masked (`mask_k_bias=True`),
@@ -25,6 +26,10 @@ from dataclasses import dataclass
 
 FFN_KINDS = ("mlp", "swiglu")
 POS_ENCODINGS = ("learned", "rope")
+# How learned position embeddings are resampled to another patch grid (`VisionTransformer`): bicubic to the
+# exact size; the same with antialiasing (timm, DINOv2's `_reg` hub models); or DINO's kludge, a scale factor
+# of (n + 0.1) / grid without antialiasing (the original DINO's ViT, DINOv2's hub models without registers).
+POS_RESAMPLINGS = ("exact", "antialias", "offset")
 LAYER_NORM_EPS = 1e-6  # DINO, timm and DINOv2 use 1e-6, not PyTorch's 1e-5
 
 
@@ -42,6 +47,7 @@ ARCHITECTURES = {
     "vit_small": ViTArch(384, 12, 6),
     "vit_base": ViTArch(768, 12, 12),
     "vit_large": ViTArch(1024, 24, 16),
+    "vit_giant2": ViTArch(1536, 40, 24),  # DINOv2's name; its presets add the SwiGLU FFN it was trained with
 }
 
 
@@ -56,7 +62,7 @@ class BackboneOptions:
     pos_encoding: str = "learned"          # learned (added, interpolated per crop) | rope (DINOv3's 2-D RoPE)
     qkv_bias: bool = True                  # with rope the key bias is masked (always zero), as DINOv3 and timm
     layer_norm_eps: float = LAYER_NORM_EPS
-    pos_embed_antialias: bool = False      # resample learned position embeddings with antialiasing (DINOv2, timm)
+    pos_embed_resample: str = "exact"      # exact | antialias (DINOv2, timm) | offset (DINO): POS_RESAMPLINGS
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class BackbonePreset:
     options: BackboneOptions
 
 
-_DINOV2 = BackboneOptions(patch_size=14, img_size=518, layerscale_init=1e-5, pos_embed_antialias=True)
+_DINOV2 = BackboneOptions(patch_size=14, img_size=518, layerscale_init=1e-5, pos_embed_resample="antialias")
 _DINOV2_REG4 = dataclasses.replace(_DINOV2, num_register_tokens=4)
+_DINOV2_GIANT = dataclasses.replace(_DINOV2, ffn="swiglu")
 _DINOV3 = BackboneOptions(patch_size=16, num_register_tokens=4, layerscale_init=1e-5, pos_encoding="rope",
                           layer_norm_eps=1e-5)
 
@@ -77,13 +84,15 @@ BACKBONE_PRESETS = {
     "dinov2_vits14_reg4": BackbonePreset("vit_small", _DINOV2_REG4),
     "dinov2_vitb14_reg4": BackbonePreset("vit_base", _DINOV2_REG4),
     "dinov2_vitl14_reg4": BackbonePreset("vit_large", _DINOV2_REG4),
+    "dinov2_vitg14": BackbonePreset("vit_giant2", _DINOV2_GIANT),
+    "dinov2_vitg14_reg4": BackbonePreset("vit_giant2", dataclasses.replace(_DINOV2_GIANT, num_register_tokens=4)),
     "dinov3_vits16": BackbonePreset("vit_small", _DINOV3),
     "dinov3_vitb16": BackbonePreset("vit_base", _DINOV3),
     "dinov3_vitl16": BackbonePreset("vit_large", _DINOV3),
 }
 # The options a `model.*` config key (and a build_backbone argument) may override; the epsilon is the preset's.
 OPTION_KEYS = ("patch_size", "img_size", "num_register_tokens", "layerscale_init", "ffn", "pos_encoding",
-               "qkv_bias")
+               "qkv_bias", "pos_embed_resample")
 
 
 def arch_names() -> list[str]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from dinovmf.architectures import FFN_KINDS, OPTION_KEYS, POS_ENCODINGS, BackboneOptions, arch_names, resolve_arch
+from dinovmf.architectures import (FFN_KINDS, OPTION_KEYS, POS_ENCODINGS, POS_RESAMPLINGS, BackboneOptions, arch_names,
+                                   resolve_arch)
 from dinovmf.kernels.common import CENTERING_MODES
 
 METHODS = ("dino", "dino_vmf", "ibot_vmf")
@@ -39,9 +40,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # A size (vit_tiny, vit_small, vit_base, vit_large) or a backbone preset (dinov2_vits14[_reg4], dinov2_vitb14,
-    # dinov2_vitl14, dinov3_vits16, dinov3_vitb16, dinov3_vitl16: dinovmf.architectures). The backbone options
-    # below left at null take the architecture's value (a size: the classic ViT; a preset: the released model's).
+    # A size (vit_tiny, vit_small, vit_base, vit_large, vit_giant2) or a backbone preset (dinov2_vits14[_reg4],
+    # dinov2_vitb14, dinov2_vitl14, dinov2_vitg14, dinov3_vits16, dinov3_vitb16, dinov3_vitl16:
+    # dinovmf.architectures). The backbone options below left at null take the architecture's value (a size: the
+    # classic ViT; a preset: the released model's).
     arch: str = "vit_small"
     depth: int | None = None         # number of blocks; None: the architecture's (12, or 24 for vit_large)
     patch_size: int | None = None    # None: 16, or the preset's (DINOv2: 14)
@@ -54,6 +56,9 @@ class ModelConfig:
     ffn: str | None = None           # mlp | swiglu (DINOv2's fused sizing); None: the architecture's (mlp)
     pos_encoding: str | None = None  # learned | rope (DINOv3's 2-D RoPE); None: the architecture's
     qkv_bias: bool | None = None     # None: the architecture's (true); with rope the key bias is masked (DINOv3)
+    # How learned positions are resampled for other crop sizes: exact | antialias (DINOv2 presets, timm) | offset
+    # (DINO's +0.1 kludge: the original DINO ViT and DINOv2's hub models without registers); None: the arch's
+    pos_embed_resample: str | None = None
     out_dim: int = 65536             # K, the number of prototypes
     hidden_dim: int = 2048
     bottleneck_dim: int = 256        # p, the sphere the prototypes live on
@@ -501,7 +506,8 @@ def _validate_backbone(cfg: Config) -> None:
     if m.layerscale_init is not None and not (math.isfinite(m.layerscale_init) and m.layerscale_init >= 0):
         raise ValueError(f"config: model.layerscale_init must be > 0 (0: no layer scale; null: the architecture's), "
                          f"got {m.layerscale_init}")
-    for key, kinds in (("ffn", FFN_KINDS), ("pos_encoding", POS_ENCODINGS)):
+    kinds_of = {"ffn": FFN_KINDS, "pos_encoding": POS_ENCODINGS, "pos_embed_resample": POS_RESAMPLINGS}
+    for key, kinds in kinds_of.items():
         if getattr(m, key) is not None and getattr(m, key) not in kinds:
             raise ValueError(f"config: model.{key} must be one of {kinds} (or null for the architecture's), "
                              f"got {getattr(m, key)!r}")

@@ -39,6 +39,8 @@ PUBLISHED = {  # preset: (timm model, Params (M) on its card, timm's exact count
     "dinov2_vits14_reg4": ("vit_small_patch14_reg4_dinov2", 22.1, 22_057_344),
     "dinov2_vitb14_reg4": ("vit_base_patch14_reg4_dinov2", 86.6, 86_582_016),
     "dinov2_vitl14_reg4": ("vit_large_patch14_reg4_dinov2", 304.4, 304_370_688),
+    "dinov2_vitg14": ("vit_giant_patch14_dinov2", 1136.5, 1_136_479_232),
+    "dinov2_vitg14_reg4": ("vit_giant_patch14_reg4_dinov2", 1136.5, 1_136_483_840),
     "dinov3_vits16": ("vit_small_patch16_dinov3_qkvb", 21.6, 21_596_160),
     "dinov3_vitb16": ("vit_base_patch16_dinov3_qkvb", 85.7, 85_659_648),
     "dinov3_vitl16": ("vit_large_patch16_dinov3_qkvb", 303.1, 303_128_576),
@@ -253,14 +255,52 @@ def test_attention_maps_include_rope_and_leave_registers_out():
 def test_dinov2_presets_resample_their_37x37_grid_with_antialiasing_as_timm():
     from dinovmf.architectures import resolve_arch
 
-    assert all(resolve_arch(name)[1].pos_embed_antialias == name.startswith("dinov2") for name in BACKBONE_PRESETS)
+    assert all((resolve_arch(name)[1].pos_embed_resample == "antialias") == name.startswith("dinov2")
+               for name in BACKBONE_PRESETS)
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=518, patch_size=14, embed_dim=32, depth=1, num_heads=2, pos_embed_antialias=True)
+    model = VisionTransformer(img_size=518, patch_size=14, embed_dim=32, depth=1, num_heads=2,
+                              pos_embed_resample="antialias")
     grid = model.pos_embed[:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(16, 7), mode="bicubic", align_corners=False, antialias=True)
     got = model.interpolate_pos_encoding(16, 7)
     assert torch.equal(got[:, 0], model.pos_embed[:, 0])
     torch.testing.assert_close(got[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 16 * 7, 32), rtol=0, atol=0)
+
+
+def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, npatch: int) -> torch.Tensor:
+    """The oracle: the original DINO's `interpolate_pos_encoding` (DINOv2's models without registers keep it as
+    `interpolate_offset=0.1`), its arithmetic as written there, for a square crop of npatch x npatch patches:
+    the learned sqrt(N) x sqrt(N) grid scaled by (npatch + 0.1) / sqrt(N), bicubic, no antialiasing."""
+    N, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    w0 = h0 = npatch + 0.1  # "add a small number to avoid floating point error in the interpolation"
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
+    assert patch_pos_embed.shape[-2:] == (npatch, npatch)
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("img_size, patch, sizes", [(518, 14, (224, 98)), (224, 16, (96, 160))])
+def test_offset_resampling_reproduces_dino_and_dinov2_without_registers(img_size, patch, sizes):
+    """`pos_embed_resample=offset` is DINO's +0.1 kludge bit for bit (DINOv2 ViT-S/14's 37 x 37 grid at 224 and
+    98 px; DINO ViT-S/16's 14 x 14 at its 96 px local crop and a larger one), and it is not what the exact or the
+    antialiased resampling give: the option changes the features."""
+    torch.manual_seed(0)
+    models = {how: VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=32, depth=1, num_heads=2,
+                                     pos_embed_resample=how) for how in ("offset", "exact", "antialias")}
+    for model in models.values():
+        model.load_state_dict(models["offset"].state_dict())
+    for size in sizes:
+        n = size // patch
+        got = models["offset"].interpolate_pos_encoding(n, n)
+        torch.testing.assert_close(got, dino_interpolate_pos_encoding(models["offset"].pos_embed, n), rtol=0, atol=0)
+        for other in ("exact", "antialias"):
+            assert (got - models[other].interpolate_pos_encoding(n, n)).abs().max() > 1e-3, (size, other)
+    assert models["offset"].interpolate_pos_encoding(5, 3).shape == (1, 1 + 15, 32)  # not square: rows, cols kept
+    with pytest.raises(ValueError, match="pos_embed_resample must be one of"):
+        VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos_embed_resample="bilinear")
 
 
 # ------------------------------------------------------------------------------------ config and training
@@ -269,6 +309,7 @@ def test_dinov2_presets_resample_their_37x37_grid_with_antialiasing_as_timm():
     ("model.arch=dinov2-vits14", "did you mean 'dinov2_vits14'"),
     ("model.ffn=geglu", "model.ffn must be one of"),
     ("model.pos_encoding=sincos", "model.pos_encoding must be one of"),
+    ("model.pos_embed_resample=nearest", "model.pos_embed_resample must be one of"),
     ("model.layerscale_init=-1", "model.layerscale_init must be > 0"),
     ("model.num_register_tokens=-1", "model.num_register_tokens must be >= 0"),
     ("model.arch=dinov2_vits14", "crops.local_size (96) must be a multiple of the patch size (14"),
@@ -292,6 +333,18 @@ def test_presets_resolve_their_options_and_keys_override_them():
     with torch.device("meta"):
         model = build_backbone(**args)
     assert model.layerscale_init is None and model.pos_encoding == "rope" and model.layer_norm_eps == 1e-5
+    cfg = load_config(None, ["model.arch=dinov2_vitg14", "model.pos_embed_resample=offset", "crops.local_size=98"])
+    assert (cfg.backbone.ffn, cfg.backbone.pos_embed_resample) == ("swiglu", "offset")
+    args = model_args(cfg)
+    assert args == {"name": "dinov2_vitg14", "patch_size": 14, "img_size": 518, "num_register_tokens": 0,
+                    "pos_embed_resample": "offset"}
+    with torch.device("meta"):
+        model = build_backbone(**args)
+    assert (model.embed_dim, model.depth, model.num_heads, model.ffn, model.pos_embed_resample) == \
+        (1536, 40, 24, "swiglu", "offset")
+    # DINO's and iBOT's recipes resample positions for their 96 px crops as DINO's ViT did
+    assert all(load_config(name).backbone.pos_embed_resample == "offset"
+               for name in ("vit_s16_in1k", "vit_b16_in1k", "ibot_vmf_vit_s16_in1k"))
 
 
 def test_ibot_training_resume_and_knn_run_on_a_dinov3_style_backbone(tmp_path):

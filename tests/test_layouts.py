@@ -217,3 +217,18 @@ def test_train_starts_from_a_dinov2_release_with_a_preset_like_config(tmp_path, 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "(state dict, dinov2 layout): loaded 36 of the backbone's 36 tensors" in out, out
+
+
+def test_a_dinov2_model_without_registers_names_the_resampling_that_reproduces_it(tmp_path):
+    """DINOv2's ViT-S/B/L/g without registers resample positions with DINO's +0.1 offset; timm's port and the
+    presets do not, and the keys cannot tell the two files apart: loading one says which option reproduces
+    DINOv2's own model, and says nothing once it is set or for a register model."""
+    args = {"name": "vit_tiny", "depth": 1, "patch_size": 14, "img_size": 518, "layerscale_init": 1e-5}
+    path = tmp_path / "dinov2_vits14_like.pth"
+    torch.save(source(args).state_dict(), path)
+    hint = "model.pos_embed_resample=offset reproduces DINOv2's features there"
+    assert hint in load_init_weights(build_backbone(**args, pos_embed_resample="antialias"), path)
+    assert hint not in load_init_weights(build_backbone(**args, pos_embed_resample="offset"), path)
+    reg = {**args, "num_register_tokens": 4}
+    torch.save(dinov2_file(source(reg)), tmp_path / "reg4.pth")
+    assert hint not in load_init_weights(build_backbone(**reg, pos_embed_resample="antialias"), tmp_path / "reg4.pth")

@@ -28,6 +28,7 @@ import torch
 MODELS = {
     "vit_small_patch14_dinov2": ({"name": "dinov2_vits14"}, (518, 224)),
     "vit_small_patch14_reg4_dinov2": ({"name": "dinov2_vits14_reg4"}, (518, 224)),
+    "vit_giant_patch14_dinov2": ({"name": "dinov2_vitg14"}, (518, 224)),  # SwiGLU (timm: packed GluMlp)
     "vit_small_patch16_dinov3_qkvb": ({"name": "dinov3_vits16"}, (224, 96)),
     "vit_small_patch16_dinov3": ({"name": "dinov3_vits16", "qkv_bias": False}, (224, 96)),
     "vit_base_patch16_dinov3_qkvb": ({"name": "dinov3_vitb16"}, (224, 96)),

@@ -106,7 +106,7 @@ def backbone_config(model: VisionTransformer, arch_args: dict) -> dict:
         "qkv_bias": model.qkv_bias,
         "class_token": True,
         "pos_embed_covers": "cls+patches" if model.pos_embed is not None else None,  # registers have none
-        "pos_embed_antialias": model.pos_embed_antialias,
+        "pos_embed_resample": model.pos_embed_resample,
         "num_classes": 0,
     }
 

@@ -134,6 +134,10 @@ def load_init_weights(backbone: VisionTransformer, path: str | os.PathLike, *, s
     notes = [f"{where}: loaded {len(loaded)} of the backbone's {len(target)} tensors"]
     if resized:
         notes.append(resized)
+    if _dinov2_without_registers(state) and backbone.pos_embed_resample != "offset":
+        notes.append("a DINOv2 model without registers: DINOv2's own code resamples its positions for other crop "
+                     "sizes with DINO's +0.1 offset (timm's port does not); model.pos_embed_resample=offset "
+                     "reproduces DINOv2's features there")
     if fresh:
         notes.append(f"kept fresh: {_listing(_sorted(fresh))}")
     if unexpected:
@@ -277,8 +281,17 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: VisionTransformer) 
     if side < 1 or side * side != pos.shape[1] - 1:
         return ""
     grid = backbone.patch_embed.grid_size
-    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid), backbone.pos_embed_antialias)
+    state["pos_embed"] = resize_pos_embed(pos, (side, side), (grid, grid), backbone.pos_embed_resample)
     return f"pos_embed resized from a {side}x{side} to a {grid}x{grid} patch grid"
+
+
+def _dinov2_without_registers(state: dict[str, torch.Tensor]) -> bool:
+    """Layer scale, patch 14, a 37 x 37 position grid with a CLS slot and no registers: DINOv2's ViT-S/B/L/g
+    without registers, in its hub layout or timm's (the keys do not tell them apart, their resampling does)."""
+    pos, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    return ("blocks.0.ls1.gamma" in state and "reg_token" not in state and patch is not None
+            and tuple(patch.shape[-2:]) == (14, 14) and pos is not None and pos.ndim == 3
+            and pos.shape[1] == 1 + 37 * 37)
 
 
 def _sorted(keys) -> list[str]:

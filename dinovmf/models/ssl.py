@@ -50,16 +50,16 @@ class SSLModel(MultiCropWrapper):
 def model_args(cfg) -> dict:
     """The `build_backbone` kwargs of this config, kept in every checkpoint (`dinovmf export` reads it): the
     architecture's name, the resolved patch size, position grid (`img_size`) and registers; `depth` only when
-    it overrides the architecture's and the other options (layer scale, FFN, position encoding, qkv bias) only
-    where the config sets them to another value than the architecture's, so standard models keep the
-    standard args."""
+    it overrides the architecture's and the other options (layer scale, FFN, position encoding, qkv bias,
+    position resampling) only where the config sets them to another value than the architecture's, so standard
+    models keep the standard args."""
     options, defaults = cfg.backbone, resolve_arch(cfg.model.arch)[1]
     args = {"name": cfg.model.arch, "patch_size": options.patch_size,
             "img_size": options.img_size or cfg.crops.global_size,
             "num_register_tokens": options.num_register_tokens}
     if cfg.model.depth is not None:
         args["depth"] = cfg.model.depth
-    for key in ("layerscale_init", "ffn", "pos_encoding", "qkv_bias"):
+    for key in ("layerscale_init", "ffn", "pos_encoding", "qkv_bias", "pos_embed_resample"):
         if getattr(options, key) != getattr(defaults, key):
             value = getattr(options, key)
             args[key] = 0 if key == "layerscale_init" and value is None else value  # 0: off, as the config

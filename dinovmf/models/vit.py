@@ -11,8 +11,9 @@ Parameters carry timm's names (`cls_token`, `pos_embed`, `patch_embed.proj`, `bl
 - a SwiGLU FFN (`ffn="swiglu"`: DINOv2's `SwiGLUFFNFused` sizing, packed `mlp.fc1` = DINOv2's `w12`);
 - DINOv3's 2-D RoPE (`pos_encoding="rope"`: no `pos_embed`; q and k of the patch tokens rotated in every
   block, `dinovmf/models/rope.py`), with the key bias masked when `qkv_bias` (see `Attention`);
-- `qkv_bias` on/off, the LayerNorm epsilon (DINOv3: 1e-5) and antialiased resampling of the learned position
-  embeddings (DINOv2's presets, as its register models and timm).
+- `qkv_bias` on/off, the LayerNorm epsilon (DINOv3: 1e-5) and how learned position embeddings are resampled
+  to other crop sizes (`pos_embed_resample`: exact, antialiased as DINOv2's presets and timm, or DINO's +0.1
+  offset).
 
 Initialisation follows DINO: trunc-normal(0.02) for Linear weights, `cls_token`, `reg_token` and
 `pos_embed`, zero biases, LayerNorm (1, 0), LayerScale at its init value; the patch-embedding convolution
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinovmf.architectures import (ARCHITECTURES, FFN_KINDS, LAYER_NORM_EPS, POS_ENCODINGS, ViTArch,
-                                   resolve_arch, swiglu_hidden_dim)
+from dinovmf.architectures import (ARCHITECTURES, FFN_KINDS, LAYER_NORM_EPS, POS_ENCODINGS, POS_RESAMPLINGS,
+                                   ViTArch, resolve_arch, swiglu_hidden_dim)
 
 from .attention import Attention
 from .rope import RotaryEmbedding2d
@@ -36,18 +37,28 @@ DEFAULT_IMG_SIZE = 224
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
-                     antialias: bool = False) -> torch.Tensor:
+                     resample: str = "exact") -> torch.Tensor:
     """Position embeddings [1, 1 + g_r*g_c, D] learned for a `grid` of patches -> [1, 1 + rows*cols, D]
     for a patch grid of `size` = (rows, cols): the CLS embedding is kept, the patch embeddings are
-    resampled bicubically in fp32 (the result is added to every token), with antialiasing when asked for
-    (DINOv2's presets, as timm), and returned in the input's dtype. The forward pass (every crop size) and
-    `model.init_from` (weights learned at another resolution) share it.
+    resampled bicubically in fp32 (the result is added to every token) and returned in the input's dtype.
+    `resample` (`POS_RESAMPLINGS`): `exact` to the target size; `antialias` the same with antialiasing
+    (timm, DINOv2's register models); `offset` with a scale factor of (n + 0.1) / grid per axis and no
+    antialiasing, as the original DINO and DINOv2's models without registers (the output size is still n,
+    but the source positions sampled move by up to 0.1 patch: the kludge their weights were trained with).
+    The forward pass (every crop size) and `model.init_from` (weights learned at another resolution) share it.
     """
+    if resample not in POS_RESAMPLINGS:
+        raise ValueError(f"resample must be one of {POS_RESAMPLINGS}, got {resample!r}")
     (g_rows, g_cols), (rows, cols) = grid, size
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     D = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, g_rows, g_cols, D).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=antialias)
+    if resample == "offset":
+        target = {"scale_factor": ((rows + 0.1) / g_rows, (cols + 0.1) / g_cols)}
+    else:
+        target = {"size": (rows, cols)}
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, antialias=resample == "antialias",
+                              **target)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, D).to(cls_pos.dtype)
     return torch.cat((cls_pos, patch_pos), dim=1)
 
@@ -177,7 +188,7 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, num_register_tokens: int = 0,
                  attn_backend: str = "sdpa", *, layerscale_init: float | None = None, ffn: str = "mlp",
                  pos_encoding: str = "learned", qkv_bias: bool = True,
-                 layer_norm_eps: float = LAYER_NORM_EPS, pos_embed_antialias: bool = False):
+                 layer_norm_eps: float = LAYER_NORM_EPS, pos_embed_resample: str = "exact"):
         super().__init__()
         if patch_size < 1 or img_size < patch_size or img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a positive multiple of patch_size ({patch_size})")
@@ -189,6 +200,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {ffn!r}")
         if pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {pos_encoding!r}")
+        if pos_embed_resample not in POS_RESAMPLINGS:
+            raise ValueError(f"pos_embed_resample must be one of {POS_RESAMPLINGS}, got {pos_embed_resample!r}")
         if layerscale_init is not None and not layerscale_init > 0:
             raise ValueError(f"layerscale_init must be > 0 (or None: no layer scale), got {layerscale_init}")
         self.img_size = img_size
@@ -205,7 +218,7 @@ class VisionTransformer(nn.Module):
         self.pos_encoding = pos_encoding
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
-        self.pos_embed_antialias = pos_embed_antialias
+        self.pos_embed_resample = pos_embed_resample
 
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -262,13 +275,12 @@ class VisionTransformer(nn.Module):
         """Position embeddings [1, 1 + rows*cols, D] for a rows x cols patch grid.
 
         The CLS embedding is kept; the patch embeddings are resampled bicubically (in fp32, since
-        the result is added to every token) from the learned grid. Unlike DINO's `scale_factor`
-        with the +0.1 offset, the target size is given exactly.
+        the result is added to every token) from the learned grid, as `pos_embed_resample` says.
         """
         grid = self.patch_embed.grid_size
         if rows == grid and cols == grid:
             return self.pos_embed
-        return resize_pos_embed(self.pos_embed, (grid, grid), (rows, cols), self.pos_embed_antialias)
+        return resize_pos_embed(self.pos_embed, (grid, grid), (rows, cols), self.pos_embed_resample)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B,3,H,W] -> tokens [B, 1 + R + n, D]: CLS, registers, patches (+ learned position).
@@ -363,20 +375,23 @@ class VisionTransformer(nn.Module):
 def build_backbone(name: str, patch_size: int | None = None, img_size: int | None = None,
                    drop_path_rate: float = 0.0, num_register_tokens: int | None = None, attn_backend: str = "sdpa",
                    depth: int | None = None, layerscale_init: float | None = None, ffn: str | None = None,
-                   pos_encoding: str | None = None, qkv_bias: bool | None = None) -> VisionTransformer:
+                   pos_encoding: str | None = None, qkv_bias: bool | None = None,
+                   pos_embed_resample: str | None = None) -> VisionTransformer:
     """A ViT by name: a size, `vit_tiny` (192/12/3), `vit_small` (384/12/6), `vit_base` (768/12/12),
-    `vit_large` (1024/24/16) as width/depth/heads with the classic options (patch 16, learned positions,
-    MLP, no layer scale), or a preset of `dinovmf.architectures.BACKBONE_PRESETS` (`dinov2_vits14`,
-    `dinov2_vitb14_reg4`, `dinov3_vitl16`, ...). Options left at None take the architecture's value;
-    `img_size` (the learned position grid) falls back to 224. `depth` overrides the number of blocks (the
-    CPU demo runs a 4-block ViT-Tiny); `layerscale_init=0` turns a preset's layer scale off.
+    `vit_large` (1024/24/16), `vit_giant2` (1536/40/24) as width/depth/heads with the classic options (patch
+    16, learned positions, MLP, no layer scale), or a preset of `dinovmf.architectures.BACKBONE_PRESETS`
+    (`dinov2_vits14`, `dinov2_vitb14_reg4`, `dinov2_vitg14`, `dinov3_vitl16`, ...). Options left at None take
+    the architecture's value; `img_size` (the learned position grid) falls back to 224. `depth` overrides the
+    number of blocks (the CPU demo runs a 4-block ViT-Tiny); `layerscale_init=0` turns a preset's layer scale
+    off.
 
     `attn_backend` is validated here: an unknown name is a ValueError and `xformers` without the
     package a RuntimeError, before any training starts.
     """
     arch, options = resolve_arch(name, patch_size=patch_size, img_size=img_size,
                                  num_register_tokens=num_register_tokens, layerscale_init=layerscale_init,
-                                 ffn=ffn, pos_encoding=pos_encoding, qkv_bias=qkv_bias)
+                                 ffn=ffn, pos_encoding=pos_encoding, qkv_bias=qkv_bias,
+                                 pos_embed_resample=pos_embed_resample)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise ValueError(f"depth must be a positive number of blocks (or None for {name}'s {arch.depth}), "
                          f"got {depth!r}")
@@ -386,4 +401,4 @@ def build_backbone(name: str, patch_size: int | None = None, img_size: int | Non
                              num_register_tokens=options.num_register_tokens, attn_backend=attn_backend,
                              layerscale_init=options.layerscale_init, ffn=options.ffn,
                              pos_encoding=options.pos_encoding, qkv_bias=options.qkv_bias,
-                             layer_norm_eps=options.layer_norm_eps, pos_embed_antialias=options.pos_embed_antialias)
+                             layer_norm_eps=options.layer_norm_eps, pos_embed_resample=options.pos_embed_resample)
