@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from dinovmf.architectures import BACKBONE_PRESETS
+
 from .export import METADATA_KEY, WRAPPER_PREFIXES, strip_prefixes
 from .layouts import OPTIONAL_KEYS, ROPE_PERIODS_KEY, describe, describe_text, match_hint, to_dinovmf
 from .rope import ROPE_BASE
@@ -286,12 +288,15 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: VisionTransformer) 
 
 
 def _dinov2_without_registers(state: dict[str, torch.Tensor]) -> bool:
-    """Layer scale, patch 14, a 37 x 37 position grid with a CLS slot and no registers: DINOv2's ViT-S/B/L/g
-    without registers, in its hub layout or timm's (the keys do not tell them apart, their resampling does)."""
-    pos, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
-    return ("blocks.0.ls1.gamma" in state and "reg_token" not in state and patch is not None
-            and tuple(patch.shape[-2:]) == (14, 14) and pos is not None and pos.ndim == 3
-            and pos.shape[1] == 1 + 37 * 37)
+    """Layer scale, DINOv2's patch and position grid (14, 37 x 37, from its preset) with a CLS slot and no
+    registers: DINOv2's ViT-S/B/L/g without registers, in its hub layout or timm's (the keys do not tell them
+    apart, their resampling does)."""
+    dinov2 = BACKBONE_PRESETS["dinov2_vits14"].options
+    patch, grid = dinov2.patch_size, dinov2.img_size // dinov2.patch_size
+    pos, weight = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    return ("blocks.0.ls1.gamma" in state and "reg_token" not in state and weight is not None
+            and tuple(weight.shape[-2:]) == (patch, patch) and pos is not None and pos.ndim == 3
+            and pos.shape[1] == 1 + grid * grid)
 
 
 def _sorted(keys) -> list[str]:
